@@ -1,0 +1,1 @@
+"""Triton kernels of igpt-fast, one kernel family per module (shipped as igpt_fast.kernels)."""

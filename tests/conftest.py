@@ -1,0 +1,30 @@
+"""Test harness: a `gpu` marker, and the Triton interpreter on machines without CUDA.
+
+TRITON_INTERPRET must be set before anything imports triton, so this runs first. Checking for CUDA
+imports torch, which does not import triton.
+"""
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (full sizes, bfloat16 and CUDA graphs run only there)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where kernel tests run: the GPU when there is one, else the CPU under the Triton interpreter."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")
