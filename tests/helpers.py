@@ -1,0 +1,56 @@
+"""Small builders shared by tests: configs, random weights, HF twins and checkpoint folders."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from igpt_fast.checkpoint import expected_shapes, save_pretrained
+from igpt_fast.config import ImageGPTConfig
+from igpt_fast.reference import ReferenceImageGPT
+
+# A tiny config for engine and generation tests: 2 layers, 2 heads of 16, 17 clusters, 24 positions.
+TINY = ImageGPTConfig(vocab_size=18, n_positions=24, n_embd=32, n_layer=2, n_head=2)
+
+
+def random_state_dict(config: ImageGPTConfig, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Every parameter random (biases and norm weights too, so a dropped bias or an ignored norm shows)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape in expected_shapes(config).items():
+        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            t = 1.0 + 0.2 * torch.randn(shape, generator=g)
+        elif name.endswith("bias"):
+            t = 0.1 * torch.randn(shape, generator=g)
+        elif "wte" in name or "wpe" in name:
+            t = 0.5 * torch.randn(shape, generator=g)
+        else:
+            t = torch.randn(shape, generator=g) / shape[0] ** 0.5
+        state[name] = t.to(dtype)
+    return state
+
+
+def random_reference(config: ImageGPTConfig, seed: int = 0) -> ReferenceImageGPT:
+    return ReferenceImageGPT.from_state_dict(config, random_state_dict(config, seed))
+
+
+def hf_twin(config: ImageGPTConfig, state_dict: dict[str, torch.Tensor]):
+    """transformers' ImageGPTForCausalImageModeling with the same config and weights, in eval mode."""
+    import transformers
+
+    hf = transformers.ImageGPTForCausalImageModeling(transformers.ImageGPTConfig(**config.to_dict()))
+    missing, unexpected = hf.load_state_dict(state_dict, strict=False)
+    assert not unexpected and all(k.endswith(("attn.bias", "attn.masked_bias")) for k in missing), (missing,
+                                                                                                  unexpected)
+    return hf.eval()
+
+
+def random_clusters(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-1, 1, size=(n, 3)).astype(np.float32)
+
+
+def make_checkpoint(folder, config: ImageGPTConfig = TINY, seed: int = 0):
+    """A checkpoint folder in the real Hugging Face format, with random weights and clusters."""
+    state = random_state_dict(config, seed)
+    save_pretrained(folder, config, state, clusters=random_clusters(config.n_clusters, seed))
+    return state
