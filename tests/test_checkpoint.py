@@ -1,0 +1,170 @@
+"""Checkpoint folders: round trips with transformers, legacy .bin buffers, shards, the hub cache, bad files."""
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from helpers import TINY, hf_twin, make_checkpoint, random_clusters, random_state_dict
+
+from igpt_fast.checkpoint import is_legacy_buffer, load_checkpoint, save_pretrained
+from igpt_fast.reference import ReferenceImageGPT
+
+transformers = pytest.importorskip("transformers")
+
+
+def assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_save_then_transformers_load_then_our_load(tmp_path):
+    state = make_checkpoint(tmp_path / "ours")
+    hf = transformers.ImageGPTForCausalImageModeling.from_pretrained(tmp_path / "ours")
+    hf_state = {k: v for k, v in hf.state_dict().items() if not is_legacy_buffer(k)}
+    assert_same_state(hf_state, state)
+    hf.save_pretrained(tmp_path / "theirs")
+    loaded = load_checkpoint(tmp_path / "theirs")
+    assert loaded.config == TINY
+    assert_same_state(loaded.state_dict, state)
+    # the processor transformers loads from our preprocessor_config.json has our clusters
+    processor = transformers.ImageGPTImageProcessorPil.from_pretrained(tmp_path / "ours")
+    np.testing.assert_array_equal(np.asarray(processor.clusters, dtype=np.float32),
+                                  load_checkpoint(tmp_path / "ours").clusters)
+
+
+def test_pickle_with_legacy_buffers(tmp_path):
+    state = random_state_dict(TINY, seed=4)
+    legacy = dict(state)
+    for i in range(TINY.n_layer):  # what older .bin files carry besides parameters
+        legacy[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 24, 24, dtype=torch.uint8))
+        legacy[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    TINY.to_json_file(tmp_path / "config.json")
+    torch.save(legacy, tmp_path / "pytorch_model.bin")
+    loaded = load_checkpoint(tmp_path)
+    assert_same_state(loaded.state_dict, state)  # c_attn.bias kept, only the masks dropped
+    assert loaded.clusters is None
+
+
+def test_sharded_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    state = random_state_dict(TINY, seed=6)
+    TINY.to_json_file(tmp_path / "config.json")
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    weight_map = {}
+    for name, shard_keys in shards.items():
+        save_file({k: state[k] for k in shard_keys}, tmp_path / name)
+        weight_map.update({k: name for k in shard_keys})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert_same_state(load_checkpoint(tmp_path).state_dict, state)
+
+
+def test_hub_id_resolves_offline_from_the_cache(tmp_path, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--openai--imagegpt-tiny" / "snapshots" / "0123abcd"
+    state = make_checkpoint(snapshot)
+    (cache / "models--openai--imagegpt-tiny" / "refs").mkdir()
+    (cache / "models--openai--imagegpt-tiny" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    loaded = load_checkpoint("openai/imagegpt-tiny")
+    assert_same_state(loaded.state_dict, state)
+    with pytest.raises(FileNotFoundError, match="openai/imagegpt-missing"):
+        load_checkpoint("openai/imagegpt-missing")
+
+
+def test_reference_from_pretrained_matches_saved_weights(tmp_path):
+    state = make_checkpoint(tmp_path)
+    ref = ReferenceImageGPT.from_pretrained(tmp_path)
+    ids = torch.randint(0, TINY.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ref(ids).logits, hf_twin(TINY, state)(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+# ---- bad checkpoints: each a clear error, nothing half-built ----
+
+def _folder_with(tmp_path, state, config=TINY):
+    config.to_json_file(tmp_path / "config.json")
+    from safetensors.torch import save_file
+
+    save_file(state, tmp_path / "model.safetensors")
+    return tmp_path
+
+
+def test_missing_extra_and_misshapen_keys_are_listed(tmp_path):
+    state = random_state_dict(TINY)
+    del state["transformer.h.1.mlp.c_fc.bias"]
+    state["transformer.h.0.attn.extra"] = torch.zeros(3)
+    state["lm_head.weight"] = torch.zeros(5, TINY.n_embd)
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(_folder_with(tmp_path, state))
+    message = str(err.value)
+    assert "missing keys (1): transformer.h.1.mlp.c_fc.bias" in message
+    assert "unexpected keys (1): transformer.h.0.attn.extra" in message
+    assert f"lm_head.weight: checkpoint (5, {TINY.n_embd}), config expects ({TINY.n_clusters}, {TINY.n_embd})" \
+        in message
+
+
+def test_config_that_disagrees_with_weights(tmp_path):
+    state = random_state_dict(TINY)
+    with pytest.raises(ValueError, match="shape mismatches"):
+        load_checkpoint(_folder_with(tmp_path, state, TINY.replace(n_embd=64)))
+    with pytest.raises(ValueError, match=r"missing keys \(10\)"):
+        load_checkpoint(_folder_with(tmp_path, state, TINY.replace(n_layer=3)))
+
+
+def test_truncated_safetensors(tmp_path):
+    make_checkpoint(tmp_path)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cannot read .*model.safetensors"):
+        load_checkpoint(tmp_path)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+def test_pickle_that_tries_to_run_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    TINY.to_json_file(tmp_path / "config.json")
+    with open(tmp_path / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"transformer.wte.weight": _RunsCode()}, f)
+    with pytest.raises(ValueError, match="weights_only=True"):
+        load_checkpoint(tmp_path)
+    assert not (tmp_path / "pwned.txt").exists()
+
+
+def test_missing_files_and_bad_json(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
+        load_checkpoint(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_checkpoint(tmp_path)
+    TINY.to_json_file(tmp_path / "config.json")
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_checkpoint(tmp_path)
+
+
+def test_clusters_must_match_the_vocabulary(tmp_path):
+    state = random_state_dict(TINY)
+    save_pretrained(tmp_path, TINY, state, clusters=random_clusters(TINY.n_clusters))
+    data = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    data["clusters"] = data["clusters"][:-1]
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=f"{TINY.n_clusters - 1} clusters"):
+        load_checkpoint(tmp_path)
