@@ -210,8 +210,7 @@ class ReferenceImageGPT(nn.Module):
         check_input_ids(input_ids, self.config)
         B, prefix = input_ids.shape
         new_tokens = resolve_length(prefix, max_length, max_new_tokens, self.config)
-        temperature, top_k, top_p = check_sampling_args(do_sample, temperature, top_k, top_p,
-                                                        self.config.n_clusters)
+        check_sampling_args(do_sample, temperature, top_k, top_p, self.config.n_clusters)
         vocab = self.config.n_clusters
         out = self(input_ids, use_cache=True)
         sequences = input_ids

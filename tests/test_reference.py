@@ -61,7 +61,7 @@ def test_greedy_generation_matches_transformers(config):
     context = torch.full((3, 1), config.sos_token_id)
     context[1:, 0] = torch.tensor([0, 4])  # not only the SOS: any prefix token
     max_length = config.n_positions + 1
-    expected = hf.generate(input_ids=context, max_length=max_length, do_sample=False, pad_token_id=0)
+    expected = hf.generate(input_ids=context, max_length=max_length, do_sample=False)
     actual = ref.generate(context, max_length=max_length)
     assert actual.shape == (3, max_length)
     assert torch.equal(actual, expected)
