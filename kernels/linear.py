@@ -1,0 +1,433 @@
+"""Fused RMS-norm + linear kernels: every matmul of an iGPT layer, each weight read once per launch.
+
+    y[M, N] = rmsnorm(x[M, K]) @ W[K, N] + b[N]        rmsnorm(x) = x / sqrt(mean(x^2, -1) + eps) * norm_weight
+
+W is GPT-2 Conv1D layout ([in=K, out=N], row-major contiguous). Accumulation is float32; float32 inputs are
+computed exactly in IEEE fp32 (no TF32). The norm is optional; its row statistic is computed in a prologue
+pass over each program's rows, then the main K loop normalizes x on the fly (HF's order: x * rstd * weight),
+so a layer never writes the normalized activations out. Epilogues, chosen at compile time:
+    "store"    out = act(y)                     norm_linear: ln_2 -> c_fc -> quick_gelu, ln_f -> lm_head
+    "residual" residual += y (in place)         linear_residual: attn.c_proj, mlp.c_proj
+    "qkv"      y split q | k | v, k and v       norm_qkv: ln_1 -> c_attn, straight into the KV cache
+               scattered to [B, H, T, head_dim] caches at position pos[0] + m % seq_len (pos read on device)
+
+Two code paths, chosen by the number of rows M (or forced with path="gemv" | "dot"):
+    gemv (M <= 16, decode at small batch): a program owns a stripe of BLOCK_N columns and all (up to 16)
+        rows, so W streams from memory exactly once; BLOCK_N is the power of two that gives about
+        _TARGET_PROGRAMS stripes (clamped to 8..128), so batch 1 still spreads over all SMs.
+    dot (M > 16, large decode batches and prefill): tiled tl.dot with grouped tile order for L2 reuse;
+        tiles start at 128x128 and shrink (N to 32, then M to 16, then N to 16) until about
+        _TARGET_PROGRAMS tiles exist, so decode batches of 17..256 rows still fill the GPU.
+No split-K: quick_gelu, the in-place residual and the cache scatter all need the full sum, and a split-K
+reduction would need a workspace. Launchers allocate nothing when outputs are passed and never sync.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ACTIVATIONS = (None, "quick_gelu")
+_PATHS = (None, "gemv", "dot")
+
+_GEMV_MAX_M = 16  # rows up to which the weight-streaming GEMV path is used
+_TARGET_PROGRAMS = 264  # about two programs per SM on an H100 (132 SMs)
+_GEMV_TILE = 8192  # BLOCK_M * BLOCK_K * BLOCK_N elements per GEMV step (64 per thread at 4 warps)
+_GROUP_M = 8  # row tiles walked together in the dot path, so W tiles are reused from L2
+
+
+@triton.jit
+def _row_rstd(
+    x_ptr,  # [M, K] input rows, last dim contiguous
+    rows,  # [BLOCK_M] int64 row indices of this program
+    row_mask,  # [BLOCK_M] rows < M
+    stride_xm,
+    K,
+    eps,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Prologue: 1 / sqrt(mean(x^2) + eps) for each row, in float32 (correctly rounded sqrt and divide)."""
+    sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = row_mask[:, None] & (offs_k < K)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        sumsq += tl.sum(x * x, axis=1)
+    return tl.div_rn(1.0, tl.sqrt_rn(sumsq / K + eps))
+
+
+@triton.jit
+def _epilogue(
+    acc,  # [BLOCK_M, BLOCK_N] float32 x @ W
+    rows,  # [BLOCK_M] int64 row indices
+    offs_n,  # [BLOCK_N] column indices
+    M,
+    N,
+    b_ptr,  # [N] bias (not read without HAS_BIAS)
+    out_ptr,  # "store": [M, N] output; "residual": [M, N] residual, updated in place; "qkv": [M, N // 3] q
+    stride_om,
+    k_ptr,  # "qkv": key cache [B, H, T, head_dim], last dim contiguous
+    v_ptr,  # "qkv": value cache [B, H, T, head_dim], last dim contiguous
+    pos_ptr,  # "qkv": int32 [1], position of each sequence's first row
+    seq_len,
+    head_dim,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+):
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if ACTIVATION == "quick_gelu":
+        acc = acc / (1.0 + tl.exp(-1.702 * acc))  # x * sigmoid(1.702 x)
+    mask = (rows < M)[:, None] & (offs_n < N)[None, :]
+    if EPILOGUE == "store":
+        ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    elif EPILOGUE == "residual":
+        ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
+        residual = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptrs, (residual + acc).to(out_ptr.dtype.element_ty), mask=mask)
+    else:  # "qkv": column n belongs to part n // d (q, k, v), head (n % d) // head_dim
+        d = N // 3
+        part = offs_n // d
+        col = offs_n - part * d
+        head = col // head_dim
+        dim = col - head * head_dim
+        pos = tl.load(pos_ptr).to(tl.int64)
+        batch = rows // seq_len
+        t = pos + rows % seq_len
+        q_ptrs = out_ptr + rows[:, None] * stride_om + col[None, :]
+        tl.store(q_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask & (part == 0)[None, :])
+        k_offs = batch[:, None] * stride_kb + head[None, :] * stride_kh + t[:, None] * stride_kt + dim[None, :]
+        tl.store(k_ptr + k_offs, acc.to(k_ptr.dtype.element_ty), mask=mask & (part == 1)[None, :])
+        v_offs = batch[:, None] * stride_vb + head[None, :] * stride_vh + t[:, None] * stride_vt + dim[None, :]
+        tl.store(v_ptr + v_offs, acc.to(v_ptr.dtype.element_ty), mask=mask & (part == 2)[None, :])
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,  # [M, K] input rows, last dim contiguous
+    nw_ptr,  # [K] RMS-norm weight (not read without HAS_NORM)
+    w_ptr,  # [K, N] weight, row-major contiguous
+    b_ptr,  # [N] bias (not read without HAS_BIAS)
+    out_ptr,  # see _epilogue
+    k_ptr,  # see _epilogue
+    v_ptr,  # see _epilogue
+    pos_ptr,  # see _epilogue
+    M, N, K,
+    stride_xm, stride_om,
+    eps,
+    seq_len, head_dim,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    HAS_NORM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Grid (column stripes, row blocks). Products on CUDA cores in float32 (exact for float32 inputs)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    if HAS_NORM:
+        rstd = _row_rstd(x_ptr, rows, row_mask, stride_xm, K, eps, BLOCK_M, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
+            mask=row_mask[:, None] & k_mask[None, :], other=0.0,
+        ).to(tl.float32)
+        if HAS_NORM:
+            nw = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            x = x * rstd[:, None] * nw[None, :]
+        w = tl.load(
+            w_ptr + offs_k[:, None] * N + offs_n[None, :],
+            mask=k_mask[:, None] & (offs_n < N)[None, :], other=0.0,
+        ).to(tl.float32)
+        acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)  # [BLOCK_M, BLOCK_K, BLOCK_N] -> [BLOCK_M, BLOCK_N]
+    _epilogue(acc, rows, offs_n, M, N, b_ptr, out_ptr, stride_om, k_ptr, v_ptr, pos_ptr, seq_len, head_dim,
+              stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, HAS_BIAS, ACTIVATION, EPILOGUE)
+
+
+@triton.jit
+def _dot_kernel(
+    x_ptr,  # [M, K] input rows, last dim contiguous
+    nw_ptr,  # [K] RMS-norm weight (not read without HAS_NORM)
+    w_ptr,  # [K, N] weight, row-major contiguous
+    b_ptr,  # [N] bias (not read without HAS_BIAS)
+    out_ptr,  # see _epilogue
+    k_ptr,  # see _epilogue
+    v_ptr,  # see _epilogue
+    pos_ptr,  # see _epilogue
+    M, N, K,
+    stride_xm, stride_om,
+    eps,
+    seq_len, head_dim,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    HAS_NORM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """1-D grid over [BLOCK_M, BLOCK_N] tiles in grouped order; tl.dot in the inputs' dtype, fp32 accumulator."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    # GROUP_M row tiles sweep the column tiles together, so each W tile is fetched from HBM about once.
+    group_size = GROUP_M * tiles_n
+    first_m = (pid // group_size) * GROUP_M
+    group_m = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_n = (pid % group_size) // group_m
+
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    if HAS_NORM:
+        rstd = _row_rstd(x_ptr, rows, row_mask, stride_xm, K, eps, BLOCK_M, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
+            mask=row_mask[:, None] & k_mask[None, :], other=0.0,
+        )
+        if HAS_NORM:
+            nw = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            x = (x.to(tl.float32) * rstd[:, None] * nw[None, :]).to(w_ptr.dtype.element_ty)
+        w = tl.load(
+            w_ptr + offs_k[:, None] * N + offs_n[None, :],
+            mask=k_mask[:, None] & (offs_n < N)[None, :], other=0.0,
+        )
+        # "ieee": float32 stays exact fp32 (no TF32); ignored for 16-bit inputs, which use tensor cores.
+        acc = tl.dot(x, w, acc, input_precision="ieee")
+    _epilogue(acc, rows, offs_n, M, N, b_ptr, out_ptr, stride_om, k_ptr, v_ptr, pos_ptr, seq_len, head_dim,
+              stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, HAS_BIAS, ACTIVATION, EPILOGUE)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch heuristics (deterministic, no autotuning).
+
+
+def _choose_path(M: int, path: str | None) -> str:
+    if path is not None:
+        return path
+    return "gemv" if M <= _GEMV_MAX_M else "dot"
+
+
+def _gemv_config(M: int, N: int, K: int) -> dict:
+    block_m = min(triton.next_power_of_2(M), _GEMV_MAX_M)
+    row_blocks = triton.cdiv(M, block_m)
+    # Column stripes: enough of them that about _TARGET_PROGRAMS programs each stream a disjoint part of W.
+    block_n = min(max(triton.next_power_of_2(triton.cdiv(N * row_blocks, _TARGET_PROGRAMS)), 8), 128)
+    block_k = min(max(_GEMV_TILE // (block_m * block_n), 16), max(triton.next_power_of_2(K), 16))
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+                grid=(triton.cdiv(N, block_n), row_blocks))
+
+
+def _dot_config(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
+    block_m = min(max(triton.next_power_of_2(M), 16), 128)
+    block_n = 128
+    # Shrink tiles until about _TARGET_PROGRAMS exist: N first (down to 32), then M, then N to 16.
+    while triton.cdiv(M, block_m) * triton.cdiv(N, block_n) < _TARGET_PROGRAMS:
+        if block_n > 32:
+            block_n //= 2
+        elif block_m > 16:
+            block_m //= 2
+        elif block_n > 16:
+            block_n //= 2
+        else:
+            break
+    block_k = min(32 if dtype == torch.float32 else 64, max(triton.next_power_of_2(K), 16))
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=_GROUP_M,
+                num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3, grid=(tiles,))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation: every check raises ValueError naming what it got, before anything is allocated or written.
+
+
+def _fail(msg: str):
+    raise ValueError(msg)
+
+
+def _check_tensor(name: str, t, *, ndim: int, dtype=None, dtypes=_FLOAT_DTYPES, device=None, contiguous=False):
+    if not isinstance(t, torch.Tensor):
+        _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        _fail(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        _fail(f"{name} must have dtype {dtype}, got {t.dtype}")
+    if dtypes is not None and t.dtype not in dtypes:
+        _fail(f"{name} must have dtype in {dtypes}, got {t.dtype}")
+    if device is not None and t.device != device:
+        _fail(f"{name} must be on {device}, got {t.device}")
+    if contiguous and not t.is_contiguous():
+        _fail(f"{name} must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
+    if not contiguous and t.shape[-1] > 1 and t.stride(-1) != 1:
+        _fail(f"{name} must have a contiguous last dim, got strides {t.stride()} for shape {tuple(t.shape)}")
+
+
+def _check_shape(name: str, t: torch.Tensor, shape: tuple):
+    if tuple(t.shape) != tuple(shape):
+        _fail(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _check_linear(x, norm_weight, weight, bias) -> tuple[int, int, int]:
+    """Shared checks of x [M, K], norm_weight [K] | None, weight [K, N], bias [N] | None. Returns M, N, K."""
+    _check_tensor("x", x, ndim=2)
+    dtype, device = x.dtype, x.device
+    _check_tensor("weight", weight, ndim=2, dtype=dtype, device=device, contiguous=True)
+    M, K = x.shape
+    if weight.shape[0] != K:
+        _fail(f"weight must be [K={K}, N] (Conv1D layout [in, out]), got shape {tuple(weight.shape)}")
+    N = weight.shape[1]
+    if norm_weight is not None:
+        _check_tensor("norm_weight", norm_weight, ndim=1, dtype=dtype, device=device, contiguous=True)
+        _check_shape("norm_weight", norm_weight, (K,))
+    if bias is not None:
+        _check_tensor("bias", bias, ndim=1, dtype=dtype, device=device, contiguous=True)
+        _check_shape("bias", bias, (N,))
+    return M, N, K
+
+
+def _check_eps(eps):
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
+        _fail(f"eps must be a non-negative float, got {eps!r}")
+
+
+def _check_path(path):
+    if path not in _PATHS:
+        _fail(f"path must be one of {_PATHS}, got {path!r}")
+
+
+def _check_pos(pos, device):
+    _check_tensor("pos", pos, ndim=1, dtype=torch.int32, dtypes=None, device=device, contiguous=True)
+    _check_shape("pos", pos, (1,))
+
+
+def _check_seq_len(seq_len, M: int):
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
+        _fail(f"seq_len must be a positive int, got {seq_len!r}")
+    if M % seq_len != 0:
+        _fail(f"the number of rows M={M} must be a multiple of seq_len={seq_len}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers.
+
+
+def _launch(path, x, norm_weight, weight, bias, out, *, eps=0.0, activation=None, epilogue="store",
+            k_cache=None, v_cache=None, pos=None, seq_len=1, head_dim=1):
+    M, K = x.shape
+    N = weight.shape[1]
+    if M == 0:
+        return
+    if path == "gemv":
+        config = _gemv_config(M, N, K)
+        kernel = _gemv_kernel
+    else:
+        config = _dot_config(M, N, K, x.dtype)
+        kernel = _dot_kernel
+    grid = config.pop("grid")
+    k_strides = k_cache.stride()[:3] if k_cache is not None else (0, 0, 0)
+    v_strides = v_cache.stride()[:3] if v_cache is not None else (0, 0, 0)
+    kernel[grid](
+        x, norm_weight if norm_weight is not None else weight, weight, bias if bias is not None else weight, out,
+        k_cache if k_cache is not None else out, v_cache if v_cache is not None else out,
+        pos if pos is not None else out,
+        M, N, K, x.stride(0), out.stride(0), float(eps), seq_len, head_dim, *k_strides, *v_strides,
+        HAS_NORM=norm_weight is not None, HAS_BIAS=bias is not None, ACTIVATION=activation, EPILOGUE=epilogue,
+        **config,
+    )
+
+
+def norm_linear(x, norm_weight, weight, bias, *, eps: float, activation: str | None = None, out=None,
+                out_dtype=None, path: str | None = None) -> torch.Tensor:
+    """out[M, N] = act(rmsnorm(x) * norm_weight @ weight + bias).
+
+    x [M, K] (last dim contiguous), norm_weight [K] or None (plain linear), weight [K, N] contiguous,
+    bias [N] or None, all one dtype (float32, float16, bfloat16). activation None or "quick_gelu".
+    out_dtype defaults to out.dtype when out is given, else x.dtype; out [M, N] (last dim contiguous) is
+    written and returned, allocated only when None. path: None (by M), "gemv" or "dot".
+    """
+    M, N, K = _check_linear(x, norm_weight, weight, bias)
+    _check_eps(eps)
+    _check_path(path)
+    if activation not in _ACTIVATIONS:
+        _fail(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    if out_dtype is not None and out_dtype not in _FLOAT_DTYPES:
+        _fail(f"out_dtype must be one of {_FLOAT_DTYPES}, got {out_dtype}")
+    if out is not None:
+        _check_tensor("out", out, ndim=2, dtype=out_dtype, device=x.device)
+        _check_shape("out", out, (M, N))
+    else:
+        out = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
+    _launch(_choose_path(M, path), x, norm_weight, weight, bias, out, eps=eps, activation=activation)
+    return out
+
+
+def linear_residual(x, weight, bias, residual, *, path: str | None = None) -> torch.Tensor:
+    """residual[M, N] += x[M, K] @ weight[K, N] + bias[N], in place; returns residual.
+
+    x, weight, bias (or None) share one float dtype; residual [M, N] (last dim contiguous) may be any float
+    dtype (the sum is formed in float32 and rounded once). path: None (by M), "gemv" or "dot".
+    """
+    M, N, K = _check_linear(x, None, weight, bias)
+    _check_path(path)
+    _check_tensor("residual", residual, ndim=2, device=x.device)
+    _check_shape("residual", residual, (M, N))
+    _launch(_choose_path(M, path), x, None, weight, bias, residual, epilogue="residual")
+    return residual
+
+
+def norm_qkv(x, norm_weight, weight, bias, *, eps: float, q_out, k_cache, v_cache, pos, seq_len: int,
+             path: str | None = None) -> None:
+    """ln_1 -> c_attn -> bias, split into q and the KV cache.
+
+    x [M, d], norm_weight [d], weight [d, 3d], bias [3d] or None. Row m is batch m // seq_len at position
+    pos[0] + m % seq_len (pos: int32 [1] on the device, read in-kernel). Columns 0:d go to q_out[m, :]
+    ([M, d]); columns d:2d to k_cache[b, h, p, :] with h = (col - d) // head_dim; 2d:3d to v_cache.
+    k_cache, v_cache: [B, H, T, head_dim] with H * head_dim == d, any strides but a contiguous last dim,
+    B >= M // seq_len. q_out and the caches have x's dtype. The caller keeps pos[0] + seq_len <= T (a device
+    value, not checked here). path: None (by M), "gemv" or "dot".
+    """
+    M, N, K = _check_linear(x, norm_weight, weight, bias)
+    _check_eps(eps)
+    _check_path(path)
+    if norm_weight is None:
+        _fail("norm_weight must be a tensor [d] (ln_1 weight), got None")
+    d = K
+    if N != 3 * d:
+        _fail(f"weight must be [d={d}, 3d={3 * d}] for q | k | v, got shape {tuple(weight.shape)}")
+    _check_tensor("q_out", q_out, ndim=2, dtype=x.dtype, device=x.device)
+    _check_shape("q_out", q_out, (M, d))
+    _check_tensor("k_cache", k_cache, ndim=4, dtype=x.dtype, device=x.device)
+    _check_tensor("v_cache", v_cache, ndim=4, dtype=x.dtype, device=x.device)
+    _check_shape("v_cache", v_cache, tuple(k_cache.shape))
+    B, H, T, head_dim = k_cache.shape
+    if H * head_dim != d:
+        _fail(f"k_cache must be [B, H, T, head_dim] with H * head_dim == d={d}, got shape {tuple(k_cache.shape)}")
+    _check_pos(pos, x.device)
+    _check_seq_len(seq_len, M)
+    if M // seq_len > B:
+        _fail(f"M={M} rows of seq_len={seq_len} are {M // seq_len} sequences, more than the cache batch B={B}")
+    if seq_len > T:
+        _fail(f"seq_len={seq_len} is longer than the cache length T={T}")
+    _launch(_choose_path(M, path), x, norm_weight, weight, bias, q_out, eps=eps, epilogue="qkv",
+            k_cache=k_cache, v_cache=v_cache, pos=pos, seq_len=seq_len, head_dim=head_dim)

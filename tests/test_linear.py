@@ -1,0 +1,426 @@
+"""Fused norm/linear kernels (kernels/linear.py) and the embedding kernel (kernels/embedding.py) against
+float64 PyTorch compositions of the same ops. Outputs are poisoned with NaN before each run, so an element a
+kernel forgets to write fails. Both code paths (GEMV and tl.dot) are forced with path= on the same shapes;
+CPU cases are interpreter-sized, full imagegpt sizes and bfloat16 are GPU-marked."""
+
+import pytest
+import torch
+from tolerances import tol
+
+from igpt_fast.kernels.embedding import embed
+from igpt_fast.kernels.linear import (
+    _TARGET_PROGRAMS,
+    _choose_path,
+    _dot_config,
+    _gemv_config,
+    linear_residual,
+    norm_linear,
+    norm_qkv,
+)
+
+EPS = 1e-5
+
+
+def tol_for(dtype: torch.dtype) -> dict:
+    """float32 must hold the exact-mode tolerance; 16-bit dtypes the per-kernel one."""
+    return tol("exact" if dtype == torch.float32 else "kernel", dtype)
+
+
+# ---- float64 references -----------------------------------------------------------------------------------
+
+
+def ref_rmsnorm(x, weight, eps):
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def ref_norm_linear(x, norm_weight, weight, bias, eps, activation=None):
+    x, weight = x.double(), weight.double()
+    if norm_weight is not None:
+        x = ref_rmsnorm(x, norm_weight.double(), eps)
+    y = x @ weight
+    if bias is not None:
+        y = y + bias.double()
+    if activation == "quick_gelu":
+        y = y * torch.sigmoid(1.702 * y)
+    return y
+
+
+# ---- random inputs at realistic scale (outputs O(1), so the exact-mode tolerance is meaningful) ------------
+
+
+def make_linear(M, K, N, dtype, device, *, norm=True, bias=True):
+    x = (3.0 * torch.randn(M, K, device=device)).to(dtype)
+    norm_weight = (1.0 + 0.5 * torch.randn(K, device=device)).to(dtype) if norm else None
+    weight = (torch.randn(K, N, device=device) / K**0.5).to(dtype)
+    b = (0.5 * torch.randn(N, device=device)).to(dtype) if bias else None
+    return x, norm_weight, weight, b
+
+
+def nan_like(shape, dtype, device):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+# ---- norm_linear ------------------------------------------------------------------------------------------
+
+# (path, M, K, N): odd rows (1, 3, 17, 129) and odd widths (96 -> 160, 160 -> 4 x 160).
+NORM_LINEAR_CASES = [
+    ("gemv", 1, 96, 160),
+    ("gemv", 3, 160, 640),
+    ("gemv", 17, 96, 160),  # forced GEMV over two row blocks
+    ("dot", 1, 96, 160),  # forced dot with a 1-row tile
+    ("dot", 17, 160, 640),
+    ("dot", 129, 96, 160),
+    (None, 3, 96, 160),  # heuristic: GEMV
+    (None, 129, 96, 160),  # heuristic: dot
+]
+
+
+@pytest.mark.parametrize("path,M,K,N", NORM_LINEAR_CASES)
+def test_norm_linear_quick_gelu(device, path, M, K, N):
+    x, norm_weight, weight, bias = make_linear(M, K, N, torch.float32, device)
+    inputs = [t.clone() for t in (x, norm_weight, weight, bias)]
+    out = nan_like((M, N), torch.float32, device)
+    result = norm_linear(x, norm_weight, weight, bias, eps=EPS, activation="quick_gelu", out=out, path=path)
+    assert result is out
+    expected = ref_norm_linear(x, norm_weight, weight, bias, EPS, "quick_gelu")
+    torch.testing.assert_close(out.double(), expected, **tol("exact", torch.float32))
+    for before, after in zip(inputs, (x, norm_weight, weight, bias)):
+        assert torch.equal(before, after), "norm_linear modified an input"
+
+
+@pytest.mark.parametrize("path", ["gemv", "dot"])
+@pytest.mark.parametrize("M", [3, 17])
+@pytest.mark.parametrize("norm,bias", [(False, True), (True, False), (False, False)])
+def test_norm_linear_optional_parts(device, path, M, norm, bias):
+    """Plain linear (no norm), lm_head (norm, no bias), and neither; allocated output."""
+    x, norm_weight, weight, b = make_linear(M, 96, 160, torch.float32, device, norm=norm, bias=bias)
+    out = norm_linear(x, norm_weight, weight, b, eps=EPS, path=path)
+    assert out.shape == (M, 160) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref_norm_linear(x, norm_weight, weight, b, EPS),
+                               **tol("exact", torch.float32))
+
+
+@pytest.mark.parametrize("path", ["gemv", "dot"])
+def test_norm_linear_float16_to_float32_logits_in_strided_out(device, path):
+    """ln_f -> lm_head on 16-bit weights with float32 logits, written into a row-strided view."""
+    M, K, N = 17, 96, 160
+    x, norm_weight, weight, _ = make_linear(M, K, N, torch.float16, device)
+    buffer = nan_like((M, N + 7), torch.float32, device)
+    out = buffer[:, :N]
+    norm_linear(x, norm_weight, weight, None, eps=EPS, out=out, out_dtype=torch.float32, path=path)
+    expected = ref_norm_linear(x, norm_weight, weight, None, EPS)
+    torch.testing.assert_close(out.double(), expected, **tol("kernel", torch.float16))
+    assert buffer[:, N:].isnan().all(), "wrote outside out's columns"
+
+
+@pytest.mark.parametrize("path", ["gemv", "dot"])
+def test_norm_linear_float16(device, path):
+    x, norm_weight, weight, bias = make_linear(5, 96, 160, torch.float16, device)
+    out = norm_linear(x, norm_weight, weight, bias, eps=EPS, activation="quick_gelu", path=path)
+    assert out.dtype == torch.float16
+    expected = ref_norm_linear(x, norm_weight, weight, bias, EPS, "quick_gelu")
+    torch.testing.assert_close(out.double(), expected, **tol("kernel", torch.float16))
+
+
+# ---- linear_residual --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path,M,K,N", [("gemv", 1, 640, 160), ("gemv", 3, 96, 96), ("dot", 17, 640, 160),
+                                        ("dot", 129, 96, 160), (None, 17, 160, 96)])
+def test_linear_residual(device, path, M, K, N):
+    x, _, weight, bias = make_linear(M, K, N, torch.float32, device, norm=False)
+    # The residual is read, so it cannot be NaN-poisoned; an unwritten row keeps its old value and fails.
+    buffer = torch.randn(M, N + 3, device=device)
+    residual = buffer[:, :N]
+    before = buffer.clone()
+    result = linear_residual(x, weight, bias, residual, path=path)
+    assert result is residual
+    expected = before[:, :N].double() + ref_norm_linear(x, None, weight, bias, EPS)
+    torch.testing.assert_close(residual.double(), expected, **tol("exact", torch.float32))
+    assert torch.equal(buffer[:, N:], before[:, N:]), "wrote outside residual's columns"
+
+
+def test_linear_residual_float32_stream_float16_weights(device):
+    """The residual may be kept in float32 while the layer runs in float16."""
+    x, _, weight, bias = make_linear(3, 96, 160, torch.float16, device, norm=False)
+    residual = torch.randn(3, 160, device=device)
+    expected = residual.double() + ref_norm_linear(x, None, weight, bias, EPS)
+    linear_residual(x, weight, bias, residual)
+    torch.testing.assert_close(residual.double(), expected, **tol("kernel", torch.float16))
+
+
+# ---- norm_qkv ---------------------------------------------------------------------------------------------
+
+
+def run_norm_qkv_case(device, dtype, *, path, batch, seq_len, pos, n_head, head_dim, cache_batch, cache_len,
+                      permuted_v):
+    d = n_head * head_dim
+    M = batch * seq_len
+    x, norm_weight, weight, bias = make_linear(M, d, 3 * d, dtype, device)
+    k_cache = torch.randn(cache_batch, n_head, cache_len, head_dim, device=device).to(dtype)
+    if permuted_v:  # a [B, T, H, hd] buffer viewed as [B, H, T, hd]: non-standard head/position strides
+        v_cache = torch.randn(cache_batch, cache_len, n_head, head_dim, device=device).to(dtype).transpose(1, 2)
+    else:
+        v_cache = torch.randn(cache_batch, n_head, cache_len, head_dim, device=device).to(dtype)
+    written = torch.zeros(cache_batch, n_head, cache_len, head_dim, dtype=torch.bool, device=device)
+    written[:batch, :, pos:pos + seq_len, :] = True
+    k_cache[written] = float("nan")  # unwritten target slots fail
+    v_cache[written] = float("nan")
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    q_out = nan_like((M, d), dtype, device)
+    pos_tensor = torch.tensor([pos], dtype=torch.int32, device=device)
+
+    result = norm_qkv(x, norm_weight, weight, bias, eps=EPS, q_out=q_out, k_cache=k_cache, v_cache=v_cache,
+                      pos=pos_tensor, seq_len=seq_len, path=path)
+    assert result is None
+
+    qkv = ref_norm_linear(x, norm_weight, weight, bias, EPS)  # [M, 3d]
+    q, k, v = qkv.split(d, dim=1)
+    # [M, d] -> [batch, n_head, seq_len, head_dim], the cache slots rows land in.
+    k = k.view(batch, seq_len, n_head, head_dim).transpose(1, 2)
+    v = v.view(batch, seq_len, n_head, head_dim).transpose(1, 2)
+    t = tol_for(dtype)
+    torch.testing.assert_close(q_out.double(), q, **t)
+    torch.testing.assert_close(k_cache[:batch, :, pos:pos + seq_len].double(), k, **t)
+    torch.testing.assert_close(v_cache[:batch, :, pos:pos + seq_len].double(), v, **t)
+    assert torch.equal(k_cache[~written], k_before[~written]), "norm_qkv wrote outside its k_cache slots"
+    assert torch.equal(v_cache[~written], v_before[~written]), "norm_qkv wrote outside its v_cache slots"
+
+
+# (path, batch, seq_len, pos, n_head, head_dim): decode (seq_len 1 at pos t) and prefill (pos 0, or a later
+# chunk), head_dim 48 and 96 (not powers of two).
+QKV_CASES = [
+    ("gemv", 3, 1, 5, 2, 48),  # decode at batch 3
+    ("dot", 3, 1, 5, 2, 48),
+    ("dot", 17, 1, 11, 1, 96),  # decode at batch 17: heuristic picks dot
+    ("gemv", 2, 5, 0, 2, 48),  # prefill of 5 positions per sequence
+    ("dot", 2, 17, 3, 1, 96),  # a 17-position chunk starting at position 3
+]
+
+
+@pytest.mark.parametrize("path,batch,seq_len,pos,n_head,head_dim", QKV_CASES)
+def test_norm_qkv(device, path, batch, seq_len, pos, n_head, head_dim):
+    run_norm_qkv_case(device, torch.float32, path=path, batch=batch, seq_len=seq_len, pos=pos, n_head=n_head,
+                      head_dim=head_dim, cache_batch=batch + 1, cache_len=pos + seq_len + 2,
+                      permuted_v=seq_len > 1)
+
+
+# ---- embed ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("batch,seq_len,pos", [(1, 1, 0), (3, 1, 7), (2, 5, 0), (2, 5, 3)])
+def test_embed(device, ids_dtype, batch, seq_len, pos):
+    vocab, n_pos, d = 13, 16, 96
+    wte = torch.randn(vocab, d, device=device)
+    wpe = torch.randn(n_pos, d, device=device)
+    M = batch * seq_len
+    ids = torch.randint(0, vocab, (M,), device=device).to(ids_dtype)
+    out = nan_like((M, d), torch.float32, device)
+    result = embed(ids, wte, wpe, torch.tensor([pos], dtype=torch.int32, device=device), seq_len=seq_len, out=out)
+    assert result is out
+    positions = pos + torch.arange(M, device=device) % seq_len
+    expected = wte.double()[ids.long()] + wpe.double()[positions]
+    torch.testing.assert_close(out.double(), expected, **tol("exact", torch.float32))
+
+
+# ---- launch heuristics ------------------------------------------------------------------------------------
+
+
+def test_path_heuristic():
+    assert [_choose_path(M, None) for M in (1, 16, 17, 256, 65536)] == ["gemv", "gemv", "dot", "dot", "dot"]
+    assert _choose_path(1, "dot") == "dot"
+
+
+@pytest.mark.parametrize("N", [512, 1536, 2048, 6144])
+def test_gemv_streams_each_column_once(N):
+    """At batch 1..16, one row block: each column stripe of W is read by exactly one program."""
+    for M in (1, 8, 16):
+        config = _gemv_config(M, N, 512)
+        stripes, row_blocks = config["grid"]
+        assert row_blocks == 1 and (stripes - 1) * config["BLOCK_N"] < N <= stripes * config["BLOCK_N"]
+    assert _gemv_config(1, N, 512)["grid"][0] >= min(N // 8, _TARGET_PROGRAMS // 2)
+
+
+@pytest.mark.parametrize("M", [17, 64, 256])
+def test_dot_tiles_fill_the_gpu_at_decode_batches(M):
+    """imagegpt-small c_proj (N = 512): tiles shrink until enough programs exist."""
+    config = _dot_config(M, 512, 512, torch.float16)
+    assert config["grid"][0] >= _TARGET_PROGRAMS or config["BLOCK_M"] == config["BLOCK_N"] == 16
+
+
+# ---- validation: ValueError naming what was passed --------------------------------------------------------
+
+
+def test_norm_linear_rejects_bad_inputs(device):
+    x, norm_weight, weight, bias = make_linear(3, 96, 160, torch.float32, device)
+
+    def call(**changes):
+        args = dict(x=x, norm_weight=norm_weight, weight=weight, bias=bias, eps=EPS)
+        args.update(changes)
+        return norm_linear(args.pop("x"), args.pop("norm_weight"), args.pop("weight"), args.pop("bias"), **args)
+
+    with pytest.raises(ValueError, match=r"weight must be \[K=96, N\].*\(160, 96\)"):
+        call(weight=weight.t().contiguous())
+    with pytest.raises(ValueError, match="weight must be contiguous"):
+        call(weight=torch.randn(160, 96, device=device).t())
+    with pytest.raises(ValueError, match="weight must have dtype torch.float32, got torch.float16"):
+        call(weight=weight.half())
+    with pytest.raises(ValueError, match=r"x must be 2-D, got shape \(3, 96, 1\)"):
+        call(x=x[..., None])
+    with pytest.raises(ValueError, match="x must have a contiguous last dim"):
+        call(x=torch.randn(96, 3, device=device).t())
+    with pytest.raises(ValueError, match=r"x must have dtype in .*, got torch.float64"):
+        call(x=x.double())
+    with pytest.raises(ValueError, match=r"norm_weight must have shape \(96,\), got \(95,\)"):
+        call(norm_weight=norm_weight[:95])
+    with pytest.raises(ValueError, match=r"bias must have shape \(160,\), got \(161,\)"):
+        call(bias=torch.randn(161, device=device))
+    with pytest.raises(ValueError, match="activation must be one of .*, got 'gelu'"):
+        call(activation="gelu")
+    with pytest.raises(ValueError, match="eps must be a non-negative float, got -1.0"):
+        call(eps=-1.0)
+    with pytest.raises(ValueError, match="path must be one of .*, got 'tiled'"):
+        call(path="tiled")
+    with pytest.raises(ValueError, match=r"out must have shape \(3, 160\), got \(3, 159\)"):
+        call(out=torch.empty(3, 159, device=device))
+    with pytest.raises(ValueError, match="out must have dtype torch.float16, got torch.float32"):
+        call(out=torch.empty(3, 160, device=device), out_dtype=torch.float16)
+    with pytest.raises(ValueError, match="out_dtype must be one of .*, got torch.int32"):
+        call(out_dtype=torch.int32)
+
+
+def test_linear_residual_rejects_bad_inputs(device):
+    x, _, weight, bias = make_linear(3, 96, 160, torch.float32, device, norm=False)
+    with pytest.raises(ValueError, match=r"residual must have shape \(3, 160\), got \(4, 160\)"):
+        linear_residual(x, weight, bias, torch.zeros(4, 160, device=device))
+    with pytest.raises(ValueError, match="residual must be a torch.Tensor, got NoneType"):
+        linear_residual(x, weight, bias, None)
+
+
+def test_norm_qkv_rejects_bad_inputs(device):
+    d, n_head, head_dim = 96, 2, 48
+    x, norm_weight, weight, bias = make_linear(3, d, 3 * d, torch.float32, device)
+    good = dict(eps=EPS, q_out=torch.empty(3, d, device=device),
+                k_cache=torch.empty(4, n_head, 8, head_dim, device=device),
+                v_cache=torch.empty(4, n_head, 8, head_dim, device=device),
+                pos=torch.zeros(1, dtype=torch.int32, device=device), seq_len=1)
+
+    def call(**changes):
+        norm_qkv(x, norm_weight, changes.pop("weight", weight), changes.pop("bias", bias), **{**good, **changes})
+
+    with pytest.raises(ValueError, match=r"weight must be \[d=96, 3d=288\].*\(96, 160\)"):
+        call(weight=torch.randn(d, 160, device=device), bias=None)
+    with pytest.raises(ValueError, match=r"H \* head_dim == d=96, got shape \(4, 2, 8, 32\)"):
+        call(k_cache=torch.empty(4, 2, 8, 32, device=device), v_cache=torch.empty(4, 2, 8, 32, device=device))
+    with pytest.raises(ValueError, match=r"v_cache must have shape \(4, 2, 8, 48\), got \(4, 2, 9, 48\)"):
+        call(v_cache=torch.empty(4, n_head, 9, head_dim, device=device))
+    with pytest.raises(ValueError, match="k_cache must have a contiguous last dim"):
+        call(k_cache=torch.empty(4, n_head, head_dim, 8, device=device).transpose(2, 3))
+    with pytest.raises(ValueError, match="pos must have dtype torch.int32, got torch.int64"):
+        call(pos=torch.zeros(1, dtype=torch.int64, device=device))
+    with pytest.raises(ValueError, match="rows M=3 must be a multiple of seq_len=2"):
+        call(seq_len=2)
+    with pytest.raises(ValueError, match="more than the cache batch B=2"):
+        call(k_cache=good["k_cache"][:2], v_cache=good["v_cache"][:2])
+    with pytest.raises(ValueError, match=r"q_out must have shape \(3, 96\), got \(3, 288\)"):
+        call(q_out=torch.empty(3, 3 * d, device=device))
+
+
+def test_embed_rejects_bad_inputs(device):
+    wte, wpe = torch.randn(13, 96, device=device), torch.randn(16, 96, device=device)
+    ids = torch.zeros(4, dtype=torch.int64, device=device)
+    pos = torch.zeros(1, dtype=torch.int32, device=device)
+    out = torch.empty(4, 96, device=device)
+    with pytest.raises(ValueError, match="ids must have dtype in .*, got torch.float32"):
+        embed(ids.float(), wte, wpe, pos, seq_len=1, out=out)
+    with pytest.raises(ValueError, match=r"wpe must be \[P, d=96\].*\(16, 95\)"):
+        embed(ids, wte, wpe[:, :95].contiguous(), pos, seq_len=1, out=out)
+    with pytest.raises(ValueError, match="seq_len=32 is longer than the position table"):
+        embed(torch.zeros(32, dtype=torch.int64, device=device), wte, wpe, pos, seq_len=32,
+              out=torch.empty(32, 96, device=device))
+    with pytest.raises(ValueError, match="out must have dtype torch.float32, got torch.float16"):
+        embed(ids, wte, wpe, pos, seq_len=1, out=out.half())
+
+
+# ---- GPU: full imagegpt sizes, bfloat16, CUDA-graph capture ----------------------------------------------
+
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("M", [1, 8, 64, 256, 2048])
+@pytest.mark.parametrize("d", [512, 1536])
+def test_full_size_layer_matmuls(device, dtype, M, d):
+    """Every matmul of an imagegpt-small/large layer, decode batches and a 2-image prefill."""
+    cases = [  # (K, N, norm, bias, activation): c_fc + quick_gelu, lm_head, plain c_proj-shaped linear
+        (d, 4 * d, True, True, "quick_gelu"),
+        (d, 512, True, False, None),
+        (4 * d, d, False, True, None),
+    ]
+    for K, N, norm, bias, activation in cases:
+        x, norm_weight, weight, b = make_linear(M, K, N, dtype, device, norm=norm, bias=bias)
+        out = nan_like((M, N), dtype, device)
+        norm_linear(x, norm_weight, weight, b, eps=EPS, activation=activation, out=out)
+        expected = ref_norm_linear(x, norm_weight, weight, b, EPS, activation)
+        torch.testing.assert_close(out.double(), expected, **tol_for(dtype))
+    x, _, weight, b = make_linear(M, 4 * d, d, dtype, device, norm=False)
+    residual = torch.randn(M, d, device=device).to(dtype)
+    expected = residual.double() + ref_norm_linear(x, None, weight, b, EPS)
+    linear_residual(x, weight, b, residual)
+    torch.testing.assert_close(residual.double(), expected, **tol_for(dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("path", ["gemv", "dot"])
+@pytest.mark.parametrize("n_head,head_dim", [(8, 64), (16, 96)])
+def test_full_size_norm_qkv(device, dtype, path, n_head, head_dim):
+    run_norm_qkv_case(device, dtype, path=path, batch=8, seq_len=1, pos=700, n_head=n_head, head_dim=head_dim,
+                      cache_batch=9, cache_len=1024, permuted_v=False)
+    run_norm_qkv_case(device, dtype, path=path, batch=2, seq_len=1024, pos=0, n_head=n_head, head_dim=head_dim,
+                      cache_batch=2, cache_len=1024, permuted_v=True)
+
+
+@pytest.mark.gpu
+def test_decode_step_captures_in_a_cuda_graph(device):
+    """Graph-captured embed + norm_qkv + norm_linear + linear_residual: no allocation, no host sync, and the
+    position is read on the device (replaying after changing pos writes the new cache slot)."""
+    torch.manual_seed(0)
+    dtype, batch, d, n_head, T = torch.float16, 4, 512, 8, 64
+    wte, wpe = torch.randn(513, d, device=device, dtype=dtype), torch.randn(T, d, device=device, dtype=dtype)
+    ids = torch.randint(0, 513, (batch,), device=device)
+    pos = torch.zeros(1, dtype=torch.int32, device=device)
+    _, norm_weight, w_qkv, b_qkv = make_linear(1, d, 3 * d, dtype, device)
+    _, _, w_fc, b_fc = make_linear(1, d, 4 * d, dtype, device)
+    _, _, w_proj, b_proj = make_linear(1, 4 * d, d, dtype, device)
+    h = torch.empty(batch, d, device=device, dtype=dtype)
+    q = torch.empty(batch, d, device=device, dtype=dtype)
+    k_cache = torch.zeros(batch, n_head, T, d // n_head, device=device, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    hidden = torch.empty(batch, 4 * d, device=device, dtype=dtype)
+
+    def step():
+        embed(ids, wte, wpe, pos, seq_len=1, out=h)
+        norm_qkv(h, norm_weight, w_qkv, b_qkv, eps=EPS, q_out=q, k_cache=k_cache, v_cache=v_cache, pos=pos,
+                 seq_len=1)
+        norm_linear(h, norm_weight, w_fc, b_fc, eps=EPS, activation="quick_gelu", out=hidden)
+        linear_residual(hidden, w_proj, b_proj, h)
+
+    step()  # warm-up: compiles every kernel outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for t in (3, 9):
+        pos.fill_(t)
+        graph.replay()
+    torch.cuda.synchronize()
+    h0 = wte.double()[ids] + wpe.double()[9]
+    k_expected = ref_norm_linear(h0, norm_weight, w_qkv, b_qkv, EPS)[:, d:2 * d]
+    torch.testing.assert_close(k_cache[:, :, 9].double().reshape(batch, d), k_expected, **tol("kernel", dtype))
+    assert k_cache[:, :, 3].abs().sum() > 0 and k_cache[:, :, 4:9].abs().sum() == 0
+    expected_h = h0 + ref_norm_linear(
+        ref_norm_linear(h0, norm_weight, w_fc, b_fc, EPS, "quick_gelu"), None, w_proj, b_proj, EPS)
+    torch.testing.assert_close(h.double(), expected_h, **tol("kernel", dtype))
