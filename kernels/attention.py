@@ -1,0 +1,386 @@
+"""Causal attention for ImageGPT: flash-attention prefill and split-K (flash-decoding) decode.
+
+Math (per batch b, head h; scale is the caller's, e.g. 1/sqrt(D), times 1/(layer_idx+1) if configured):
+    prefill: out[i] = sum_{j <= i} softmax_j(scale * q[i] . k[j]) v[j]        q, k, v: [B, H, S, D]
+    decode:  out    = sum_{j <= t} softmax_j(scale * q . k[j]) v[j]           q: [B, H, D], cache: [B, H, T, D]
+Softmax is computed online in float32 and in base 2 (exp2 of scores pre-multiplied by log2(e)).
+float32 inputs use IEEE fp32 dot products (input_precision="ieee", never TF32).
+
+Decode reads t from device memory (an int32 [1] tensor) so one captured CUDA graph serves every step.
+The key range 0..t is cut into NUM_SPLITS equal chunks (rounded up to whole BLOCK_N key blocks) at run
+time, so every step balances its work over all programs; splits whose chunk starts beyond t have no
+keys and store nothing, and the merge kernel reads only the first cdiv(t+1, chunk) splits. Each split
+stores its normalised output and its log2-sum-exp2 into a float32 workspace, which the merge combines:
+    out = sum_s 2^(lse_s - max lse) o_s / sum_s 2^(lse_s - max lse).
+With a single split (large batch) the partial kernel writes `out` directly and no merge is launched.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+
+# Decode: keys per loop iteration, and how many programs a launch should have in flight: about four per
+# SM of an H100 (132 SMs), so batch 1 with 8 heads is split 16 ways on a 1024-long cache.
+_DECODE_BLOCK_N = 64
+_DECODE_TARGET_PROGRAMS = 512
+
+
+@triton.jit
+def _prefill_attention_kernel(
+    q_ptr,  # [B, H, S, D] queries at positions 0..S-1, last dim contiguous
+    k_ptr,  # [B, H, S_kv >= S, D] keys, only positions 0..S-1 are read
+    v_ptr,  # [B, H, S_kv >= S, D] values, only positions 0..S-1 are read
+    out_ptr,  # [B, H, S, D] output, last dim contiguous
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_os,
+    n_head, seq_len,
+    qk_scale_log2,  # caller's scale * log2(e)
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    # Heaviest query blocks (most keys under the causal mask) are scheduled first.
+    block_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = (pid_bh // n_head).to(tl.int64)  # int64: the cache behind the views can exceed 2^31 elements
+    h = (pid_bh % n_head).to(tl.int64)
+    q_ptr += b * stride_qb + h * stride_qh
+    k_ptr += b * stride_kb + h * stride_kh
+    v_ptr += b * stride_vb + h * stride_vh
+    out_ptr += b * stride_ob + h * stride_oh
+
+    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM  # head_dim 96 runs in a 128-wide block
+    m_mask = offs_m < seq_len
+    q = tl.load(q_ptr + offs_m[:, None] * stride_qs + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of scaled scores (base 2)
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of 2^(score - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Key 0 is visible to every row, so the first block makes m_i finite and l_i > 0 for all rows.
+    kv_end = tl.minimum((block_m + 1) * BLOCK_M, seq_len)
+    for start_n in range(0, kv_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < seq_len
+        kv_mask = n_mask[:, None] & d_mask[None, :]  # masked loads: nothing past S is ever read
+        k = tl.load(k_ptr + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale_log2
+        visible = (offs_m[:, None] >= offs_n[None, :]) & n_mask[None, :]
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    tl.store(
+        out_ptr + offs_m[:, None] * stride_os + offs_d[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=m_mask[:, None] & d_mask[None, :],
+    )
+
+
+@triton.jit
+def _decode_key_range(pos_ptr, max_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(t + 1, keys per split): both decode kernels must cut 0..t identically."""
+    t = tl.load(pos_ptr)
+    t = tl.minimum(tl.maximum(t, 0), max_len - 1)  # a bad pos must not read outside the cache
+    n_keys = t + 1
+    chunk = tl.cdiv(tl.cdiv(n_keys, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    return n_keys, chunk
+
+
+@triton.jit
+def _decode_partial_kernel(
+    q_ptr,  # [B, H, D] one query per (batch, head), last dim contiguous
+    k_ptr,  # [B, H, T, D] key cache, last dim contiguous; keys 0..t are read
+    v_ptr,  # [B, H, T, D] value cache, last dim contiguous; values 0..t are read
+    pos_ptr,  # int32 [1]: t, index of the newest key
+    out_ptr,  # [B, H, D] output, written here only when NUM_SPLITS == 1
+    part_out_ptr,  # float32 [B*H, NUM_SPLITS, HEAD_DIM]: each split's normalised output
+    part_lse_ptr,  # float32 [B*H, NUM_SPLITS]: each split's log2(sum 2^score)
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh,
+    n_head, max_len,
+    qk_scale_log2,  # caller's scale * log2(e)
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (pid_bh // n_head).to(tl.int64)
+    h = (pid_bh % n_head).to(tl.int64)
+    k_ptr += b * stride_kb + h * stride_kh
+    v_ptr += b * stride_vb + h * stride_vh
+
+    n_keys, chunk = _decode_key_range(pos_ptr, max_len, NUM_SPLITS, BLOCK_N)
+    start = split * chunk
+    end = tl.minimum(start + chunk, n_keys)  # start >= end: a split beyond t, the loop is skipped
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+
+    m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), axis=0)  # scalar running max
+    l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), axis=0)  # scalar running sum
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        kv_mask = n_mask[:, None] & d_mask[None, :]  # keys past t (garbage) are never loaded
+        k = tl.load(k_ptr + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        scores = tl.sum(q[None, :] * k.to(tl.float32), axis=1) * qk_scale_log2
+        scores = tl.where(n_mask, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        out_ptr += b * stride_ob + h * stride_oh
+        tl.store(out_ptr + offs_d, (acc / l_i).to(out_ptr.dtype.element_ty), mask=d_mask)
+    else:
+        active = start < n_keys
+        l_safe = tl.where(active, l_i, 1.0)  # an empty split stores nothing; avoid 0/0 all the same
+        stored_cols = tl.where(active, HEAD_DIM, 0)  # (the interpreter rejects block_mask & scalar_mask)
+        row = pid_bh * NUM_SPLITS + split
+        tl.store(part_out_ptr + row * HEAD_DIM + offs_d, acc / l_safe, mask=offs_d < stored_cols)
+        tl.store(part_lse_ptr + row, m_i + tl.log2(l_safe), mask=active)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_out_ptr,  # float32 [B*H, NUM_SPLITS, HEAD_DIM] from _decode_partial_kernel
+    part_lse_ptr,  # float32 [B*H, NUM_SPLITS] from _decode_partial_kernel
+    pos_ptr,  # int32 [1]: t, decides how many splits hold keys
+    out_ptr,  # [B, H, D] output, last dim contiguous
+    stride_ob, stride_oh,
+    n_head, max_len,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // n_head).to(tl.int64)
+    h = (pid_bh % n_head).to(tl.int64)
+    n_keys, chunk = _decode_key_range(pos_ptr, max_len, NUM_SPLITS, BLOCK_N)
+    n_active = tl.cdiv(n_keys, chunk)  # splits past this were empty: their workspace rows are stale
+
+    offs_s = tl.arange(0, BLOCK_SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < n_active
+    d_mask = offs_d < HEAD_DIM
+    rows = pid_bh * NUM_SPLITS + offs_s
+    lse = tl.load(part_lse_ptr + rows, mask=s_mask, other=float("-inf"))
+    weight = tl.exp2(lse - tl.max(lse, axis=0))  # 0 for the masked splits
+    part = tl.load(part_out_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    out = tl.sum(weight[:, None] * part, axis=0) / tl.sum(weight, axis=0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def _check_tensor(name: str, x, shape_doc: str, ndim: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor {shape_doc}, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must be a {ndim}-D tensor {shape_doc}, got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name}.dtype must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        raise ValueError(f"{name} must have a contiguous last dim (stride 1), got strides {tuple(x.stride())}")
+
+
+def _check_like(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if x.dtype != ref.dtype:
+        raise ValueError(f"{name}.dtype must equal {ref_name}.dtype ({ref.dtype}), got {x.dtype}")
+    if x.device != ref.device:
+        raise ValueError(f"{name} must be on {ref_name}'s device ({ref.device}), got {x.device}")
+
+
+def _check_scale(scale) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite python float, got {scale!r}")
+
+
+def _check_head_dim(head_dim: int) -> None:
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be in 1..{MAX_HEAD_DIM}, got {head_dim}")
+
+
+def _prefill_launch_config(block_d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) by tile size: all stages of q, k, v fit in ~130 KB of smem
+    (checked for sm_90), and the float32 accumulator stays within ~16 values a thread (no spills)."""
+    if dtype == torch.float32:  # IEEE fp32 runs on FMA units: smaller tiles, fewer stages
+        block_m, block_n, num_stages = 64, 32, 2
+    else:
+        block_m, block_n, num_stages = 128, 64, 3
+    if block_d > 128:
+        block_m, block_n = block_m // 2, block_n // 2
+    num_warps = min(8, max(4, block_m * block_d // 512))
+    return block_m, block_n, num_warps, num_stages
+
+
+def _decode_num_warps(block_d: int, dtype: torch.dtype) -> int:
+    """4 warps while one [BLOCK_N, BLOCK_D] key tile is <= 8 KB, else 8 (keeps registers spill-free)."""
+    return 4 if _DECODE_BLOCK_N * block_d * dtype.itemsize <= 8192 else 8
+
+
+def prefill_attention(q, k, v, *, scale: float, out=None) -> torch.Tensor:
+    """Causal attention of S queries at positions 0..S-1 over keys/values 0..S-1.
+
+    q: [B, H, S, D] (any strides, last dim contiguous). k, v: [B, H, S_kv, D] with S_kv >= S (only the
+    first S positions are read; typically views of the KV cache [B, H, n_positions, D]; last dim
+    contiguous). out: [B, H, S, D] any strides with last dim contiguous, same dtype as q; allocated when
+    None. Returns out.
+    """
+    _check_tensor("q", q, "[B, H, S, D]", 4)
+    _check_tensor("k", k, "[B, H, S_kv, D]", 4)
+    _check_tensor("v", v, "[B, H, S_kv, D]", 4)
+    _check_like("k", k, "q", q)
+    _check_like("v", v, "q", q)
+    _check_scale(scale)
+    batch, n_head, seq_len, head_dim = q.shape
+    _check_head_dim(head_dim)
+    if seq_len < 1:
+        raise ValueError(f"q must hold at least one query position, got shape {tuple(q.shape)}")
+    for name, x in (("k", k), ("v", v)):
+        if x.shape[0] != batch or x.shape[1] != n_head or x.shape[3] != head_dim or x.shape[2] < seq_len:
+            raise ValueError(
+                f"{name} must have shape [{batch}, {n_head}, S_kv >= {seq_len}, {head_dim}] to match q "
+                f"{tuple(q.shape)}, got {tuple(x.shape)}"
+            )
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    else:
+        _check_tensor("out", out, "[B, H, S, D]", 4)
+        _check_like("out", out, "q", q)
+        if out.shape != q.shape:
+            raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
+
+    block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
+    block_m, block_n, num_warps, num_stages = _prefill_launch_config(block_d, q.dtype)
+    grid = (batch * n_head, triton.cdiv(seq_len, block_m))
+    _prefill_attention_kernel[grid](
+        q, k, v, out,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        n_head, seq_len, scale * math.log2(math.e),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def decode_num_splits(batch: int, n_head: int, max_len: int) -> int:
+    """How many ways decode cuts the key range: enough programs to fill the GPU (~_DECODE_TARGET_PROGRAMS),
+    a power of two, and never more splits than whole key blocks in a full cache."""
+    wanted = triton.next_power_of_2(triton.cdiv(_DECODE_TARGET_PROGRAMS, batch * n_head))
+    return max(1, min(wanted, max_len // _DECODE_BLOCK_N))
+
+
+def _workspace_floats(batch: int, n_head: int, head_dim: int, max_len: int) -> int:
+    """float32 values decode_attention needs at this batch: per split, an output row and its lse."""
+    num_splits = decode_num_splits(batch, n_head, max_len)
+    return 0 if num_splits == 1 else batch * n_head * num_splits * (head_dim + 1)
+
+
+def decode_workspace(batch: int, n_head: int, head_dim: int, max_len: int, device) -> torch.Tensor:
+    """Allocate once (outside the graph) the float32 split-K partials buffer for decode_attention.
+
+    Sized for every batch 1..batch (smaller batches use more splits), so one buffer serves all graphs.
+    """
+    for name, value in (("batch", batch), ("n_head", n_head), ("head_dim", head_dim), ("max_len", max_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"decode_workspace: {name} must be a positive int, got {value!r}")
+    _check_head_dim(head_dim)
+    floats = max(_workspace_floats(b, n_head, head_dim, max_len) for b in range(1, batch + 1))
+    return torch.empty(floats, dtype=torch.float32, device=device)
+
+
+def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace) -> torch.Tensor:
+    """One query per (batch, head) attending cached keys 0..t, with t read from device memory.
+
+    q: [B, H, D] (last dim contiguous; e.g. a view of a [B, H*D] buffer); k_cache, v_cache: [B, H, T, D]
+    (views of a bigger cache; batch stride may be anything, last dim contiguous); pos: int32 tensor [1]
+    on the same device = index t of the newest key (already written into the cache by the caller; clamped
+    to 0..T-1 on the device); attends keys 0..t. out: [B, H, D]. workspace: from decode_workspace(B_max >=
+    B, H, D, T). No allocation, no host sync. Returns out.
+    """
+    _check_tensor("q", q, "[B, H, D]", 3)
+    _check_tensor("k_cache", k_cache, "[B, H, T, D]", 4)
+    _check_tensor("v_cache", v_cache, "[B, H, T, D]", 4)
+    _check_tensor("out", out, "[B, H, D]", 3)
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache), ("out", out)):
+        _check_like(name, x, "q", q)
+    _check_scale(scale)
+    batch, n_head, head_dim = q.shape
+    _check_head_dim(head_dim)
+    max_len = k_cache.shape[2]
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.shape[0] != batch or x.shape[1] != n_head or x.shape[3] != head_dim or x.shape[2] != max_len:
+            raise ValueError(
+                f"{name} must have shape [{batch}, {n_head}, {max_len}, {head_dim}] to match q {tuple(q.shape)} "
+                f"and k_cache {tuple(k_cache.shape)}, got {tuple(x.shape)}"
+            )
+    if out.shape != q.shape:
+        raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
+    if not isinstance(pos, torch.Tensor) or pos.dtype != torch.int32 or pos.shape != (1,):
+        got = f"{pos.dtype} shape {tuple(pos.shape)}" if isinstance(pos, torch.Tensor) else type(pos).__name__
+        raise ValueError(f"pos must be an int32 tensor of shape [1], got {got}")
+    if pos.device != q.device:
+        raise ValueError(f"pos must be on q's device ({q.device}), got {pos.device}")
+    if not isinstance(workspace, torch.Tensor) or workspace.dtype != torch.float32 or workspace.dim() != 1:
+        got = f"{workspace.dtype} shape {tuple(workspace.shape)}" if isinstance(workspace, torch.Tensor) else type(workspace).__name__
+        raise ValueError(f"workspace must be a 1-D float32 tensor from decode_workspace, got {got}")
+    if workspace.device != q.device:
+        raise ValueError(f"workspace must be on q's device ({q.device}), got {workspace.device}")
+    if workspace.stride(0) != 1 and workspace.numel() > 1:
+        raise ValueError(f"workspace must be contiguous, got stride {workspace.stride(0)}")
+    num_splits = decode_num_splits(batch, n_head, max_len)
+    needed = _workspace_floats(batch, n_head, head_dim, max_len)
+    if workspace.numel() < needed:
+        raise ValueError(
+            f"workspace holds {workspace.numel()} float32 values but batch {batch} x {n_head} heads x "
+            f"{num_splits} splits x (head_dim {head_dim} + 1) needs {needed}: allocate it with "
+            f"decode_workspace(batch >= {batch}, {n_head}, {head_dim}, {max_len}, device)"
+        )
+
+    n_rows = batch * n_head * num_splits
+    part_out = workspace[: n_rows * head_dim]  # views: nothing is allocated
+    part_lse = workspace[n_rows * head_dim : n_rows * (head_dim + 1)]
+    block_d = triton.next_power_of_2(head_dim)
+    num_warps = _decode_num_warps(block_d, q.dtype)
+    qk_scale_log2 = scale * math.log2(math.e)
+    _decode_partial_kernel[(batch * n_head, num_splits)](
+        q, k_cache, v_cache, pos, out, part_out, part_lse,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1),
+        n_head, max_len, qk_scale_log2,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=_DECODE_BLOCK_N, NUM_SPLITS=num_splits,
+        num_warps=num_warps,
+    )
+    if num_splits > 1:
+        _decode_merge_kernel[(batch * n_head,)](
+            part_out, part_lse, pos, out,
+            out.stride(0), out.stride(1),
+            n_head, max_len,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=_DECODE_BLOCK_N,
+            NUM_SPLITS=num_splits, BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+            num_warps=num_warps,
+        )
+    return out
