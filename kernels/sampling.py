@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from igpt_fast.backend import use_triton
+
 
 @triton.jit
 def _order_keys(scores):
@@ -27,6 +29,14 @@ def _order_keys(scores):
     keys = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
     keys = tl.where(keys == -1, 0, keys)  # -0.0 maps to -1: make it +0.0's key
     return keys.to(tl.int64) + 2147483648
+
+
+@triton.jit
+def _row_uniforms(seed_ptr, pos_ptr, row, cols, V):
+    """The uniforms of one row: tl.rand(seed + row, pos * V + cols), mirrored by philox_uniforms."""
+    seed = tl.load(seed_ptr)
+    pos = tl.load(pos_ptr)
+    return tl.rand(seed + row, pos.to(tl.int64) * V + cols)
 
 
 @triton.jit
@@ -87,8 +97,7 @@ def _sample_kernel(
                 bit = bit // 2
             kept = kept & (keys >= threshold)
 
-        seed = tl.load(seed_ptr)
-        uniforms = tl.rand(seed + row, pos.to(tl.int64) * V + cols)
+        uniforms = _row_uniforms(seed_ptr, pos_ptr, row, cols, V)
         perturbed = tl.where(kept, scores - tl.log(-tl.log(uniforms)), float("-inf"))
         token = tl.argmax(perturbed, axis=0, tie_break_left=True)
 
@@ -143,6 +152,11 @@ def sample_tokens(
     if not isinstance(greedy, bool):
         raise TypeError(f"sample_tokens: greedy must be a bool, got {greedy!r}")
     device = logits.device
+    if not use_triton(device):
+        raise ValueError(
+            f"sample_tokens: logits on {device} need CUDA or TRITON_INTERPRET=1; "
+            "igpt_fast.sampling.sample_reference computes the same choice in PyTorch"
+        )
     _check(temperature, "temperature", torch.float32, (batch,), device)
     _check(top_k, "top_k", torch.int32, (batch,), device)
     _check(top_p, "top_p", torch.float32, (batch,), device)
