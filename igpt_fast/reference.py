@@ -256,6 +256,8 @@ def check_input_ids(input_ids, config: ImageGPTConfig) -> None:
 def resolve_length(prefix: int, max_length: int | None, max_new_tokens: int | None,
                    config: ImageGPTConfig) -> int:
     """New tokens to generate from transformers-style length arguments."""
+    if prefix > config.n_positions:
+        raise ValueError(f"a prompt of {prefix} tokens exceeds n_positions={config.n_positions}")
     if max_length is not None and max_new_tokens is not None:
         raise ValueError(f"pass max_length ({max_length}) or max_new_tokens ({max_new_tokens}), not both")
     if max_new_tokens is None and max_length is None:

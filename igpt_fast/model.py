@@ -1,0 +1,250 @@
+"""ImageGPT: the public engine. Loads Hugging Face checkpoints, generates with transformers' call forms
+(`generate(input_ids=..., max_length=..., do_sample=True, top_k=40)`), and extracts features and likelihoods.
+
+On CUDA the Triton kernels run and each batch bucket's decode step is a captured CUDA graph; elsewhere PyTorch
+stand-ins of the same kernels run eagerly (backend="torch"); backend="triton" on a CPU needs
+TRITON_INTERPRET=1 (the tests use it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from igpt_fast.backend import triton_interpreter_on
+from igpt_fast.checkpoint import check_state_dict, is_legacy_buffer, load_checkpoint
+from igpt_fast.config import ImageGPTConfig
+from igpt_fast.decoder import BATCH_BUCKETS, SUPPORTED_DTYPES, PackedWeights, StaticDecoder, bucket_for
+from igpt_fast.reference import check_input_ids, resolve_length
+from igpt_fast.sampling import check_sampling_args, sampling_tensors
+
+DEFAULT_TOP_K = 50  # transformers' GenerationConfig default, applied when sampling with top_k unset
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # float32 [B, S, n_clusters]
+
+
+@dataclass
+class GenerateOutput:
+    """What generate(return_dict_in_generate=True) returns, named as transformers names it."""
+
+    sequences: torch.Tensor  # [B, prefix + new]
+    logits: tuple[torch.Tensor, ...] | None = None  # one float32 [B, n_clusters] per generated token
+
+
+@dataclass
+class LogLikelihood:
+    nll: torch.Tensor  # [B] mean negative log-likelihood per token, in nats
+    bits_per_dim: torch.Tensor  # [B] the same in bits; a dimension is one token (a pixel's color cluster)
+
+
+class ImageGPT:
+    """ImageGPTForCausalImageModeling's fast twin: `.config`, `.generate`, `.to`, `.eval` as in transformers."""
+
+    def __init__(self, config: ImageGPTConfig, state_dict: dict[str, torch.Tensor], *, dtype=None, device=None,
+                 backend: str | None = None, use_cuda_graphs: bool = True, max_batch: int = BATCH_BUCKETS[-1]):
+        if not isinstance(config, ImageGPTConfig):
+            raise TypeError(f"config must be an igpt_fast.ImageGPTConfig, got {type(config).__name__}")
+        state_dict = {k: v for k, v in state_dict.items() if not is_legacy_buffer(k)}
+        check_state_dict(config, state_dict)
+        if max_batch not in BATCH_BUCKETS:
+            raise ValueError(f"max_batch must be one of the batch buckets {BATCH_BUCKETS}, got {max_batch!r}")
+        self.config = config
+        self.max_batch = max_batch
+        self.use_cuda_graphs = use_cuda_graphs
+        self._state_dict = state_dict  # kept (on its own device) so .to() can repack
+        self._backend_request = backend
+        self._build(torch.device(device) if device is not None else torch.device("cpu"),
+                    dtype if dtype is not None else torch.float32)
+
+    def _build(self, device: torch.device, dtype: torch.dtype) -> None:
+        if dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be a CPU or CUDA device, got {device}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device} requested but CUDA is not available")
+        backend = self._backend_request or ("triton" if device.type == "cuda" else "torch")
+        if backend not in ("triton", "torch"):
+            raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
+        if backend == "triton" and device.type == "cpu" and not triton_interpreter_on():
+            raise ValueError("backend='triton' on the CPU needs TRITON_INTERPRET=1 set before igpt_fast is "
+                             "imported (or use backend='torch')")
+        if dtype == torch.bfloat16 and backend == "triton" and device.type == "cpu":
+            raise ValueError("the Triton interpreter has no bfloat16; use float32/float16 or backend='torch'")
+        weights = PackedWeights.pack(self.config, self._state_dict, dtype, device)
+        self.decoder = StaticDecoder(self.config, weights, backend=backend, use_cuda_graphs=self.use_cuda_graphs)
+
+    # ---- construction, transformers-style ----
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id, *, dtype=None, device=None, **kwargs) -> "ImageGPT":
+        """From a local Hugging Face folder or a hub id (resolved through the local cache first)."""
+        checkpoint = load_checkpoint(path_or_hub_id)
+        return cls(checkpoint.config, checkpoint.state_dict, dtype=dtype, device=device, **kwargs)
+
+    @classmethod
+    def from_hf(cls, hf_model, **kwargs) -> "ImageGPT":
+        """From an in-memory transformers ImageGPTForCausalImageModeling."""
+        state = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}
+        return cls(ImageGPTConfig.from_hf(hf_model.config), state, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.dtype
+
+    @property
+    def backend(self) -> str:
+        return self.decoder.backend
+
+    def to(self, device=None, dtype=None) -> "ImageGPT":
+        """Repack the weights on another device and/or dtype; caches and graphs are rebuilt on first use."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
+        self._build(torch.device(device) if device is not None else self.device, dtype or self.dtype)
+        return self
+
+    def eval(self) -> "ImageGPT":
+        return self  # inference only: there is no dropout to switch off
+
+    def release_caches(self) -> None:
+        """Free every bucket's KV cache and CUDA graphs."""
+        self.decoder.release_caches()
+
+    # ---- forward, features, likelihood ----
+    def _prompt(self, input_ids) -> torch.Tensor:
+        ids = torch.as_tensor(input_ids)
+        check_input_ids(ids, self.config)
+        if ids.shape[1] > self.config.n_positions:
+            raise ValueError(f"input_ids has {ids.shape[1]} tokens; the model has n_positions="
+                             f"{self.config.n_positions}")
+        return ids.to(device=self.device, dtype=torch.int64)
+
+    def _prefill_scratch(self, ids: torch.Tensor, keep_hidden: int | None = None) -> torch.Tensor:
+        """Prefill without keeping a cache: every layer reuses one [2, B, H, S, D] scratch buffer."""
+        c = self.config
+        B, S = ids.shape
+        scratch = torch.empty(2, B, c.n_head, S, c.head_dim, device=self.device, dtype=self.dtype)
+        return self.decoder.prefill(ids, lambda i: (scratch[0], scratch[1]), keep_hidden=keep_hidden)
+
+    @torch.no_grad()
+    def __call__(self, input_ids) -> CausalLMOutput:
+        """Logits of every position, float32 [B, S, n_clusters] (transformers' `model(ids).logits`)."""
+        ids = self._prompt(input_ids)
+        x = self._prefill_scratch(ids)
+        return CausalLMOutput(self.decoder.lm_head(x).view(*ids.shape, -1))
+
+    forward = __call__
+
+    @torch.no_grad()
+    def features(self, input_ids, *, layer: int | None = None, pool: str | None = "mean") -> torch.Tensor:
+        """Linear-probe features: the hidden state after block `layer` (transformers' hidden_states[layer]:
+        0 = embeddings, n_layer = the final output after ln_f; default the middle block, where the paper's best
+        probes sit), mean-pooled over positions ([B, d]) or not (pool=None: [B, S, d])."""
+        n_layer = self.config.n_layer
+        layer = n_layer // 2 if layer is None else layer
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= n_layer:
+            raise ValueError(f"layer must be an int in [0, {n_layer}], got {layer!r}")
+        if pool not in ("mean", None):
+            raise ValueError(f"pool must be 'mean' or None, got {pool!r}")
+        ids = self._prompt(input_ids)
+        x = self._prefill_scratch(ids, keep_hidden=layer)
+        if layer == n_layer:
+            x = self.decoder.final_norm(x)
+        x = x.view(*ids.shape, -1)
+        return x.float().mean(dim=1) if pool == "mean" else x
+
+    @torch.no_grad()
+    def log_likelihood(self, input_ids) -> LogLikelihood:
+        """Per-image likelihood of pixel tokens [B, L] (no SOS, as the image processor returns them): the SOS
+        is prepended and every one of the L tokens is scored given those before it."""
+        ids = self._prompt(input_ids)
+        if int(ids.max()) >= self.config.n_clusters:
+            raise ValueError(f"pixel tokens must lie in [0, {self.config.n_clusters}); the SOS "
+                             f"({self.config.sos_token_id}) is prepended here, do not pass it")
+        sos = torch.full_like(ids[:, :1], self.config.sos_token_id)
+        inputs = torch.cat([sos, ids[:, :-1]], dim=1)
+        logits = self.decoder.lm_head(self._prefill_scratch(inputs)).view(*ids.shape, -1)
+        nll = -torch.log_softmax(logits, dim=-1).gather(-1, ids[..., None])[..., 0].mean(dim=1)
+        return LogLikelihood(nll=nll, bits_per_dim=nll / math.log(2))
+
+    # ---- generation ----
+    @torch.no_grad()
+    def generate(self, input_ids=None, *, pixel_values=None, max_length: int | None = None,
+                 max_new_tokens: int | None = None, do_sample: bool = False, temperature=1.0, top_k=None,
+                 top_p=None, seed: int | None = None, generator: torch.Generator | None = None,
+                 return_dict_in_generate: bool = False, output_logits: bool = False, **unused):
+        """transformers' call: ids [B, P] (the SOS column, or SOS + pixels to complete) -> LongTensor
+        [B, max_length] on the input's device. `pixel_values=` is the older model card's name for input_ids.
+        max_length defaults to a whole image (n_positions + 1). Sampling: temperature, then top-k (default 50
+        like transformers), then top-p; `seed=` or `generator=` (else torch's global RNG) picks the stream, and
+        image b of a seed is the same whatever the batch it is generated in."""
+        if unused:
+            raise ValueError(f"generate() got arguments it does not use: {sorted(unused)}")
+        if (input_ids is None) == (pixel_values is None):
+            raise ValueError("pass the prompt as input_ids (or the older pixel_values), exactly one of them")
+        if seed is not None and generator is not None:
+            raise ValueError("pass seed or generator, not both")
+        given = input_ids if input_ids is not None else pixel_values
+        out_device = given.device if isinstance(given, torch.Tensor) else torch.device("cpu")
+        ids = torch.as_tensor(given)
+        check_input_ids(ids, self.config)
+        batch, prefix = ids.shape
+        new_tokens = resolve_length(prefix, max_length, max_new_tokens, self.config)
+        vocab = self.config.n_clusters
+        if do_sample and top_k is None:
+            top_k = min(DEFAULT_TOP_K, vocab)
+        check_sampling_args(do_sample, temperature, top_k, top_p, vocab)
+        temperature, top_k, top_p = sampling_tensors(temperature, top_k, top_p, batch=batch, vocab=vocab)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        elif isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+
+        chunks, step_logits = [], []
+        for start in range(0, batch, self.max_batch):
+            rows = slice(start, min(start + self.max_batch, batch))
+            chunk = self._generate_chunk(ids[rows], new_tokens, greedy=not do_sample, seed=seed + start,
+                                         params=(temperature[rows], top_k[rows], top_p[rows]),
+                                         logits_out=step_logits if output_logits else None)
+            chunks.append(chunk.to(out_device))
+        sequences = torch.cat(chunks)
+        if not return_dict_in_generate:
+            return sequences
+        logits = None
+        if output_logits:  # appended chunk by chunk, step by step: regroup per step over the whole batch
+            logits = tuple(torch.cat(step_logits[i::new_tokens]).to(out_device) for i in range(new_tokens))
+        return GenerateOutput(sequences=sequences, logits=logits)
+
+    def _generate_chunk(self, ids: torch.Tensor, new_tokens: int, *, greedy: bool, seed: int, params,
+                        logits_out: list | None) -> torch.Tensor:
+        batch, prefix = ids.shape
+        bucket = bucket_for(batch, self.max_batch)
+        state = self.decoder.state(bucket)
+        prompt = ids.to(self.device, torch.int64)
+        if batch < bucket:  # pad with copies of the first row; their samples are dropped
+            prompt = torch.cat([prompt, prompt[:1].expand(bucket - batch, prefix)])
+        for buffer, values in zip((state.temperature, state.top_k, state.top_p), params):
+            buffer[:batch].copy_(values)
+            buffer[batch:].copy_(values[:1].expand(bucket - batch))
+        state.seed.fill_(seed)
+        self.decoder.start(state, prompt, greedy=greedy)
+        if logits_out is not None:
+            logits_out.append(state.logits[:batch].clone())
+        for _ in range(new_tokens - 1):
+            self.decoder.step(state, greedy=greedy)
+            if logits_out is not None:
+                logits_out.append(state.logits[:batch].clone())
+        # The graph overwrites its buffers on the next call: hand back a copy.
+        return state.sequences[:batch, :prefix + new_tokens].clone()
+
+
+# transformers' class name, so the model card's import line is the only change.
+ImageGPTForCausalImageModeling = ImageGPT

@@ -1,0 +1,252 @@
+"""The engine against the reference: logits, per-step logits, greedy and sampled sequences, completion, bad input.
+
+Runs the decoder twice on the CPU: with the PyTorch stand-ins (backend="torch", full lengths) and with the real
+Triton kernels under the interpreter (backend="triton", a few steps: the interpreter is slow), so CI exercises
+the kernels inside the real control flow. GPU-marked tests run imagegpt-small shapes with CUDA graphs.
+"""
+
+import pytest
+import torch
+from helpers import TINY, random_state_dict
+from tolerances import tol
+
+from igpt_fast import ImageGPT, ImageGPTConfig, ReferenceImageGPT
+from igpt_fast.philox import philox_uniforms
+
+BACKENDS = ["torch", "triton"]
+# Interpreted Triton runs ~1 s per decode step at TINY: keep its sequences short.
+STEPS = {"torch": TINY.n_positions, "triton": 4}
+
+
+def philox(seed):
+    return lambda step, batch, vocab: philox_uniforms(seed, step, batch, vocab)
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return random_state_dict(TINY, seed=11)
+
+
+@pytest.fixture(scope="module")
+def reference(weights):
+    return ReferenceImageGPT.from_state_dict(TINY, weights)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logits_match_reference(backend, weights, reference):
+    model = ImageGPT(TINY, weights, backend=backend)
+    ids = torch.randint(0, TINY.vocab_size, (3, 17))
+    with torch.no_grad():
+        expected = reference(ids).logits
+    torch.testing.assert_close(model(ids).logits, expected, **tol("model", torch.float32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_greedy_and_per_step_logits_match_reference(backend, weights, reference):
+    model = ImageGPT(TINY, weights, backend=backend)
+    context = torch.tensor([[TINY.sos_token_id], [3], [TINY.sos_token_id]])
+    max_length = STEPS[backend] + 1
+    out = model.generate(context, max_length=max_length, return_dict_in_generate=True, output_logits=True)
+    assert torch.equal(out.sequences, reference.generate(context, max_length=max_length))
+    with torch.no_grad():  # logits of each step = a full forward over the generated sequence
+        full = reference(out.sequences[:, :-1]).logits
+    assert len(out.logits) == max_length - 1
+    torch.testing.assert_close(torch.stack(out.logits, dim=1), full, **tol("model", torch.float32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sampling_matches_reference_fed_the_same_random_numbers(backend, weights, reference):
+    model = ImageGPT(TINY, weights, backend=backend)
+    context = torch.full((4, 1), TINY.sos_token_id)
+    max_length = STEPS[backend] + 1
+    kwargs = dict(max_length=max_length, do_sample=True, temperature=[0.7, 1.0, 1.3, 1.0], top_k=[5, 17, 3, 8],
+                  top_p=[0.9, 1.0, 0.8, 0.5])
+    out = model.generate(context, seed=1234, **kwargs)
+    assert torch.equal(out, reference.generate(context, uniforms=philox(1234), **kwargs))
+    assert torch.equal(out, model.generate(context, seed=1234, **kwargs))  # same seed, same images
+    assert not torch.equal(out, model.generate(context, seed=4321, **kwargs))
+
+
+def test_image_of_a_seed_does_not_depend_on_the_batch(weights):
+    model = ImageGPT(TINY, weights, backend="torch", max_batch=2)
+    context = torch.full((5, 1), TINY.sos_token_id)
+    together = model.generate(context, do_sample=True, seed=7)  # buckets 2, 2, 1 (padded)
+    alone = model.generate(context[:1], do_sample=True, seed=7 + 3)
+    assert together.shape == (5, TINY.n_positions + 1)
+    assert torch.equal(together[3], alone[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_completion_keeps_the_prefix(backend, weights, reference):
+    model = ImageGPT(TINY, weights, backend=backend)
+    prefix = torch.cat([torch.full((2, 1), TINY.sos_token_id), torch.randint(0, TINY.n_clusters, (2, 9))], 1)
+    out = model.generate(prefix, max_new_tokens=STEPS[backend] // 2 + 1, do_sample=True, seed=5, top_k=4)
+    assert torch.equal(out[:, :10], prefix)
+    expected = reference.generate(prefix, max_new_tokens=STEPS[backend] // 2 + 1, do_sample=True, top_k=4,
+                                  uniforms=philox(5))
+    assert torch.equal(out, expected)
+
+
+def test_model_card_call_forms(weights):
+    model = ImageGPT(TINY, weights, backend="torch")
+    context = torch.full((2, 1), TINY.vocab_size - 1)
+    a = model.generate(pixel_values=context, max_length=TINY.n_positions + 1, temperature=1.0, do_sample=True,
+                       top_k=40 % TINY.n_clusters, seed=3)
+    b = model.generate(input_ids=context, max_length=TINY.n_positions + 1, temperature=1.0, do_sample=True,
+                       top_k=40 % TINY.n_clusters, seed=3)
+    assert a.dtype == torch.int64 and a.shape == (2, TINY.n_positions + 1) and torch.equal(a, b)
+    assert (a[:, 0] == TINY.sos_token_id).all() and (a[:, 1:] < TINY.n_clusters).all()
+    assert model.eval() is model and model.config.vocab_size == TINY.vocab_size
+    # transformers' default top_k=50 is clamped to the vocabulary when unset
+    assert model.generate(context, max_new_tokens=3, do_sample=True, seed=1).shape == (2, 4)
+
+
+def test_global_rng_and_generator_pick_the_stream(weights):
+    model = ImageGPT(TINY, weights, backend="torch")
+    context = torch.full((1, 1), TINY.sos_token_id)
+    torch.manual_seed(0)
+    a = model.generate(context, do_sample=True)
+    torch.manual_seed(0)
+    assert torch.equal(a, model.generate(context, do_sample=True))
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    assert torch.equal(model.generate(context, do_sample=True, generator=g1),
+                       model.generate(context, do_sample=True, generator=g2))
+
+
+def test_generate_does_not_mutate_its_input(weights):
+    model = ImageGPT(TINY, weights, backend="torch")
+    context = torch.full((2, 3), 2)
+    before = context.clone()
+    model.generate(context, max_new_tokens=2)
+    assert torch.equal(context, before)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(input_ids=torch.tensor([[TINY.vocab_size]])), ValueError, f"token id {TINY.vocab_size}"),
+    (dict(input_ids=torch.tensor([[-3]])), ValueError, "token id -3"),
+    (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), ValueError, "empty"),
+    (dict(input_ids=torch.zeros(1, TINY.n_positions + 1, dtype=torch.long)), ValueError, "exceeds"),
+    (dict(input_ids=torch.zeros(1, 1, dtype=torch.long), max_length=TINY.n_positions + 2), ValueError,
+     "exceeds n_positions"),
+    (dict(input_ids=torch.zeros(1, 1, dtype=torch.long), do_sample=True, temperature=0.0), ValueError,
+     "temperature"),
+    (dict(input_ids=torch.zeros(1, 1, dtype=torch.long), do_sample=True, top_k=TINY.n_clusters + 1), ValueError,
+     "top_k"),
+    (dict(input_ids=torch.zeros(1, 1, dtype=torch.long), do_sample=True, top_p=1.5), ValueError, "top_p"),
+    (dict(input_ids=torch.zeros(2, 1, dtype=torch.long), do_sample=True, top_k=[1, 2, 3]), ValueError,
+     "one per row"),
+    (dict(input_ids=torch.zeros(1, 1, dtype=torch.long), num_beams=4), ValueError, "num_beams"),
+    (dict(), ValueError, "exactly one"),
+    (dict(input_ids=torch.zeros(1, 1, dtype=torch.long), seed=1, generator=torch.Generator()), ValueError,
+     "not both"),
+])
+def test_bad_input_is_refused_and_the_next_call_works(weights, kwargs, error, match):
+    model = ImageGPT(TINY, weights, backend="torch")
+    with pytest.raises(error, match=match):
+        model.generate(**kwargs)
+    out = model.generate(torch.full((1, 1), TINY.sos_token_id), max_new_tokens=2)
+    assert out.shape == (1, 3)
+
+
+def test_bad_construction(weights):
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        ImageGPT(TINY, weights, dtype=torch.int8)
+    with pytest.raises(ValueError, match="backend must be"):
+        ImageGPT(TINY, weights, backend="cuda")
+    with pytest.raises(ValueError, match="max_batch"):
+        ImageGPT(TINY, weights, max_batch=3)
+    with pytest.raises(ValueError, match="missing keys"):
+        ImageGPT(TINY.replace(n_layer=3), weights)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            ImageGPT(TINY, weights, device="cuda")
+
+
+def test_features_and_likelihood_match_reference(weights, reference):
+    model = ImageGPT(TINY, weights, backend="torch")
+    pixels = torch.randint(0, TINY.n_clusters, (3, TINY.n_positions))
+    with torch.no_grad():
+        ids = torch.cat([torch.full((3, 1), TINY.sos_token_id), pixels[:, :-1]], 1)
+        out = reference(ids, output_hidden_states=True)
+    for layer in range(TINY.n_layer + 1):
+        torch.testing.assert_close(model.features(ids, layer=layer), out.hidden_states[layer].mean(1),
+                                   **tol("model", torch.float32))
+    assert model.features(ids, pool=None).shape == (3, TINY.n_positions, TINY.n_embd)
+    expected_nll = torch.nn.functional.cross_entropy(out.logits.transpose(1, 2), pixels, reduction="none").mean(1)
+    result = model.log_likelihood(pixels)
+    torch.testing.assert_close(result.nll, expected_nll, **tol("model", torch.float32))
+    torch.testing.assert_close(result.bits_per_dim, expected_nll / torch.log(torch.tensor(2.0)))
+    with pytest.raises(ValueError, match="layer must be"):
+        model.features(ids, layer=TINY.n_layer + 1)
+    with pytest.raises(ValueError, match="SOS"):
+        model.log_likelihood(ids)
+
+
+# ---- GPU: imagegpt-small shapes, CUDA graphs ----
+
+SMALL = ImageGPTConfig.small()
+
+
+@pytest.fixture(scope="module")
+def small_weights():
+    return random_state_dict(SMALL, seed=21)
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_greedy_equals_reference_over_a_whole_image(small_weights):
+    reference = ReferenceImageGPT.from_state_dict(SMALL, small_weights).cuda()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = ImageGPT(SMALL, small_weights, device="cuda")
+    context = torch.full((2, 1), SMALL.sos_token_id, device="cuda")
+    out = model.generate(context, max_length=SMALL.n_positions + 1)
+    expected = reference.generate(context, max_length=SMALL.n_positions + 1)
+    agree = (out == expected).float().mean().item()
+    print(f"fp32 greedy agreement with the reference over 1024 steps: {agree:.4f}")
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_low_precision_next_token_distributions_are_close(small_weights, dtype):
+    reference = ReferenceImageGPT.from_state_dict(SMALL, small_weights).cuda()
+    model = ImageGPT(SMALL, small_weights, device="cuda", dtype=dtype)
+    ids = torch.randint(0, SMALL.n_clusters, (4, 256), device="cuda")
+    with torch.no_grad():
+        p = torch.log_softmax(reference(ids).logits.double(), -1)
+    q = torch.log_softmax(model(ids).logits.double(), -1)
+    kl = (p.exp() * (p - q)).sum(-1).mean().item()
+    print(f"{dtype}: mean KL(reference fp32 || engine) over 1024 next-token distributions = {kl:.2e}")
+    assert kl < (2e-3 if dtype == torch.float16 else 1e-2)
+    # the graphed decode path too: sampled images have valid tokens and the SOS kept
+    out = model.generate(torch.full((3, 1), SMALL.sos_token_id, device="cuda"), do_sample=True, top_k=40, seed=1)
+    assert out.shape == (3, SMALL.n_positions + 1) and (out[:, 1:] < SMALL.n_clusters).all()
+
+
+@pytest.mark.gpu
+def test_gpu_graphs_for_several_buckets_and_flat_memory(small_weights):
+    model = ImageGPT(SMALL, small_weights, device="cuda", dtype=torch.float16)
+    for batch in (1, 3, 8):  # buckets 1, 4, 8
+        out = model.generate(torch.full((batch, 1), SMALL.sos_token_id, device="cuda"), max_new_tokens=64,
+                             do_sample=True, seed=batch)
+        assert out.shape == (batch, 65)
+    assert set(model.decoder.states) == {1, 4, 8} and all(s.graphs for s in model.decoder.states.values())
+    context = torch.full((8, 1), SMALL.sos_token_id, device="cuda")
+    model.generate(context, max_new_tokens=64, do_sample=True, seed=0)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.max_memory_allocated()
+    for i in range(100):
+        model.generate(context, max_new_tokens=64, do_sample=True, seed=i)
+    torch.cuda.synchronize()
+    growth = torch.cuda.max_memory_allocated() - baseline
+    print(f"peak memory growth over 100 generate() calls: {growth} bytes")
+    assert growth < 16 * 2**20
+
+
+@pytest.mark.gpu
+def test_gpu_eager_switch_gives_the_same_tokens(small_weights):
+    context = torch.full((2, 1), SMALL.sos_token_id, device="cuda")
+    graphed = ImageGPT(SMALL, small_weights, device="cuda", dtype=torch.float16)
+    eager = ImageGPT(SMALL, small_weights, device="cuda", dtype=torch.float16, use_cuda_graphs=False)
+    kwargs = dict(max_new_tokens=128, do_sample=True, seed=42, top_k=40)
+    assert torch.equal(graphed.generate(context, **kwargs), eager.generate(context, **kwargs))
