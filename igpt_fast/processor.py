@@ -1,0 +1,228 @@
+"""ImageGPT's image processor: images <-> cluster ids, compatible with transformers' ImageGPTImageProcessor.
+
+Image -> ids: resize to size x size (PIL, bilinear by default, on uint8 like transformers' PIL backend), scale
+to [-1, 1] as x / 127.5 - 1, then each pixel's id is the nearest of the color clusters (squared Euclidean
+distance, first index on ties), raster order, HWC: ids [N, size * size]. No SOS is prepended.
+Ids -> image: rint(127.5 * (clusters[id] + 1)) as uint8 [N, size, size, 3].
+
+Quantizing runs the Triton kernels (igpt_fast.kernels.clusters) on CUDA or under the interpreter, and a
+PyTorch stand-in computing the same math elsewhere (igpt_fast.backend.use_triton).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from igpt_fast.backend import use_triton
+from igpt_fast.checkpoint import PREPROCESSOR_NAME, preprocessor_config, resolve_folder
+
+PIL_BILINEAR = 2  # PIL.Image.Resampling.BILINEAR, the value transformers writes as "resample"
+# Elements of the [pixels, clusters] distance matrix the PyTorch stand-in holds at once (32 MB of float32).
+_STANDIN_DISTANCES = 1 << 23
+
+
+class ImageSize(int):
+    """The side length as an int (`np.reshape(x, [size, size, 3])` works) that also reads like the
+    `{"height": h, "width": w}` dict transformers 5 stores (`size["height"]`)."""
+
+    def __getitem__(self, key: str) -> int:
+        if key in ("height", "width"):
+            return int(self)
+        raise KeyError(f"image size has keys 'height' and 'width', not {key!r}")
+
+    def keys(self):
+        return ("height", "width")
+
+    def to_dict(self) -> dict:
+        return {"height": int(self), "width": int(self)}
+
+    def __repr__(self) -> str:
+        return f"ImageSize({int(self)})"
+
+
+class ProcessorOutput(dict):
+    """{"input_ids": ...} that also reads as `.input_ids`, like transformers' BatchFeature."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class ImageProcessor:
+    """Turns images into ImageGPT token ids and ids back into images (see the module docstring)."""
+
+    model_input_names = ["input_ids"]
+
+    def __init__(self, clusters, size: int | dict = 32, resample: int = PIL_BILINEAR):
+        clusters = np.asarray(clusters.detach().cpu() if isinstance(clusters, torch.Tensor) else clusters,
+                              dtype=np.float32)
+        if clusters.ndim != 2 or clusters.shape[1] != 3 or clusters.shape[0] < 1:
+            raise ValueError(f"clusters must be [n_clusters, 3] (RGB in [-1, 1]), got shape {clusters.shape}")
+        if not np.isfinite(clusters).all():
+            raise ValueError("clusters hold NaN or infinite values")
+        self.clusters = clusters
+        self.size = ImageSize(_side_length(size))
+        self.resample = _resample_code(resample)
+
+    @property
+    def n_clusters(self) -> int:
+        return self.clusters.shape[0]
+
+    # ---- preprocessor_config.json ----
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | os.PathLike) -> "ImageProcessor":
+        """From a folder (or cached hub id) holding preprocessor_config.json with "clusters"."""
+        folder = resolve_folder(path_or_hub_id)
+        path = folder / PREPROCESSOR_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no {PREPROCESSOR_NAME} in {folder}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(data, dict) or data.get("clusters") is None:
+            raise ValueError(f"{path} has no \"clusters\": an ImageGPT processor needs the color cluster table")
+        return cls(data["clusters"], size=data.get("size", 32), resample=data.get("resample", PIL_BILINEAR))
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = preprocessor_config(self.clusters, int(self.size))
+        config["resample"] = self.resample
+        with open(folder / PREPROCESSOR_NAME, "w", encoding="utf-8") as f:
+            json.dump(config, f)
+        return folder
+
+    # ---- images -> ids ----
+    def __call__(self, images, return_tensors: str | None = "pt",
+                 device: torch.device | str | None = None) -> ProcessorOutput:
+        """One image or a list (PIL images, or uint8 [H, W, 3] numpy arrays / tensors) ->
+        {"input_ids": int64 [N, size * size]}. `device` is where ids are computed and returned (CPU by default);
+        return_tensors "pt" gives a torch tensor, "np" a numpy array."""
+        if return_tensors not in ("pt", "np", None):
+            raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
+        pixels = torch.from_numpy(resize_images(images, int(self.size), self.resample))
+        if device is not None:
+            pixels = pixels.to(device)
+        ids = quantize_pixels(pixels, torch.from_numpy(self.clusters).to(pixels.device))
+        return ProcessorOutput(input_ids=ids.cpu().numpy() if return_tensors == "np" else ids)
+
+    preprocess = __call__
+
+    # ---- ids -> images ----
+    def decode(self, ids) -> np.ndarray:
+        """Cluster ids [N, size * size] (or one image's [size * size]) -> uint8 numpy [N, size, size, 3]."""
+        if isinstance(ids, np.ndarray):
+            ids = torch.from_numpy(ids)
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"ids must be a torch.Tensor or numpy array, got {type(ids).__name__}")
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise ValueError(f"ids must hold integer cluster ids, got dtype {ids.dtype}")
+        if ids.dim() == 1:
+            ids = ids[None]
+        side = int(self.size)
+        if ids.dim() != 2 or ids.shape[1] != side * side:
+            raise ValueError(f"ids must be [N, {side * side}] (size {side} x {side}), got shape {tuple(ids.shape)}")
+        pixels = dequantize_ids(ids.long(), torch.from_numpy(self.clusters).to(ids.device))
+        return pixels.cpu().numpy().reshape(ids.shape[0], side, side, 3)
+
+    def __repr__(self) -> str:
+        return f"ImageProcessor(n_clusters={self.n_clusters}, size={int(self.size)}, resample={self.resample})"
+
+
+def quantize_pixels(pixels: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> int64 [N, H * W]: the Triton kernel where it runs, else the PyTorch stand-in."""
+    if use_triton(pixels.device):
+        from igpt_fast.kernels.clusters import quantize
+
+        return quantize(pixels, clusters)
+    x = pixels.reshape(-1, 3).float() / 127.5 - 1.0  # [P, 3] in [-1, 1]
+    clusters = clusters.float()
+    ids = torch.empty(x.shape[0], dtype=torch.int64, device=pixels.device)
+    chunk = max(1, _STANDIN_DISTANCES // clusters.shape[0])
+    for start in range(0, x.shape[0], chunk):
+        xs = x[start:start + chunk]
+        # (r - cr)^2 + (g - cg)^2 + (b - cb)^2, summed in that order: [chunk, n_clusters]
+        distances = (xs[:, 0:1] - clusters[:, 0]).square()
+        distances += (xs[:, 1:2] - clusters[:, 1]).square()
+        distances += (xs[:, 2:3] - clusters[:, 2]).square()
+        ids[start:start + chunk] = distances.argmin(-1)  # first index on ties
+    return ids.view(pixels.shape[0], -1)
+
+
+def dequantize_ids(ids: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
+    """int64 [N, L] -> uint8 [N, L, 3]: rint(127.5 * (clusters[id] + 1)). Out-of-range ids raise ValueError."""
+    if use_triton(ids.device):
+        from igpt_fast.kernels.clusters import dequantize
+
+        return dequantize(ids, clusters)
+    if ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= clusters.shape[0]:
+            raise ValueError(f"ids hold cluster id {lo if lo < 0 else hi}; ids must lie in [0, {clusters.shape[0]})")
+    return torch.round(127.5 * (clusters[ids] + 1.0)).clamp(0, 255).to(torch.uint8)
+
+
+def resize_images(images, size: int, resample: int = PIL_BILINEAR) -> np.ndarray:
+    """One image or a list -> uint8 [N, size, size, 3], each resized with PIL as transformers' PIL backend does."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImportError("the image processor resizes with Pillow: pip install pillow") from None
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ValueError("images is an empty list; pass at least one image")
+        images = list(images)
+    else:
+        images = [images]
+    resized = []
+    for i, image in enumerate(images):
+        if isinstance(image, Image.Image):
+            image = image.convert("RGB") if image.mode != "RGB" else image
+        else:
+            image = Image.fromarray(_hwc_uint8(image, i))
+        if image.size != (size, size):
+            image = image.resize((size, size), resample=resample)
+        resized.append(np.asarray(image, dtype=np.uint8))
+    return np.stack(resized)
+
+
+def _hwc_uint8(image, index: int) -> np.ndarray:
+    """A numpy array or tensor that must already be uint8 [H, W, 3]."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"image {index} is a {type(image).__name__}; expected a PIL image, or a uint8 [H, W, 3] "
+                        f"numpy array or torch tensor")
+    if image.dtype != np.uint8:
+        raise ValueError(f"image {index} has dtype {image.dtype}; expected uint8 pixels in [0, 255] "
+                         f"(convert floats in [0, 1] with (x * 255).round() to uint8)")
+    if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"image {index} has shape {image.shape}; expected [H, W, 3] (channels last, RGB)")
+    return np.ascontiguousarray(image)
+
+
+def _side_length(size) -> int:
+    if isinstance(size, dict):
+        if set(size) != {"height", "width"}:
+            raise ValueError(f"size must be an int or {{'height': h, 'width': w}}, got {size!r}")
+        if size["height"] != size["width"]:
+            raise ValueError(f"ImageGPT images are square; got size height={size['height']}, width={size['width']}")
+        size = size["height"]
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"size must be a positive int side length, got {size!r}")
+    return int(size)
+
+
+def _resample_code(resample) -> int:
+    # PIL's filters: NEAREST 0, LANCZOS 1, BILINEAR 2, BICUBIC 3, BOX 4, HAMMING 5 (Resampling enum or int).
+    if isinstance(resample, bool) or not isinstance(resample, (int, np.integer)) or not 0 <= int(resample) <= 5:
+        raise ValueError(f"resample must be a PIL resampling filter (0-5, e.g. 2 for bilinear), got {resample!r}")
+    return int(resample)
