@@ -1,8 +1,8 @@
 """Token + position embedding: out[m, :] = wte[ids[m]] + wpe[pos[0] + m % seq_len].
 
-ids [M] (int64 or int32), wte [V, d], wpe [P, d] (contiguous, one float dtype), pos int32 [1] on the device
-(read in-kernel, so the decode step can be graph-captured: decode has seq_len=1 and pos=t, prefill
-seq_len=S and pos=0), out [M, d] in the weights' dtype. The sum is formed in float32 and rounded once,
+ids [M] (int64 or int32, any stride), wte [V, d], wpe [P, d] (contiguous, one float dtype), pos int32 [1]
+on the device (read in-kernel, so the decode step can be graph-captured: decode has seq_len=1 and pos=t,
+prefill seq_len=S and pos=0), out [M, d] in the weights' dtype. The sum is formed in float32 and rounded once,
 which equals the correctly rounded sum in the weights' dtype that PyTorch computes.
 """
 
@@ -15,19 +15,20 @@ from .linear import _check_pos, _check_seq_len, _check_shape, _check_tensor, _fa
 
 @triton.jit
 def _embed_kernel(
-    ids_ptr,  # [M] token ids
+    ids_ptr,  # [M] token ids, any stride
     wte_ptr,  # [V, d] token embedding, contiguous
     wpe_ptr,  # [P, d] position embedding, contiguous
     pos_ptr,  # int32 [1], position of each sequence's first row
     out_ptr,  # [M, d] output, last dim contiguous
     seq_len,
     d,
+    stride_ids,
     stride_om,
     BLOCK_D: tl.constexpr,
 ):
     """One program per row."""
     row = tl.program_id(0).to(tl.int64)
-    token = tl.load(ids_ptr + row).to(tl.int64)
+    token = tl.load(ids_ptr + row * stride_ids).to(tl.int64)
     position = tl.load(pos_ptr).to(tl.int64) + row % seq_len
     offs = tl.arange(0, BLOCK_D)
     mask = offs < d
@@ -42,7 +43,11 @@ def embed(ids, wte, wpe, pos, *, seq_len: int, out) -> torch.Tensor:
     ids and positions are not range-checked (they are device values): the caller keeps ids < V and
     pos[0] + seq_len <= P.
     """
-    _check_tensor("ids", ids, ndim=1, dtypes=(torch.int64, torch.int32), contiguous=True)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32):
+        got = type(ids).__name__
+        if isinstance(ids, torch.Tensor):
+            got = f"{ids.dtype} of shape {tuple(ids.shape)}"
+        _fail(f"ids must be a 1-D torch.int64 or torch.int32 tensor, got {got}")
     device = ids.device
     _check_tensor("wte", wte, ndim=2, device=device, contiguous=True)
     _check_tensor("wpe", wpe, ndim=2, dtype=wte.dtype, device=device, contiguous=True)
@@ -57,6 +62,6 @@ def embed(ids, wte, wpe, pos, *, seq_len: int, out) -> torch.Tensor:
     _check_tensor("out", out, ndim=2, dtype=wte.dtype, device=device)
     _check_shape("out", out, (M, d))
     if M > 0:
-        _embed_kernel[(M,)](ids, wte, wpe, pos, out, seq_len, d, out.stride(0),
+        _embed_kernel[(M,)](ids, wte, wpe, pos, out, seq_len, d, ids.stride(0), out.stride(0),
                             BLOCK_D=triton.next_power_of_2(d), num_warps=4 if d <= 1024 else 8)
     return out

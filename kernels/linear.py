@@ -1,6 +1,6 @@
 """Fused RMS-norm + linear kernels: every matmul of an iGPT layer, each weight read once per launch.
 
-    y[M, N] = rmsnorm(x[M, K]) @ W[K, N] + b[N]        rmsnorm(x) = x / sqrt(mean(x^2, -1) + eps) * norm_weight
+    y[M, N] = rmsnorm(x[M, K]) @ W[K, N] + b[N]      rmsnorm(x) = x / sqrt(mean(x^2, -1) + eps) * norm_weight
 
 W is GPT-2 Conv1D layout ([in=K, out=N], row-major contiguous). Accumulation is float32; float32 inputs are
 computed exactly in IEEE fp32 (no TF32). The norm is optional; its row statistic is computed in a prologue
@@ -101,10 +101,10 @@ def _epilogue(
         t = pos + rows % seq_len
         q_ptrs = out_ptr + rows[:, None] * stride_om + col[None, :]
         tl.store(q_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask & (part == 0)[None, :])
-        k_offs = batch[:, None] * stride_kb + head[None, :] * stride_kh + t[:, None] * stride_kt + dim[None, :]
-        tl.store(k_ptr + k_offs, acc.to(k_ptr.dtype.element_ty), mask=mask & (part == 1)[None, :])
-        v_offs = batch[:, None] * stride_vb + head[None, :] * stride_vh + t[:, None] * stride_vt + dim[None, :]
-        tl.store(v_ptr + v_offs, acc.to(v_ptr.dtype.element_ty), mask=mask & (part == 2)[None, :])
+        k_ptrs = k_ptr + batch[:, None] * stride_kb + head[None, :] * stride_kh + t[:, None] * stride_kt
+        tl.store(k_ptrs + dim[None, :], acc.to(k_ptr.dtype.element_ty), mask=mask & (part == 1)[None, :])
+        v_ptrs = v_ptr + batch[:, None] * stride_vb + head[None, :] * stride_vh + t[:, None] * stride_vt
+        tl.store(v_ptrs + dim[None, :], acc.to(v_ptr.dtype.element_ty), mask=mask & (part == 2)[None, :])
 
 
 @triton.jit
@@ -152,9 +152,11 @@ def _gemv_kernel(
             w_ptr + offs_k[:, None] * N + offs_n[None, :],
             mask=k_mask[:, None] & (offs_n < N)[None, :], other=0.0,
         ).to(tl.float32)
-        acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)  # [BLOCK_M, BLOCK_K, BLOCK_N] -> [BLOCK_M, BLOCK_N]
+        # [BLOCK_M, BLOCK_K, BLOCK_N] products, summed over K
+        acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
     _epilogue(acc, rows, offs_n, M, N, b_ptr, out_ptr, stride_om, k_ptr, v_ptr, pos_ptr, seq_len, head_dim,
-              stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, HAS_BIAS, ACTIVATION, EPILOGUE)
+              stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+              HAS_BIAS, ACTIVATION, EPILOGUE)
 
 
 @triton.jit
@@ -182,7 +184,7 @@ def _dot_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """1-D grid over [BLOCK_M, BLOCK_N] tiles in grouped order; tl.dot in the inputs' dtype, fp32 accumulator."""
+    """1-D grid over [BLOCK_M, BLOCK_N] tiles in grouped order; tl.dot in the inputs' dtype into float32."""
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -216,7 +218,8 @@ def _dot_kernel(
         # "ieee": float32 stays exact fp32 (no TF32); ignored for 16-bit inputs, which use tensor cores.
         acc = tl.dot(x, w, acc, input_precision="ieee")
     _epilogue(acc, rows, offs_n, M, N, b_ptr, out_ptr, stride_om, k_ptr, v_ptr, pos_ptr, seq_len, head_dim,
-              stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, HAS_BIAS, ACTIVATION, EPILOGUE)
+              stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+              HAS_BIAS, ACTIVATION, EPILOGUE)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -266,7 +269,8 @@ def _fail(msg: str):
     raise ValueError(msg)
 
 
-def _check_tensor(name: str, t, *, ndim: int, dtype=None, dtypes=_FLOAT_DTYPES, device=None, contiguous=False):
+def _check_tensor(name: str, t, *, ndim: int, dtype=None, dtypes=_FLOAT_DTYPES, device=None,
+                  contiguous=False):
     if not isinstance(t, torch.Tensor):
         _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != ndim:
@@ -348,7 +352,8 @@ def _launch(path, x, norm_weight, weight, bias, out, *, eps=0.0, activation=None
     k_strides = k_cache.stride()[:3] if k_cache is not None else (0, 0, 0)
     v_strides = v_cache.stride()[:3] if v_cache is not None else (0, 0, 0)
     kernel[grid](
-        x, norm_weight if norm_weight is not None else weight, weight, bias if bias is not None else weight, out,
+        x, norm_weight if norm_weight is not None else weight, weight,
+        bias if bias is not None else weight, out,
         k_cache if k_cache is not None else out, v_cache if v_cache is not None else out,
         pos if pos is not None else out,
         M, N, K, x.stride(0), out.stride(0), float(eps), seq_len, head_dim, *k_strides, *v_strides,
@@ -422,11 +427,13 @@ def norm_qkv(x, norm_weight, weight, bias, *, eps: float, q_out, k_cache, v_cach
     _check_shape("v_cache", v_cache, tuple(k_cache.shape))
     B, H, T, head_dim = k_cache.shape
     if H * head_dim != d:
-        _fail(f"k_cache must be [B, H, T, head_dim] with H * head_dim == d={d}, got shape {tuple(k_cache.shape)}")
+        _fail(f"k_cache must be [B, H, T, head_dim] with H * head_dim == d={d}, "
+              f"got shape {tuple(k_cache.shape)}")
     _check_pos(pos, x.device)
     _check_seq_len(seq_len, M)
     if M // seq_len > B:
-        _fail(f"M={M} rows of seq_len={seq_len} are {M // seq_len} sequences, more than the cache batch B={B}")
+        _fail(f"M={M} rows of seq_len={seq_len} are {M // seq_len} sequences, "
+              f"more than the cache batch B={B}")
     if seq_len > T:
         _fail(f"seq_len={seq_len} is longer than the cache length T={T}")
     _launch(_choose_path(M, path), x, norm_weight, weight, bias, q_out, eps=eps, epilogue="qkv",

@@ -159,7 +159,8 @@ def run_norm_qkv_case(device, dtype, *, path, batch, seq_len, pos, n_head, head_
     x, norm_weight, weight, bias = make_linear(M, d, 3 * d, dtype, device)
     k_cache = torch.randn(cache_batch, n_head, cache_len, head_dim, device=device).to(dtype)
     if permuted_v:  # a [B, T, H, hd] buffer viewed as [B, H, T, hd]: non-standard head/position strides
-        v_cache = torch.randn(cache_batch, cache_len, n_head, head_dim, device=device).to(dtype).transpose(1, 2)
+        v_buffer = torch.randn(cache_batch, cache_len, n_head, head_dim, device=device).to(dtype)
+        v_cache = v_buffer.transpose(1, 2)
     else:
         v_cache = torch.randn(cache_batch, n_head, cache_len, head_dim, device=device).to(dtype)
     written = torch.zeros(cache_batch, n_head, cache_len, head_dim, dtype=torch.bool, device=device)
@@ -215,9 +216,10 @@ def test_embed(device, ids_dtype, batch, seq_len, pos):
     wte = torch.randn(vocab, d, device=device)
     wpe = torch.randn(n_pos, d, device=device)
     M = batch * seq_len
-    ids = torch.randint(0, vocab, (M,), device=device).to(ids_dtype)
+    ids = torch.randint(0, vocab, (M, 2), device=device).to(ids_dtype)[:, 1]  # strided, like a column view
     out = nan_like((M, d), torch.float32, device)
-    result = embed(ids, wte, wpe, torch.tensor([pos], dtype=torch.int32, device=device), seq_len=seq_len, out=out)
+    pos_tensor = torch.tensor([pos], dtype=torch.int32, device=device)
+    result = embed(ids, wte, wpe, pos_tensor, seq_len=seq_len, out=out)
     assert result is out
     positions = pos + torch.arange(M, device=device) % seq_len
     expected = wte.double()[ids.long()] + wpe.double()[positions]
@@ -258,7 +260,8 @@ def test_norm_linear_rejects_bad_inputs(device):
     def call(**changes):
         args = dict(x=x, norm_weight=norm_weight, weight=weight, bias=bias, eps=EPS)
         args.update(changes)
-        return norm_linear(args.pop("x"), args.pop("norm_weight"), args.pop("weight"), args.pop("bias"), **args)
+        tensors = [args.pop(name) for name in ("x", "norm_weight", "weight", "bias")]
+        return norm_linear(*tensors, **args)
 
     with pytest.raises(ValueError, match=r"weight must be \[K=96, N\].*\(160, 96\)"):
         call(weight=weight.t().contiguous())
@@ -307,7 +310,8 @@ def test_norm_qkv_rejects_bad_inputs(device):
                 pos=torch.zeros(1, dtype=torch.int32, device=device), seq_len=1)
 
     def call(**changes):
-        norm_qkv(x, norm_weight, changes.pop("weight", weight), changes.pop("bias", bias), **{**good, **changes})
+        w, b = changes.pop("weight", weight), changes.pop("bias", bias)
+        norm_qkv(x, norm_weight, w, b, **{**good, **changes})
 
     with pytest.raises(ValueError, match=r"weight must be \[d=96, 3d=288\].*\(96, 160\)"):
         call(weight=torch.randn(d, 160, device=device), bias=None)
@@ -332,7 +336,7 @@ def test_embed_rejects_bad_inputs(device):
     ids = torch.zeros(4, dtype=torch.int64, device=device)
     pos = torch.zeros(1, dtype=torch.int32, device=device)
     out = torch.empty(4, 96, device=device)
-    with pytest.raises(ValueError, match="ids must have dtype in .*, got torch.float32"):
+    with pytest.raises(ValueError, match="ids must be a 1-D torch.int64 or torch.int32 tensor, got torch.f"):
         embed(ids.float(), wte, wpe, pos, seq_len=1, out=out)
     with pytest.raises(ValueError, match=r"wpe must be \[P, d=96\].*\(16, 95\)"):
         embed(ids, wte, wpe[:, :95].contiguous(), pos, seq_len=1, out=out)
@@ -379,8 +383,8 @@ def test_full_size_layer_matmuls(device, dtype, M, d):
 def test_full_size_norm_qkv(device, dtype, path, n_head, head_dim):
     run_norm_qkv_case(device, dtype, path=path, batch=8, seq_len=1, pos=700, n_head=n_head, head_dim=head_dim,
                       cache_batch=9, cache_len=1024, permuted_v=False)
-    run_norm_qkv_case(device, dtype, path=path, batch=2, seq_len=1024, pos=0, n_head=n_head, head_dim=head_dim,
-                      cache_batch=2, cache_len=1024, permuted_v=True)
+    run_norm_qkv_case(device, dtype, path=path, batch=2, seq_len=1024, pos=0, n_head=n_head,
+                      head_dim=head_dim, cache_batch=2, cache_len=1024, permuted_v=True)
 
 
 @pytest.mark.gpu
@@ -419,7 +423,8 @@ def test_decode_step_captures_in_a_cuda_graph(device):
     torch.cuda.synchronize()
     h0 = wte.double()[ids] + wpe.double()[9]
     k_expected = ref_norm_linear(h0, norm_weight, w_qkv, b_qkv, EPS)[:, d:2 * d]
-    torch.testing.assert_close(k_cache[:, :, 9].double().reshape(batch, d), k_expected, **tol("kernel", dtype))
+    k_written = k_cache[:, :, 9].double().reshape(batch, d)
+    torch.testing.assert_close(k_written, k_expected, **tol("kernel", dtype))
     assert k_cache[:, :, 3].abs().sum() > 0 and k_cache[:, :, 4:9].abs().sum() == 0
     expected_h = h0 + ref_norm_linear(
         ref_norm_linear(h0, norm_weight, w_fc, b_fc, EPS, "quick_gelu"), None, w_proj, b_proj, EPS)
