@@ -131,8 +131,8 @@ def _decode_partial_kernel(
     d_mask = offs_d < HEAD_DIM
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0).to(tl.float32)
 
-    m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), axis=0)  # scalar running max
-    l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), axis=0)  # scalar running sum
+    m_i = tl.full([], float("-inf"), tl.float32)  # running max of scaled scores (base 2)
+    l_i = tl.full([], 0.0, tl.float32)  # running sum of 2^(score - m_i)
     acc = tl.zeros([BLOCK_D], tl.float32)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
