@@ -1,8 +1,8 @@
 """Causal attention for ImageGPT: flash-attention prefill and split-K (flash-decoding) decode.
 
 Math (per batch b, head h; scale is the caller's, e.g. 1/sqrt(D), times 1/(layer_idx+1) if configured):
-    prefill: out[i] = sum_{j <= i} softmax_j(scale * q[i] . k[j]) v[j]        q, k, v: [B, H, S, D]
-    decode:  out    = sum_{j <= t} softmax_j(scale * q . k[j]) v[j]           q: [B, H, D], cache: [B, H, T, D]
+    prefill: out[i] = sum_{j <= i} softmax_j(scale * q[i] . k[j]) v[j]    q, k, v: [B, H, S, D]
+    decode:  out    = sum_{j <= t} softmax_j(scale * q . k[j]) v[j]       q: [B, H, D], cache: [B, H, T, D]
 Softmax is computed online in float32 and in base 2 (exp2 of scores pre-multiplied by log2(e)).
 float32 inputs use IEEE fp32 dot products (input_precision="ieee", never TF32).
 
@@ -36,13 +36,25 @@ def _prefill_attention_kernel(
     k_ptr,  # [B, H, S_kv >= S, D] keys, only positions 0..S-1 are read
     v_ptr,  # [B, H, S_kv >= S, D] values, only positions 0..S-1 are read
     out_ptr,  # [B, H, S, D] output, last dim contiguous
-    stride_qb, stride_qh, stride_qs,
-    stride_kb, stride_kh, stride_ks,
-    stride_vb, stride_vh, stride_vs,
-    stride_ob, stride_oh, stride_os,
-    n_head, seq_len,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    n_head,
+    seq_len,
     qk_scale_log2,  # caller's scale * log2(e)
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     # Heaviest query blocks (most keys under the causal mask) are scheduled first.
@@ -58,7 +70,11 @@ def _prefill_attention_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM  # head_dim 96 runs in a 128-wide block
     m_mask = offs_m < seq_len
-    q = tl.load(q_ptr + offs_m[:, None] * stride_qs + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + offs_m[:, None] * stride_qs + offs_d[None, :],
+        mask=m_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of scaled scores (base 2)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of 2^(score - m_i)
@@ -108,13 +124,23 @@ def _decode_partial_kernel(
     out_ptr,  # [B, H, D] output, written here only when NUM_SPLITS == 1
     part_out_ptr,  # float32 [B*H, NUM_SPLITS, HEAD_DIM]: each split's normalised output
     part_lse_ptr,  # float32 [B*H, NUM_SPLITS]: each split's log2(sum 2^score)
-    stride_qb, stride_qh,
-    stride_kb, stride_kh, stride_ks,
-    stride_vb, stride_vh, stride_vs,
-    stride_ob, stride_oh,
-    n_head, max_len,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_ob,
+    stride_oh,
+    n_head,
+    max_len,
     qk_scale_log2,  # caller's scale * log2(e)
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -167,10 +193,15 @@ def _decode_merge_kernel(
     part_lse_ptr,  # float32 [B*H, NUM_SPLITS] from _decode_partial_kernel
     pos_ptr,  # int32 [1]: t, decides how many splits hold keys
     out_ptr,  # [B, H, D] output, last dim contiguous
-    stride_ob, stride_oh,
-    n_head, max_len,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+    stride_ob,
+    stride_oh,
+    n_head,
+    max_len,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     b = (pid_bh // n_head).to(tl.int64)
@@ -185,20 +216,28 @@ def _decode_merge_kernel(
     rows = pid_bh * NUM_SPLITS + offs_s
     lse = tl.load(part_lse_ptr + rows, mask=s_mask, other=float("-inf"))
     weight = tl.exp2(lse - tl.max(lse, axis=0))  # 0 for the masked splits
-    part = tl.load(part_out_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    part = tl.load(
+        part_out_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=s_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
     out = tl.sum(weight[:, None] * part, axis=0) / tl.sum(weight, axis=0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 def _check_tensor(name: str, x, shape_doc: str, ndim: int) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor {shape_doc}, got {type(x).__name__}")
+    if not isinstance(x, torch.Tensor):  # every launcher error is a ValueError, as the API promises
+        raise ValueError(  # noqa: TRY004
+            f"{name} must be a torch.Tensor {shape_doc}, got {type(x).__name__}"
+        )
     if x.dim() != ndim:
         raise ValueError(f"{name} must be a {ndim}-D tensor {shape_doc}, got shape {tuple(x.shape)}")
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"{name}.dtype must be float32, float16 or bfloat16, got {x.dtype}")
     if x.stride(-1) != 1 and x.shape[-1] > 1:
-        raise ValueError(f"{name} must have a contiguous last dim (stride 1), got strides {tuple(x.stride())}")
+        raise ValueError(
+            f"{name} must have a contiguous last dim (stride 1), got strides {tuple(x.stride())}"
+        )
 
 
 def _check_like(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
@@ -272,14 +311,31 @@ def prefill_attention(q, k, v, *, scale: float, out=None) -> torch.Tensor:
     block_m, block_n, num_warps, num_stages = _prefill_launch_config(block_d, q.dtype)
     grid = (batch * n_head, triton.cdiv(seq_len, block_m))
     _prefill_attention_kernel[grid](
-        q, k, v, out,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        n_head, seq_len, scale * math.log2(math.e),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=num_warps, num_stages=num_stages,
+        q,
+        k,
+        v,
+        out,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        n_head,
+        seq_len,
+        scale * math.log2(math.e),
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out
 
@@ -332,8 +388,8 @@ def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace) 
     for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
         if x.shape[0] != batch or x.shape[1] != n_head or x.shape[3] != head_dim or x.shape[2] != max_len:
             raise ValueError(
-                f"{name} must have shape [{batch}, {n_head}, {max_len}, {head_dim}] to match q {tuple(q.shape)} "
-                f"and k_cache {tuple(k_cache.shape)}, got {tuple(x.shape)}"
+                f"{name} must have shape [{batch}, {n_head}, {max_len}, {head_dim}] to match "
+                f"q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)}, got {tuple(x.shape)}"
             )
     if out.shape != q.shape:
         raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
@@ -343,7 +399,11 @@ def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace) 
     if pos.device != q.device:
         raise ValueError(f"pos must be on q's device ({q.device}), got {pos.device}")
     if not isinstance(workspace, torch.Tensor) or workspace.dtype != torch.float32 or workspace.dim() != 1:
-        got = f"{workspace.dtype} shape {tuple(workspace.shape)}" if isinstance(workspace, torch.Tensor) else type(workspace).__name__
+        got = (
+            f"{workspace.dtype} shape {tuple(workspace.shape)}"
+            if isinstance(workspace, torch.Tensor)
+            else type(workspace).__name__
+        )
         raise ValueError(f"workspace must be a 1-D float32 tensor from decode_workspace, got {got}")
     if workspace.device != q.device:
         raise ValueError(f"workspace must be on q's device ({q.device}), got {workspace.device}")
@@ -365,22 +425,47 @@ def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace) 
     num_warps = _decode_num_warps(block_d, q.dtype)
     qk_scale_log2 = scale * math.log2(math.e)
     _decode_partial_kernel[(batch * n_head, num_splits)](
-        q, k_cache, v_cache, pos, out, part_out, part_lse,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1),
-        n_head, max_len, qk_scale_log2,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=_DECODE_BLOCK_N, NUM_SPLITS=num_splits,
+        q,
+        k_cache,
+        v_cache,
+        pos,
+        out,
+        part_out,
+        part_lse,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        out.stride(0),
+        out.stride(1),
+        n_head,
+        max_len,
+        qk_scale_log2,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_N=_DECODE_BLOCK_N,
+        NUM_SPLITS=num_splits,
         num_warps=num_warps,
     )
     if num_splits > 1:
         _decode_merge_kernel[(batch * n_head,)](
-            part_out, part_lse, pos, out,
-            out.stride(0), out.stride(1),
-            n_head, max_len,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=_DECODE_BLOCK_N,
-            NUM_SPLITS=num_splits, BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+            part_out,
+            part_lse,
+            pos,
+            out,
+            out.stride(0),
+            out.stride(1),
+            n_head,
+            max_len,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            BLOCK_N=_DECODE_BLOCK_N,
+            NUM_SPLITS=num_splits,
+            BLOCK_SPLITS=triton.next_power_of_2(num_splits),
             num_warps=num_warps,
         )
     return out

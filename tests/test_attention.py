@@ -9,14 +9,13 @@ import math
 
 import pytest
 import torch
-from tolerances import tol
-
 from igpt_fast.kernels.attention import (
     decode_attention,
     decode_num_splits,
     decode_workspace,
     prefill_attention,
 )
+from tolerances import tol
 
 NAN = float("nan")
 
@@ -26,7 +25,9 @@ def reference_attention(q, k, v, scale):
     position N - M + i, so M == N is prefill and M == 1 is a decode step over keys 0..N-1."""
     n_queries, n_keys = q.shape[-2], k.shape[-2]
     scores = (q.double() @ k.double().transpose(-1, -2)) * scale
-    visible = torch.ones(n_queries, n_keys, dtype=torch.bool, device=q.device).tril(diagonal=n_keys - n_queries)
+    visible = torch.ones(n_queries, n_keys, dtype=torch.bool, device=q.device).tril(
+        diagonal=n_keys - n_queries
+    )
     scores = scores.masked_fill(~visible, float("-inf"))
     return torch.softmax(scores, dim=-1) @ v.double()
 
@@ -71,7 +72,9 @@ def test_prefill_scale_is_honoured(device):
     q, k, v = random_qkv((1, 2, 17, 64), torch.float32, device)
     plain = prefill_attention(q, k, v, scale=0.125)
     damped = prefill_attention(q, k, v, scale=0.125 / 12)
-    torch.testing.assert_close(damped.double(), reference_attention(q, k, v, 0.125 / 12), **tol("kernel", torch.float32))
+    torch.testing.assert_close(
+        damped.double(), reference_attention(q, k, v, 0.125 / 12), **tol("kernel", torch.float32)
+    )
     assert (plain - damped).abs().max() > 1e-2
 
 
@@ -98,7 +101,9 @@ def test_prefill_allocates_out_and_leaves_inputs_alone(device):
     before = [x.clone() for x in (q, k, v)]
     out = prefill_attention(q, k, v, scale=0.125)
     assert out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
-    torch.testing.assert_close(out.double(), reference_attention(q, k, v, 0.125), **tol("kernel", torch.float16))
+    torch.testing.assert_close(
+        out.double(), reference_attention(q, k, v, 0.125), **tol("kernel", torch.float16)
+    )
     for x, original in zip((q, k, v), before):
         assert torch.equal(x, original)
 
@@ -120,8 +125,12 @@ def run_decode_steps(device, batch, n_head, head_dim, max_len, dtype, steps, wor
         workspace.fill_(NAN)  # stale partials from an earlier, longer step must never be read
         pos.fill_(t)
         decode_attention(q, k_cache, v_cache, pos, scale=scale, out=out, workspace=workspace)
-        expected = reference_attention(q[:, :, None], k_full[:, :, : t + 1], v_full[:, :, : t + 1], scale)[:, :, 0]
-        torch.testing.assert_close(out.double(), expected, **tol("kernel", dtype), msg=lambda m: f"t={t}: {m}")
+        expected = reference_attention(q[:, :, None], k_full[:, :, : t + 1], v_full[:, :, : t + 1], scale)[
+            :, :, 0
+        ]
+        torch.testing.assert_close(
+            out.double(), expected, **tol("kernel", dtype), msg=lambda m, t=t: f"t={t}: {m}"
+        )
 
 
 # (batch, n_head, head_dim, max_len, dtype): max_len 256 splits 1 or 2 heads four ways (decode_num_splits),
@@ -189,35 +198,72 @@ def test_decode_engine_layout(device):
         q, k_cache, v_cache, pos, scale=0.1, out=out_buffer.view(batch, n_head, head_dim), workspace=workspace
     )
     assert out.data_ptr() == out_buffer.data_ptr()
-    expected = reference_attention(q[:, :, None], k_cache[:, :, : t + 1], v_cache[:, :, : t + 1], 0.1)[:, :, 0]
-    torch.testing.assert_close(out_buffer.view(batch, n_head, head_dim).double(), expected, **tol("kernel", torch.float32))
-
-
-def _decode_inputs(device, dtype=torch.float32, batch=1, n_head=2, head_dim=64, max_len=128):
-    return dict(
-        q=torch.randn(batch, n_head, head_dim, device=device, dtype=dtype),
-        k_cache=torch.randn(batch, n_head, max_len, head_dim, device=device, dtype=dtype),
-        v_cache=torch.randn(batch, n_head, max_len, head_dim, device=device, dtype=dtype),
-        pos=torch.tensor([3], dtype=torch.int32, device=device),
-        out=torch.full((batch, n_head, head_dim), NAN, device=device, dtype=dtype),
-        workspace=decode_workspace(batch, n_head, head_dim, max_len, device),
+    expected = reference_attention(q[:, :, None], k_cache[:, :, : t + 1], v_cache[:, :, : t + 1], 0.1)[
+        :, :, 0
+    ]
+    torch.testing.assert_close(
+        out_buffer.view(batch, n_head, head_dim).double(), expected, **tol("kernel", torch.float32)
     )
 
 
+def _decode_inputs(device, dtype=torch.float32, batch=1, n_head=2, head_dim=64, max_len=128):
+    return {
+        "q": torch.randn(batch, n_head, head_dim, device=device, dtype=dtype),
+        "k_cache": torch.randn(batch, n_head, max_len, head_dim, device=device, dtype=dtype),
+        "v_cache": torch.randn(batch, n_head, max_len, head_dim, device=device, dtype=dtype),
+        "pos": torch.tensor([3], dtype=torch.int32, device=device),
+        "out": torch.full((batch, n_head, head_dim), NAN, device=device, dtype=dtype),
+        "workspace": decode_workspace(batch, n_head, head_dim, max_len, device),
+    }
+
+
 BAD_DECODE = {
-    "q rank": (lambda a: a.update(q=a["q"][None]), r"q must be a 3-D tensor \[B, H, D\], got shape \(1, 1, 2, 64\)"),
-    "q int dtype": (lambda a: a.update(q=a["q"].long()), r"q.dtype must be float32, float16 or bfloat16, got torch.int64"),
-    "k dtype": (lambda a: a.update(k_cache=a["k_cache"].half()), r"k_cache.dtype must equal q.dtype \(torch.float32\), got torch.float16"),
-    "v head_dim": (lambda a: a.update(v_cache=a["v_cache"][..., :32]), r"v_cache must have shape \[1, 2, 128, 64\].*got \(1, 2, 128, 32\)"),
-    "k last dim strided": (lambda a: a.update(k_cache=a["k_cache"].transpose(2, 3).contiguous().transpose(2, 3)), r"k_cache must have a contiguous last dim"),
-    "pos int64": (lambda a: a.update(pos=a["pos"].long()), r"pos must be an int32 tensor of shape \[1\], got torch.int64"),
-    "pos shape": (lambda a: a.update(pos=a["pos"].reshape(())), r"pos must be an int32 tensor of shape \[1\], got torch.int32 shape \(\)"),
+    "q rank": (
+        lambda a: a.update(q=a["q"][None]),
+        r"q must be a 3-D tensor \[B, H, D\], got shape \(1, 1, 2, 64\)",
+    ),
+    "q int dtype": (
+        lambda a: a.update(q=a["q"].long()),
+        r"q.dtype must be float32, float16 or bfloat16, got torch.int64",
+    ),
+    "k dtype": (
+        lambda a: a.update(k_cache=a["k_cache"].half()),
+        r"k_cache.dtype must equal q.dtype \(torch.float32\), got torch.float16",
+    ),
+    "v head_dim": (
+        lambda a: a.update(v_cache=a["v_cache"][..., :32]),
+        r"v_cache must have shape \[1, 2, 128, 64\].*got \(1, 2, 128, 32\)",
+    ),
+    "k last dim strided": (
+        lambda a: a.update(k_cache=a["k_cache"].transpose(2, 3).contiguous().transpose(2, 3)),
+        r"k_cache must have a contiguous last dim",
+    ),
+    "pos int64": (
+        lambda a: a.update(pos=a["pos"].long()),
+        r"pos must be an int32 tensor of shape \[1\], got torch.int64",
+    ),
+    "pos shape": (
+        lambda a: a.update(pos=a["pos"].reshape(())),
+        r"pos must be an int32 tensor of shape \[1\], got torch.int32 shape \(\)",
+    ),
     "pos python int": (lambda a: a.update(pos=3), r"pos must be an int32 tensor of shape \[1\], got int"),
-    "workspace small": (lambda a: a.update(workspace=a["workspace"][:100]), r"workspace holds 100 float32 values but .* needs 260"),
-    "workspace dtype": (lambda a: a.update(workspace=a["workspace"].half()), r"workspace must be a 1-D float32 tensor .* got torch.float16"),
+    "workspace small": (
+        lambda a: a.update(workspace=a["workspace"][:100]),
+        r"workspace holds 100 float32 values but .* needs 260",
+    ),
+    "workspace dtype": (
+        lambda a: a.update(workspace=a["workspace"].half()),
+        r"workspace must be a 1-D float32 tensor .* got torch.float16",
+    ),
     "out dtype": (lambda a: a.update(out=a["out"].half()), r"out.dtype must equal q.dtype"),
-    "out shape": (lambda a: a.update(out=a["out"][:, :1]), r"out must have q's shape \(1, 2, 64\), got \(1, 1, 64\)"),
-    "scale tensor": (lambda a: a.update(scale=torch.tensor(0.1)), r"scale must be a finite python float, got tensor"),
+    "out shape": (
+        lambda a: a.update(out=a["out"][:, :1]),
+        r"out must have q's shape \(1, 2, 64\), got \(1, 1, 64\)",
+    ),
+    "scale tensor": (
+        lambda a: a.update(scale=torch.tensor(0.1)),
+        r"scale must be a finite python float, got tensor",
+    ),
 }
 
 
@@ -233,14 +279,38 @@ def test_decode_rejects_bad_inputs_before_writing(device, case):
 
 
 BAD_PREFILL = {
-    "q rank": (lambda a: a.update(q=a["q"][0]), r"q must be a 4-D tensor \[B, H, S, D\], got shape \(2, 5, 64\)"),
-    "k dtype": (lambda a: a.update(k=a["k"].double()), r"k.dtype must be float32, float16 or bfloat16, got torch.float64"),
-    "v dtype": (lambda a: a.update(v=a["v"].half()), r"v.dtype must equal q.dtype \(torch.float32\), got torch.float16"),
-    "k head_dim": (lambda a: a.update(k=a["k"][..., :48]), r"k must have shape \[1, 2, S_kv >= 5, 64\].*got \(1, 2, 5, 48\)"),
-    "k too short": (lambda a: a.update(k=a["k"][:, :, :4]), r"k must have shape \[1, 2, S_kv >= 5, 64\].*got \(1, 2, 4, 64\)"),
-    "q last dim strided": (lambda a: a.update(q=a["q"].transpose(2, 3).contiguous().transpose(2, 3)), r"q must have a contiguous last dim \(stride 1\), got strides \(640, 320, 1, 5\)"),
-    "out shape": (lambda a: a.update(out=a["out"][:, :, :4]), r"out must have q's shape \(1, 2, 5, 64\), got \(1, 2, 4, 64\)"),
-    "head_dim too big": (lambda a: a.update(**{n: torch.zeros(1, 1, 2, 512, device=a["q"].device) for n in "qkv"}, out=None), r"head_dim must be in 1..256, got 512"),
+    "q rank": (
+        lambda a: a.update(q=a["q"][0]),
+        r"q must be a 4-D tensor \[B, H, S, D\], got shape \(2, 5, 64\)",
+    ),
+    "k dtype": (
+        lambda a: a.update(k=a["k"].double()),
+        r"k.dtype must be float32, float16 or bfloat16, got torch.float64",
+    ),
+    "v dtype": (
+        lambda a: a.update(v=a["v"].half()),
+        r"v.dtype must equal q.dtype \(torch.float32\), got torch.float16",
+    ),
+    "k head_dim": (
+        lambda a: a.update(k=a["k"][..., :48]),
+        r"k must have shape \[1, 2, S_kv >= 5, 64\].*got \(1, 2, 5, 48\)",
+    ),
+    "k too short": (
+        lambda a: a.update(k=a["k"][:, :, :4]),
+        r"k must have shape \[1, 2, S_kv >= 5, 64\].*got \(1, 2, 4, 64\)",
+    ),
+    "q last dim strided": (
+        lambda a: a.update(q=a["q"].transpose(2, 3).contiguous().transpose(2, 3)),
+        r"q must have a contiguous last dim \(stride 1\), got strides \(640, 320, 1, 5\)",
+    ),
+    "out shape": (
+        lambda a: a.update(out=a["out"][:, :, :4]),
+        r"out must have q's shape \(1, 2, 5, 64\), got \(1, 2, 4, 64\)",
+    ),
+    "head_dim too big": (
+        lambda a: a.update(**{n: torch.zeros(1, 1, 2, 512, device=a["q"].device) for n in "qkv"}, out=None),
+        r"head_dim must be in 1..256, got 512",
+    ),
     "scale nan": (lambda a: a.update(scale=NAN), r"scale must be a finite python float, got nan"),
 }
 
@@ -249,7 +319,7 @@ BAD_PREFILL = {
 def test_prefill_rejects_bad_inputs(device, case):
     mutate, message = BAD_PREFILL[case]
     q, k, v = random_qkv((1, 2, 5, 64), torch.float32, device)
-    args = dict(q=q, k=k, v=v, out=torch.full_like(q, NAN), scale=0.125)
+    args = {"q": q, "k": k, "v": v, "out": torch.full_like(q, NAN), "scale": 0.125}
     poisoned_out = args["out"]
     mutate(args)
     with pytest.raises(ValueError, match=message):
@@ -277,7 +347,9 @@ def test_prefill_full_length(device, dtype, head_dim, seq_len):
     q, k, v = random_qkv((2, n_head, seq_len, head_dim), dtype, device)
     out = torch.full_like(q, NAN)
     prefill_attention(q, k, v, scale=1.0 / math.sqrt(head_dim), out=out)
-    torch.testing.assert_close(out.double(), reference_attention(q, k, v, 1.0 / math.sqrt(head_dim)), **tol("kernel", dtype))
+    torch.testing.assert_close(
+        out.double(), reference_attention(q, k, v, 1.0 / math.sqrt(head_dim)), **tol("kernel", dtype)
+    )
 
 
 @pytest.mark.gpu
@@ -325,8 +397,12 @@ def test_decode_in_cuda_graph_follows_pos(device, batch):
         pos.fill_(t)
         out.fill_(NAN)
         graph.replay()
-        expected = reference_attention(q[:, :, None], k_cache[:, :, : t + 1], v_cache[:, :, : t + 1], 0.125)[:, :, 0]
-        torch.testing.assert_close(out.double(), expected, **tol("kernel", dtype), msg=lambda m: f"t={t}: {m}")
+        expected = reference_attention(q[:, :, None], k_cache[:, :, : t + 1], v_cache[:, :, : t + 1], 0.125)[
+            :, :, 0
+        ]
+        torch.testing.assert_close(
+            out.double(), expected, **tol("kernel", dtype), msg=lambda m, t=t: f"t={t}: {m}"
+        )
 
 
 @pytest.mark.gpu
@@ -336,5 +412,12 @@ def test_rejects_mixed_devices(device):
         prefill_attention(q, k.cpu(), v, scale=0.125)
     args = _decode_inputs(device, dtype=torch.float16)
     with pytest.raises(ValueError, match=r"pos must be on q's device \(cuda:0\), got cpu"):
-        decode_attention(args["q"], args["k_cache"], args["v_cache"], args["pos"].cpu(), scale=0.1,
-                         out=args["out"], workspace=args["workspace"])
+        decode_attention(
+            args["q"],
+            args["k_cache"],
+            args["v_cache"],
+            args["pos"].cpu(),
+            scale=0.1,
+            out=args["out"],
+            workspace=args["workspace"],
+        )
