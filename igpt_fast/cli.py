@@ -1,0 +1,254 @@
+"""The `igpt-fast` command: generate, complete, bench, convert, info.
+
+Without --checkpoint every command uses the demo model that ships with the package. User errors (a missing
+file, an unreadable image, a bad argument) print one line and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class UserError(Exception):
+    """A problem with what the user asked for: reported as one line."""
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default=None,
+                   help="Hugging Face folder or cached hub id (default: the shipped demo model)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="weights and activations (default: float16 on CUDA, float32 on the CPU)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=16, help="images generated together (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0): same seed, same images")
+    p.add_argument("--top-k", type=int, default=40, help="keep the k most likely colors (default 40, or all "
+                   "colors if the model has fewer)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature > 0 (default 1.0)")
+    p.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="igpt-fast", description="Fast ImageGPT image generation.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("generate", help="sample images and write a PNG grid",
+                            description="Sample unconditional images and write them as a PNG grid.")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("-n", "--num-images", type=int, default=16, help="how many images (default 16)")
+    p.add_argument("-o", "--out", default="samples.png", help="PNG grid to write (default samples.png)")
+    p.add_argument("--save-ids", default=None, metavar="PATH.npy", help="also save the cluster ids [N, pixels]")
+    p.add_argument("--columns", type=int, default=8, help="images per grid row (default 8)")
+
+    p = commands.add_parser("complete", help="complete the bottom of images from their top rows",
+                            description="Keep the top rows of each image, sample completions of the rest, and "
+                                        "write one PNG: each row is original, the kept part, then completions.")
+    p.add_argument("images", nargs="+", help="image files (any format PIL reads)")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--rows", type=int, default=None, help="image rows to keep (default: the top half)")
+    p.add_argument("--samples", type=int, default=4, help="completions per image (default 4)")
+    p.add_argument("-o", "--out", default="completions.png", help="PNG to write (default completions.png)")
+
+    commands.add_parser("bench", help="run the benchmark summary (see `igpt-fast bench --help`)", add_help=False,
+                        prefix_chars="\0")  # every argument goes to the benchmark's own parser
+
+    p = commands.add_parser("convert", help="convert a pytorch_model.bin folder to safetensors",
+                            description="Read a Hugging Face ImageGPT folder (any weight format, pickles loaded "
+                                        "with weights_only=True) and write config.json + model.safetensors "
+                                        "(+ preprocessor_config.json) to a new folder.")
+    p.add_argument("source", help="checkpoint folder or cached hub id")
+    p.add_argument("destination", help="folder to write")
+
+    p = commands.add_parser("info", help="describe a checkpoint and what would run it",
+                            description="Print the config, parameter count, dtype, device and kernels.")
+    _add_model_args(p)
+    return parser
+
+
+def _load(args):
+    from igpt_fast import ImageGPT
+    from igpt_fast.demo import demo_model_path
+    from igpt_fast.processor import ImageProcessor
+
+    checkpoint = args.checkpoint or demo_model_path()
+    device = args.device or _default_device()
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UserError(f"--device must be cpu or cuda, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} given but CUDA is not available")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
+    model = ImageGPT.from_pretrained(checkpoint, dtype=dtype, device=device)
+    processor = ImageProcessor.from_pretrained(checkpoint)
+    side = int(processor.size)
+    if side * side != model.config.n_positions:
+        raise UserError(f"{checkpoint}: image size {side}x{side} does not match n_positions "
+                        f"{model.config.n_positions}")
+    return model, processor
+
+
+def _sampling_kwargs(args, model) -> dict:
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.greedy:
+        return {"do_sample": False}
+    return {"do_sample": True, "top_k": min(args.top_k, model.config.n_clusters), "top_p": args.top_p,
+            "temperature": args.temperature}
+
+
+def cmd_generate(args) -> int:
+    from tqdm import tqdm
+
+    from igpt_fast.grid import default_scale, image_grid, save_png
+
+    if args.num_images < 1:
+        raise UserError(f"--num-images must be >= 1, got {args.num_images}")
+    model, processor = _load(args)
+    sampling = _sampling_kwargs(args, model)
+    sos = model.config.sos_token_id
+    ids, start = [], time.perf_counter()
+    with tqdm(total=args.num_images, unit="img", desc="generating", file=sys.stderr) as bar:
+        for first in range(0, args.num_images, args.batch_size):
+            batch = min(args.batch_size, args.num_images - first)
+            context = torch.full((batch, 1), sos, dtype=torch.long)
+            # seed + first: image i depends only on (seed, i), whatever the batch size
+            out = model.generate(context, max_length=model.config.n_positions + 1, seed=args.seed + first,
+                                 **sampling)
+            ids.append(out[:, 1:].cpu())
+            bar.update(batch)
+    elapsed = time.perf_counter() - start
+    ids = torch.cat(ids)
+    images = processor.decode(ids)
+    side = int(processor.size)
+    save_png(image_grid(images, columns=min(args.columns, len(images)), scale=default_scale(side)), args.out)
+    if args.save_ids:
+        np.save(args.save_ids, ids.numpy())
+    print(f"wrote {len(images)} images to {args.out} in {elapsed:.2f} s "
+          f"({len(images) / elapsed:.2f} images/s, {model.device}, {model.dtype}, backend {model.backend})")
+    return 0
+
+
+def _read_images(paths: list[str]) -> list:
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise UserError(f"no such image file: {path}")
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as e:
+            raise UserError(f"cannot read image {path}: {e}") from None
+    return images
+
+
+def cmd_complete(args) -> int:
+    from tqdm import tqdm
+
+    from igpt_fast.grid import default_scale, image_grid, save_png
+
+    if args.samples < 1:
+        raise UserError(f"--samples must be >= 1, got {args.samples}")
+    images = _read_images(args.images)
+    model, processor = _load(args)
+    side = int(processor.size)
+    rows = side // 2 if args.rows is None else args.rows
+    if not 0 <= rows < side:
+        raise UserError(f"--rows must be in [0, {side}) for {side}x{side} images, got {rows}")
+    sampling = _sampling_kwargs(args, model)
+    ids = processor(images)["input_ids"]  # [N, side*side]
+    sos = torch.full((len(images), 1), model.config.sos_token_id, dtype=torch.long)
+    prompts = torch.cat([sos, ids[:, :rows * side]], dim=1).repeat_interleave(args.samples, dim=0)
+    completions = []
+    with tqdm(total=len(prompts), unit="img", desc="completing", file=sys.stderr) as bar:
+        for first in range(0, len(prompts), args.batch_size):
+            out = model.generate(prompts[first:first + args.batch_size], max_length=side * side + 1,
+                                 seed=args.seed + first, **sampling)
+            completions.append(out[:, 1:].cpu())
+            bar.update(len(out))
+    completions = processor.decode(torch.cat(completions)).reshape(len(images), args.samples, side, side, 3)
+    originals = processor.decode(ids)
+    kept = originals.copy()
+    kept[:, rows:] = 128  # what the model was shown: the top rows, the rest gray
+    tiles = np.concatenate([originals[:, None], kept[:, None], completions], axis=1)
+    save_png(image_grid(tiles.reshape(-1, side, side, 3), columns=args.samples + 2, scale=default_scale(side)),
+             args.out)
+    print(f"wrote {len(images)} x {args.samples} completions (top {rows} of {side} rows kept) to {args.out}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from igpt_fast.checkpoint import PREPROCESSOR_NAME, load_checkpoint, save_pretrained
+
+    checkpoint = load_checkpoint(args.source)
+    destination = Path(args.destination)
+    if destination.resolve() == checkpoint.folder.resolve():
+        raise UserError("destination must differ from the source folder")
+    save_pretrained(destination, checkpoint.config, checkpoint.state_dict)
+    if (checkpoint.folder / PREPROCESSOR_NAME).is_file():  # verbatim: keeps every processor setting
+        shutil.copyfile(checkpoint.folder / PREPROCESSOR_NAME, destination / PREPROCESSOR_NAME)
+    print(f"wrote {destination / 'config.json'} and model.safetensors "
+          f"({checkpoint.config.num_parameters():,} parameters)")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from igpt_fast.decoder import BATCH_BUCKETS
+
+    model, processor = _load(args)
+    c = model.config
+    print(f"checkpoint      {args.checkpoint or 'the shipped demo model'}")
+    print(f"architecture    {c.n_layer} layers, {c.n_head} heads of {c.head_dim}, n_embd {c.n_embd}, "
+          f"n_inner {c.inner_dim}, {c.n_positions} positions, {c.n_clusters} clusters + SOS")
+    print(f"parameters      {c.num_parameters():,}")
+    print(f"image           {int(processor.size)}x{int(processor.size)}, {processor.n_clusters} colors")
+    print(f"device, dtype   {model.device}, {model.dtype}")
+    if model.backend == "triton":
+        graphs = "one CUDA graph per batch bucket " + str(BATCH_BUCKETS) if model.decoder.use_cuda_graphs \
+            else "eager launches"
+        print(f"kernels         Triton: embed, norm_qkv, decode/prefill attention, norm_linear (layernorm-GELU), "
+              f"linear_residual, sample_tokens; {graphs}")
+    else:
+        print("kernels         PyTorch stand-ins (no CUDA here), eager")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        from igpt_fast.benchmark import main as bench_main
+
+        return bench_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    handler = {"generate": cmd_generate, "complete": cmd_complete, "convert": cmd_convert, "info": cmd_info}
+    try:
+        return handler[args.command](args)
+    except (UserError, ValueError, FileNotFoundError, MemoryError, OSError) as e:
+        print(f"igpt-fast {args.command}: error: {e}".splitlines()[0] if isinstance(e, UserError) else
+              f"igpt-fast {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"igpt-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
