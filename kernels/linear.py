@@ -16,8 +16,8 @@ Two code paths, chosen by the number of rows M (or forced with path="gemv" | "do
         rows, so W streams from memory exactly once; BLOCK_N is the power of two that gives about
         _TARGET_PROGRAMS stripes (clamped to 8..128), so batch 1 still spreads over all SMs.
     dot (M > 16, large decode batches and prefill): tiled tl.dot with grouped tile order for L2 reuse;
-        tiles start at 128x128 and shrink (N to 32, then M to 16, then N to 16) until about
-        _TARGET_PROGRAMS tiles exist, so decode batches of 17..256 rows still fill the GPU.
+        tiles start at min(next_pow2(M), 128) x 128 and shrink (N to 32, then M to 16, then N to 16)
+        until about _TARGET_PROGRAMS tiles exist, so decode batches of 17..256 rows still fill the GPU.
 No split-K: quick_gelu, the in-place residual and the cache scatter all need the full sum, and a split-K
 reduction would need a workspace. Launchers allocate nothing when outputs are passed and never sync.
 """
