@@ -18,22 +18,24 @@ import torch
 
 
 def _as_list(value) -> list:
+    """One value or per-row values (a sequence, numpy array or tensor) as a flat python list."""
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu().flatten().tolist()
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    return [value]
+        value = value.detach().cpu().flatten()
+    if hasattr(value, "tolist"):  # tensors, numpy arrays and numpy scalars
+        value = value.tolist()
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def check_sampling_args(do_sample, temperature, top_k, top_p, vocab: int) -> None:
-    """Raise ValueError naming the first bad value; None means the default (1.0, off, off).
+    """Raise ValueError naming the first bad value (TypeError for a non-bool do_sample); None means the
+    default (1.0, off, off).
 
     temperature must be finite and > 0, top_k an integer in [1, vocab], top_p in (0, 1], each as one value
     or one per row. The values are checked whether or not do_sample is set: a bad value is the caller's
     bug either way.
     """
     if not isinstance(do_sample, bool):
-        raise ValueError(f"do_sample must be a bool, got {do_sample!r}")
+        raise TypeError(f"do_sample must be a bool, got {do_sample!r}")
     for t in _as_list(1.0 if temperature is None else temperature):
         if isinstance(t, bool) or not isinstance(t, Real) or not (math.isfinite(t) and t > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {t!r}")

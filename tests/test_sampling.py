@@ -6,12 +6,13 @@ the kernel must match draw for draw under philox_uniforms, carries the 1e5-draw 
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import triton
 import triton.language as tl
-
 from igpt_fast.kernels.sampling import _row_uniforms, sample_tokens
+
 from igpt_fast.philox import philox_uniforms
 from igpt_fast.sampling import check_sampling_args, sample_reference, sampling_tensors, warp_logits
 
@@ -324,7 +325,6 @@ def test_kernel_matches_reference_full_size_and_replays_in_a_cuda_graph():
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"top_p": float("nan")}, "top_p"),
-        ({"do_sample": 1}, "do_sample"),
     ],
 )
 def test_check_sampling_args_rejects(kwargs, message):
@@ -333,10 +333,21 @@ def test_check_sampling_args_rejects(kwargs, message):
         check_sampling_args(args["do_sample"], args["temperature"], args["top_k"], args["top_p"], 17)
 
 
+def test_check_sampling_args_rejects_a_non_bool_do_sample():
+    with pytest.raises(TypeError, match="do_sample"):
+        check_sampling_args(1, 1.0, 5, 0.9, 17)
+
+
 def test_check_sampling_args_accepts():
     check_sampling_args(True, 0.5, 17, 1.0, 17)
     check_sampling_args(False, None, None, None, 17)
     check_sampling_args(True, torch.tensor([0.5, 2.0]), torch.tensor([1, 17], dtype=torch.int32), [0.1, 1.0], 17)
+    t, k, p = sampling_tensors(np.float32(0.5), np.array([3, 17]), (0.25, 1.0), batch=2, vocab=17)
+    torch.testing.assert_close(t, torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(k, torch.tensor([3, 17], dtype=torch.int32))
+    torch.testing.assert_close(p, torch.tensor([0.25, 1.0]))
+    _, k, p = sampling_tensors(1.0, None, None, batch=3, vocab=17)  # None: the filter is off
+    assert k.tolist() == [17] * 3 and p.tolist() == [1.0] * 3
     with pytest.raises(ValueError, match="one per row"):
         sampling_tensors(1.0, [1, 2], None, batch=3, vocab=17)
 
