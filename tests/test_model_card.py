@@ -1,0 +1,38 @@
+"""The public model card's generation code runs with only its import line changed."""
+
+import numpy as np
+import torch
+from helpers import random_clusters, random_state_dict
+
+from igpt_fast import ImageGPTConfig, save_pretrained
+
+CARD_CONFIG = ImageGPTConfig(vocab_size=65, n_positions=36, n_embd=32, n_layer=2, n_head=2)  # 6x6 images
+
+
+def test_model_card_snippet(tmp_path):
+    save_pretrained(tmp_path, CARD_CONFIG, random_state_dict(CARD_CONFIG, seed=1),
+                    clusters=random_clusters(CARD_CONFIG.n_clusters), image_size=6)
+    CHECKPOINT = str(tmp_path)
+
+    # ---- the model card, verbatim but for the import line and the checkpoint ----
+    from igpt_fast import ImageGPTFeatureExtractor, ImageGPTForCausalImageModeling
+    feature_extractor = ImageGPTFeatureExtractor.from_pretrained(CHECKPOINT)
+    model = ImageGPTForCausalImageModeling.from_pretrained(CHECKPOINT)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    batch_size = 8
+    context = torch.full((batch_size, 1), model.config.vocab_size - 1)
+    context = torch.tensor(context).to(device)
+    output = model.generate(pixel_values=context, max_length=model.config.n_positions + 1,
+                            temperature=1.0, do_sample=True, top_k=40)
+    clusters = feature_extractor.clusters
+    n_px = feature_extractor.size
+    samples = output[:, 1:].cpu().detach().numpy()
+    samples_img = [np.reshape(np.rint(127.5 * (clusters[s] + 1.0)), [n_px, n_px, 3]).astype(np.uint8)
+                   for s in samples]
+    # ---- end of the card ----
+
+    assert len(samples_img) == 8 and samples_img[0].shape == (6, 6, 3)
+    assert feature_extractor.size["height"] == 6 and feature_extractor.size["width"] == 6
+    # the card's numpy decoding equals the processor's
+    np.testing.assert_array_equal(np.stack(samples_img), feature_extractor.decode(output[:, 1:].cpu()))
