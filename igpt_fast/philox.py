@@ -4,7 +4,8 @@ The sampling kernel draws the uniform for (row b, decode step t, column v) as
 `tl.rand(seed + b, t * V + v)`. `philox_uniforms` recomputes exactly those float32 values on the CPU, so
 the reference sampler and the engine's CPU fallback pick the same tokens as the GPU kernel.
 
-What `tl.rand(seed, offset)` does (triton/language/random.py, unchanged from triton 3.0 through 3.9):
+What `tl.rand(seed, offset)` does (triton/language/random.py, read from triton 3.9; test_philox_uniforms_bit_exact
+checks it against whatever triton is installed, on the GPU too):
 - the key is the int64 seed as uint64, split into k0 = low 32 bits, k1 = high 32 bits;
 - the counter is (c0, c1, c2, c3) = (offset low 32 bits, offset high 32 bits, 0, 0);
 - 10 Philox rounds: c0' = umulhi(B, c2) ^ c1 ^ k0, c2' = umulhi(A, c0) ^ c3 ^ k1, c1' = B * c2, c3' = A * c0
