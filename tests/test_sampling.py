@@ -11,6 +11,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+
 from igpt_fast.kernels.sampling import _row_uniforms, sample_tokens
 
 from igpt_fast.philox import philox_uniforms
