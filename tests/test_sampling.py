@@ -13,7 +13,6 @@ import triton
 import triton.language as tl
 
 from igpt_fast.kernels.sampling import _row_uniforms, sample_tokens
-
 from igpt_fast.philox import philox_uniforms
 from igpt_fast.sampling import check_sampling_args, sample_reference, sampling_tensors, warp_logits
 
