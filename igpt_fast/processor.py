@@ -58,11 +58,10 @@ class ProcessorOutput(dict):
 class ImageProcessor:
     """Turns images into ImageGPT token ids and ids back into images (see the module docstring)."""
 
-    model_input_names = ["input_ids"]
-
     def __init__(self, clusters, size: int | dict = 32, resample: int = PIL_BILINEAR):
-        clusters = np.asarray(clusters.detach().cpu() if isinstance(clusters, torch.Tensor) else clusters,
-                              dtype=np.float32)
+        clusters = np.asarray(
+            clusters.detach().cpu() if isinstance(clusters, torch.Tensor) else clusters, dtype=np.float32
+        )
         if clusters.ndim != 2 or clusters.shape[1] != 3 or clusters.shape[0] < 1:
             raise ValueError(f"clusters must be [n_clusters, 3] (RGB in [-1, 1]), got shape {clusters.shape}")
         if not np.isfinite(clusters).all():
@@ -77,7 +76,7 @@ class ImageProcessor:
 
     # ---- preprocessor_config.json ----
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str | os.PathLike) -> "ImageProcessor":
+    def from_pretrained(cls, path_or_hub_id: str | os.PathLike) -> ImageProcessor:
         """From a folder (or cached hub id) holding preprocessor_config.json with "clusters"."""
         folder = resolve_folder(path_or_hub_id)
         path = folder / PREPROCESSOR_NAME
@@ -88,7 +87,7 @@ class ImageProcessor:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(data, dict) or data.get("clusters") is None:
-            raise ValueError(f"{path} has no \"clusters\": an ImageGPT processor needs the color cluster table")
+            raise ValueError(f'{path} has no "clusters": an ImageGPT processor needs the color cluster table')
         return cls(data["clusters"], size=data.get("size", 32), resample=data.get("resample", PIL_BILINEAR))
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
@@ -101,11 +100,12 @@ class ImageProcessor:
         return folder
 
     # ---- images -> ids ----
-    def __call__(self, images, return_tensors: str | None = "pt",
-                 device: torch.device | str | None = None) -> ProcessorOutput:
+    def __call__(
+        self, images, return_tensors: str | None = "pt", device: torch.device | str | None = None
+    ) -> ProcessorOutput:
         """One image or a list (PIL images, or uint8 [H, W, 3] numpy arrays / tensors) ->
-        {"input_ids": int64 [N, size * size]}. `device` is where ids are computed and returned (CPU by default);
-        return_tensors "pt" gives a torch tensor, "np" a numpy array."""
+        {"input_ids": int64 [N, size * size]}. `device` is where ids are computed and returned (CPU by
+        default); return_tensors "pt" gives a torch tensor, "np" a numpy array."""
         if return_tensors not in ("pt", "np", None):
             raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
         pixels = torch.from_numpy(resize_images(images, int(self.size), self.resample))
@@ -129,12 +129,16 @@ class ImageProcessor:
             ids = ids[None]
         side = int(self.size)
         if ids.dim() != 2 or ids.shape[1] != side * side:
-            raise ValueError(f"ids must be [N, {side * side}] (size {side} x {side}), got shape {tuple(ids.shape)}")
+            raise ValueError(
+                f"ids must be [N, {side * side}] (size {side} x {side}), got shape {tuple(ids.shape)}"
+            )
         pixels = dequantize_ids(ids.long(), torch.from_numpy(self.clusters).to(ids.device))
         return pixels.cpu().numpy().reshape(ids.shape[0], side, side, 3)
 
     def __repr__(self) -> str:
-        return f"ImageProcessor(n_clusters={self.n_clusters}, size={int(self.size)}, resample={self.resample})"
+        return (
+            f"ImageProcessor(n_clusters={self.n_clusters}, size={int(self.size)}, resample={self.resample})"
+        )
 
 
 def quantize_pixels(pixels: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
@@ -148,17 +152,17 @@ def quantize_pixels(pixels: torch.Tensor, clusters: torch.Tensor) -> torch.Tenso
     ids = torch.empty(x.shape[0], dtype=torch.int64, device=pixels.device)
     chunk = max(1, _STANDIN_DISTANCES // clusters.shape[0])
     for start in range(0, x.shape[0], chunk):
-        xs = x[start:start + chunk]
+        xs = x[start : start + chunk]
         # (r - cr)^2 + (g - cg)^2 + (b - cb)^2, summed in that order: [chunk, n_clusters]
         distances = (xs[:, 0:1] - clusters[:, 0]).square()
         distances += (xs[:, 1:2] - clusters[:, 1]).square()
         distances += (xs[:, 2:3] - clusters[:, 2]).square()
-        ids[start:start + chunk] = distances.argmin(-1)  # first index on ties
+        ids[start : start + chunk] = distances.argmin(-1)  # first index on ties
     return ids.view(pixels.shape[0], -1)
 
 
 def dequantize_ids(ids: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
-    """int64 [N, L] -> uint8 [N, L, 3]: rint(127.5 * (clusters[id] + 1)). Out-of-range ids raise ValueError."""
+    """int64 [N, L] -> uint8 [N, L, 3] = rint(127.5 * (clusters[id] + 1)); bad ids raise ValueError."""
     if use_triton(ids.device):
         from igpt_fast.kernels.clusters import dequantize
 
@@ -166,12 +170,14 @@ def dequantize_ids(ids: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
     if ids.numel():
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= clusters.shape[0]:
-            raise ValueError(f"ids hold cluster id {lo if lo < 0 else hi}; ids must lie in [0, {clusters.shape[0]})")
+            raise ValueError(
+                f"ids hold cluster id {lo if lo < 0 else hi}; ids must lie in [0, {clusters.shape[0]})"
+            )
     return torch.round(127.5 * (clusters[ids] + 1.0)).clamp(0, 255).to(torch.uint8)
 
 
 def resize_images(images, size: int, resample: int = PIL_BILINEAR) -> np.ndarray:
-    """One image or a list -> uint8 [N, size, size, 3], each resized with PIL as transformers' PIL backend does."""
+    """One image or a list -> uint8 [N, size, size, 3], resized with PIL as transformers' PIL backend does."""
     try:
         from PIL import Image
     except ImportError:
@@ -199,11 +205,15 @@ def _hwc_uint8(image, index: int) -> np.ndarray:
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     if not isinstance(image, np.ndarray):
-        raise TypeError(f"image {index} is a {type(image).__name__}; expected a PIL image, or a uint8 [H, W, 3] "
-                        f"numpy array or torch tensor")
+        raise TypeError(
+            f"image {index} is a {type(image).__name__}; expected a PIL image, or a uint8 [H, W, 3] "
+            f"numpy array or torch tensor"
+        )
     if image.dtype != np.uint8:
-        raise ValueError(f"image {index} has dtype {image.dtype}; expected uint8 pixels in [0, 255] "
-                         f"(convert floats in [0, 1] with (x * 255).round() to uint8)")
+        raise ValueError(
+            f"image {index} has dtype {image.dtype}; expected uint8 pixels in [0, 255] "
+            f"(convert floats in [0, 1] with (x * 255).round() to uint8)"
+        )
     if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"image {index} has shape {image.shape}; expected [H, W, 3] (channels last, RGB)")
     return np.ascontiguousarray(image)
@@ -214,7 +224,9 @@ def _side_length(size) -> int:
         if set(size) != {"height", "width"}:
             raise ValueError(f"size must be an int or {{'height': h, 'width': w}}, got {size!r}")
         if size["height"] != size["width"]:
-            raise ValueError(f"ImageGPT images are square; got size height={size['height']}, width={size['width']}")
+            raise ValueError(
+                f"ImageGPT images are square; got size height={size['height']}, width={size['width']}"
+            )
         size = size["height"]
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
         raise ValueError(f"size must be a positive int side length, got {size!r}")
@@ -223,6 +235,12 @@ def _side_length(size) -> int:
 
 def _resample_code(resample) -> int:
     # PIL's filters: NEAREST 0, LANCZOS 1, BILINEAR 2, BICUBIC 3, BOX 4, HAMMING 5 (Resampling enum or int).
-    if isinstance(resample, bool) or not isinstance(resample, (int, np.integer)) or not 0 <= int(resample) <= 5:
-        raise ValueError(f"resample must be a PIL resampling filter (0-5, e.g. 2 for bilinear), got {resample!r}")
+    if (
+        isinstance(resample, bool)
+        or not isinstance(resample, (int, np.integer))
+        or not 0 <= int(resample) <= 5
+    ):
+        raise ValueError(
+            f"resample must be a PIL resampling filter (0-5, e.g. 2 for bilinear), got {resample!r}"
+        )
     return int(resample)

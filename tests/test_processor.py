@@ -43,7 +43,8 @@ def assert_ids_match_up_to_near_ties(ids, expected, pixels, clusters):
     mismatched = ids.reshape(-1) != expected.reshape(-1)
     assert not (mismatched & clear).any(), (
         f"{(mismatched & clear).sum()} of {clear.sum()} pixels with a clear nearest cluster got another id; "
-        f"first at flat index {np.flatnonzero(mismatched & clear)[:5]}")
+        f"first at flat index {np.flatnonzero(mismatched & clear)[:5]}"
+    )
     assert clear.mean() > 0.99  # the comparison covers nearly every pixel
 
 
@@ -68,7 +69,9 @@ def test_input_kinds_give_the_same_ids(quantize_path):
     for other in (PIL.fromarray(image), torch.from_numpy(image), [image], (torch.from_numpy(image),)):
         torch.testing.assert_close(processor(other).input_ids, from_numpy, rtol=0, atol=0)
     gray = PIL.fromarray(image).convert("L")  # any PIL mode is read as RGB
-    torch.testing.assert_close(processor(gray).input_ids, processor(gray.convert("RGB")).input_ids, rtol=0, atol=0)
+    torch.testing.assert_close(
+        processor(gray).input_ids, processor(gray.convert("RGB")).input_ids, rtol=0, atol=0
+    )
     as_numpy = processor([image, image], return_tensors="np")["input_ids"]
     assert isinstance(as_numpy, np.ndarray) and as_numpy.dtype == np.int64
     np.testing.assert_array_equal(as_numpy, np.concatenate([from_numpy.numpy()] * 2))
@@ -106,8 +109,9 @@ def test_save_and_load_round_trip(tmp_path, quantize_path):
     hf = transformers.ImageGPTImageProcessorPil.from_pretrained(tmp_path)
     images = random_images([(30, 25), (12, 12)], seed=8)
     resized = np.stack([np.asarray(PIL.fromarray(im).resize((12, 12), PIL.BICUBIC)) for im in images])
-    assert_ids_match_up_to_near_ties(loaded(images)["input_ids"].numpy(), hf(images, return_tensors="np")[
-        "input_ids"], resized, clusters)
+    assert_ids_match_up_to_near_ties(
+        loaded(images)["input_ids"].numpy(), hf(images, return_tensors="np")["input_ids"], resized, clusters
+    )
 
 
 def test_decode_is_the_exact_formula(quantize_path):
