@@ -1,0 +1,159 @@
+"""The benchmark cannot rot: its smoke preset (a tiny model on the CPU, a few steps, every system and task that runs
+without a GPU) writes a well-formed table, JSON and plot; the gpt-fast anchor generates what the reference does;
+the byte budget and the target verdicts say what shared/docs/performance.md says. No timing is asserted.
+"""
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+from helpers import TINY, random_state_dict
+
+from igpt_fast import benchmark
+from igpt_fast.anchors import StaticCacheAnchor
+from igpt_fast.config import ImageGPTConfig
+from igpt_fast.reference import ReferenceImageGPT
+
+SMOKE_BATCHES = (1, 2)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One smoke run (about 20 s on 2 cores): its output folder, exit code and printed text."""
+    out = tmp_path_factory.mktemp("bench")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = benchmark.main(["--sizes", "smoke", "--device", "cpu", "--backend", "torch", "--out", str(out)])
+    return out, code, printed.getvalue()
+
+
+def test_smoke_run_measures_every_system_and_task(smoke_run):
+    out, code, _ = smoke_run
+    assert code == 0
+    smoke_model = benchmark.MODELS["tiny"]
+    data = json.loads((out / "results.json").read_text())
+    rows = data["results"]
+    by_key = {(r["task"], r["system"], r["batch"]): r for r in rows}
+    expected = [(task, system, batch) for system in benchmark.PRESETS["smoke"].systems
+                for task in benchmark.SYSTEM_TASKS[system] for batch in SMOKE_BATCHES]
+    expected += [("kernel", case, batch) for batch in SMOKE_BATCHES
+                 for case in ("decode_attention", "norm_qkv", "sample_tokens (top_k=40)",
+                              "quantize (pixels to clusters)")]
+    missing = [key for key in expected if key not in by_key]
+    assert not missing, missing
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["ms"] > 0 and r["model"] == "tiny", r
+        for name in ("card", "driver", "torch", "triton", "transformers", "git_commit"):
+            assert name in r["environment"], (name, r)
+    for task, system, batch in expected:
+        r = by_key[task, system, batch]
+        if task in ("generate", "complete"):
+            # The engine runs whole images; anchors a window of 8 steps (smoke: 31 steps per image).
+            assert r["extrapolated"] == (system != benchmark.ENGINE), r
+            assert r["steps_timed"] == (8 if system != benchmark.ENGINE else
+                                        smoke_model.n_positions - benchmark.task_prompt_length(smoke_model, task)), r
+            assert r["images_per_s"] > 0 and r["first_call_s"] > 0 and r["bytes_per_step"] > 0, r
+        if task == "kernel":
+            assert r["baseline_ms"] > 0 and r["gb_per_s"] > 0, r
+    assert data["settings"]["top_k"] == benchmark.TOP_K
+
+
+def test_smoke_run_prints_the_generation_table_last(smoke_run):
+    out, _, printed = smoke_run
+    text = (out / "summary.txt").read_text()
+    assert printed.strip() == text.strip()
+    kernels, forwards, generation = (text.index(title) for title in ("Kernels", "Whole-image", "Generation"))
+    assert kernels < forwards < generation
+    table = text[generation:].splitlines()
+    assert [column.strip() for column in table[1].split("|")] == [
+        "task", "system", "model", "dtype", "batch", "ms/step", "images/s", "first call", "vs best anchor",
+        "% of floor", "peak mem", "target"]
+    rows = [line for line in table if line.startswith(("generate", "complete"))]
+    assert len(rows) == sum(len(set(benchmark.SYSTEM_TASKS[s]) & {"generate", "complete"}) * len(SMOKE_BATCHES)
+                            for s in benchmark.PRESETS["smoke"].systems)
+
+
+def test_smoke_run_plots_images_per_second(smoke_run):
+    pytest.importorskip("matplotlib")
+    PIL = pytest.importorskip("PIL.Image")
+    out, _, _ = smoke_run
+    png = out / "images_per_s.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with PIL.open(png) as image:
+        assert image.size[0] > 300 and image.size[1] > 300
+
+
+def test_from_json_renders_the_same_summary(smoke_run, tmp_path):
+    out, _, _ = smoke_run
+    assert benchmark.main(["--from-json", str(out / "results.json"), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "summary.txt").read_text() == (out / "summary.txt").read_text()
+
+
+@pytest.mark.parametrize("compile_options", [None, {"backend": "eager", "fullgraph": True}],
+                         ids=["eager", "dynamo-fullgraph"])
+def test_static_cache_anchor_generates_what_the_reference_generates(compile_options):
+    """gpt-fast's recipe over the reference's weights: greedy tokens equal ReferenceImageGPT.generate's, for an
+    SOS prompt and a longer one; traced whole by dynamo (no graph break), as reduce-overhead needs."""
+    reference = ReferenceImageGPT.from_state_dict(TINY, random_state_dict(TINY, seed=5))
+    for prompt_len in (1, 6):
+        prompt = torch.randint(0, TINY.n_clusters, (3, prompt_len), generator=torch.Generator().manual_seed(1))
+        prompt[:, 0] = TINY.sos_token_id
+        new_tokens = TINY.n_positions + 1 - prompt_len
+        anchor = StaticCacheAnchor(reference, 3, top_k=5, greedy=True, compile_options=compile_options)
+        run = anchor.generate(prompt, new_tokens)
+        assert torch.equal(run.sequences, reference.generate(prompt, max_new_tokens=new_tokens))
+        assert run.decode_steps == new_tokens - 1
+
+
+def test_static_cache_anchor_samples_from_the_top_k():
+    reference = ReferenceImageGPT.from_state_dict(TINY, random_state_dict(TINY, seed=6))
+    prompt = torch.full((64, 1), TINY.sos_token_id)
+    sequences = StaticCacheAnchor(reference, 64, top_k=1).generate(prompt, 4).sequences
+    assert torch.equal(sequences, reference.generate(prompt, max_new_tokens=4))  # top_k=1 is greedy
+    first = StaticCacheAnchor(reference, 64, top_k=3).generate(prompt, 1).sequences[:, 1]
+    with torch.no_grad():
+        top3 = reference(prompt).logits[:, -1].topk(3).indices
+    assert (first[:, None] == top3).any(dim=1).all()
+    assert len(first.unique()) > 1  # 64 draws from 3 tokens: not all the same
+
+
+@pytest.mark.parametrize("batch, gigabytes", [(1, 0.18), (8, 0.35), (64, 1.76), (256, 6.6)])
+def test_decode_step_bytes_match_the_performance_doc(batch, gigabytes):
+    """shared/docs/performance.md's table: imagegpt-small fp16, the average step of a whole image."""
+    step = benchmark.decode_step_bytes(ImageGPTConfig.small(), torch.float16, batch, prompt_len=1)
+    assert step / 1e9 == pytest.approx(gigabytes, rel=0.03)
+
+
+def _row(system, dtype, batch, ms, task="generate"):
+    return {"task": task, "system": system, "model": "small", "dtype": dtype, "batch": batch, "status": "ok",
+            "note": "", "ms": ms, "images_per_s": batch / (1024 * ms / 1e3), "first_call_s": 1.0,
+            "extrapolated": system != benchmark.ENGINE, "floor_ms": 0.1, "peak_memory_bytes": None}
+
+
+def test_targets_and_ratios_to_the_best_anchor():
+    rows = [_row("igpt-fast", "float16", 1, 0.19), _row("igpt-fast", "float16", 8, 0.30),
+            _row("reference-compiled", "float16", 8, 2.4), _row("reference-eager", "float16", 8, 6.0),
+            _row("igpt-fast", "float32", 8, 0.5), _row("transformers", "float32", 8, 17.0),
+            _row("igpt-fast", "float32", 1, 0.4)]
+    verdicts = [benchmark.target_verdict(r, rows) for r in rows]
+    assert verdicts[0].startswith("met") and verdicts[1].startswith("NOT met")
+    assert verdicts[4].startswith("met (34.0x")
+    assert verdicts[2] == verdicts[3] == verdicts[5] == verdicts[6] == ""
+    assert benchmark.target_verdict(_row("igpt-fast", "float32", 8, 1.0), rows[:1]).startswith("unknown")
+    assert benchmark.best_anchor_ms(rows)[("generate", "small", "float16", 8)] == ("reference-compiled", 2.4)
+    table = benchmark.generation_table(rows)
+    line = next(x for x in table.splitlines() if x.startswith("generate | igpt-fast") and " 0.300 |" in x)
+    assert " 8.00x |" in line and " 33% |" in line and "NOT met (<= 0.25 ms)" in line
+
+
+def test_cli_help_and_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--sizes" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--batches", "3"])  # not a batch bucket
+    assert exit_info.value.code == 2
