@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from igpt_fast.sampling import check_sampling_args
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -109,8 +111,10 @@ def _sampling_kwargs(args, model) -> dict:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.greedy:
         return {"do_sample": False}
-    return {"do_sample": True, "top_k": min(args.top_k, model.config.n_clusters), "top_p": args.top_p,
-            "temperature": args.temperature}
+    kwargs = {"do_sample": True, "top_k": min(args.top_k, model.config.n_clusters), "top_p": args.top_p,
+              "temperature": args.temperature}
+    check_sampling_args(vocab=model.config.n_clusters, **kwargs)  # before any progress bar starts
+    return kwargs
 
 
 def cmd_generate(args) -> int:

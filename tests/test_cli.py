@@ -1,0 +1,116 @@
+"""The igpt-fast command on the shipped demo model: files written and readable, exit codes, one-line errors."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_checkpoint
+from PIL import Image
+
+from igpt_fast import ImageGPT, ImageProcessor, demo_model_path, load_checkpoint
+from igpt_fast.cli import main
+
+
+def run(args, capsys):
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_with_no_checkpoint_uses_the_demo_model(tmp_path, capsys):
+    grid, ids_path = tmp_path / "grid.png", tmp_path / "ids.npy"
+    code, out, err = run(["generate", "-n", "3", "--batch-size", "2", "-o", str(grid), "--save-ids",
+                          str(ids_path), "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "wrote 3 images" in out and "images/s" in out
+    processor = ImageProcessor.from_pretrained(demo_model_path())
+    side = int(processor.size)
+    ids = np.load(ids_path)
+    assert ids.shape == (3, side * side) and ids.max() < processor.n_clusters
+    with Image.open(grid) as picture:
+        assert picture.format == "PNG" and picture.mode == "RGB"
+        assert picture.width > 3 * side
+    # the same seed gives the same images, whatever the batch size
+    again = tmp_path / "again.npy"
+    assert main(["generate", "-n", "3", "--batch-size", "3", "-o", str(tmp_path / "g2.png"), "--save-ids",
+                 str(again), "--device", "cpu"]) == 0
+    np.testing.assert_array_equal(np.load(again), ids)
+
+
+def test_complete_keeps_the_top_rows_exactly(tmp_path, capsys):
+    processor = ImageProcessor.from_pretrained(demo_model_path())
+    side = int(processor.size)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(2):
+        path = tmp_path / f"in{i}.png"
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    out_png = tmp_path / "completions.png"
+    code, out, err = run(["complete", *paths, "--rows", "5", "--samples", "3", "-o", str(out_png),
+                          "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "top 5 of" in out
+    with Image.open(out_png) as picture:
+        grid = np.asarray(picture)
+    scale = max(1, 64 // side)
+    tile = side * scale
+    originals = processor.decode(processor([Image.open(p).convert("RGB") for p in paths])["input_ids"])
+    for row in range(2):
+        top = 2 + row * (tile + 2)
+        for column in range(2, 5):  # the completions
+            left = 2 + column * (tile + 2)
+            completion = grid[top:top + tile:scale, left:left + tile:scale]
+            np.testing.assert_array_equal(completion[:5], originals[row, :5])
+
+
+def test_convert_bin_folder_to_safetensors(tmp_path, capsys):
+    source = tmp_path / "bin"
+    state = make_checkpoint(source)
+    (source / "model.safetensors").unlink()
+    torch.save(state, source / "pytorch_model.bin")
+    code, out, err = run(["convert", str(source), str(tmp_path / "st")], capsys)
+    assert code == 0, err
+    converted = load_checkpoint(tmp_path / "st")
+    assert (tmp_path / "st" / "model.safetensors").is_file()
+    assert all(torch.equal(converted.state_dict[k], state[k]) for k in state)
+    assert (tmp_path / "st" / "preprocessor_config.json").read_text() == \
+        (source / "preprocessor_config.json").read_text()
+
+
+def test_info_describes_the_demo_model(capsys):
+    code, out, err = run(["info", "--device", "cpu"], capsys)
+    assert code == 0, err
+    config = ImageGPT.from_pretrained(demo_model_path()).config
+    assert f"{config.num_parameters():,}" in out
+    assert "PyTorch stand-ins" in out and "float32" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--checkpoint", "/nonexistent/folder", "--device", "cpu"], "no checkpoint folder"),
+    (["generate", "-n", "0", "--device", "cpu"], "--num-images must be >= 1"),
+    (["generate", "--top-p", "1.5", "-n", "1", "--device", "cpu"], "top_p must be a number in (0, 1]"),
+    (["generate", "--temperature", "0", "-n", "1", "--device", "cpu"], "temperature must be"),
+    (["complete", "/nonexistent.png", "--device", "cpu"], "no such image file: /nonexistent.png"),
+    (["convert", "/nonexistent", "/tmp/x"], "no checkpoint folder"),
+])
+def test_errors_are_one_line_and_a_nonzero_exit(args, message, capsys):
+    code, out, err = run(args, capsys)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_unreadable_image_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    code, _, err = run(["complete", str(bad), "--device", "cpu"], capsys)
+    assert code == 2 and "cannot read image" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", [[], ["generate"], ["complete"], ["convert"], ["info"]])
+def test_every_command_has_help(command):
+    result = subprocess.run([sys.executable, "-m", "igpt_fast.cli", *command, "--help"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and "usage: igpt-fast" in result.stdout
