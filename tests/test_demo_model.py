@@ -12,8 +12,10 @@ import pytest
 import torch
 from tolerances import tol
 
+from igpt_fast import ImageGPT
 from igpt_fast.checkpoint import load_checkpoint
 from igpt_fast.demo import DEMO_MODEL_PATH, demo_model_path
+from igpt_fast.philox import philox_uniforms
 from igpt_fast.processor import ImageProcessor
 from igpt_fast.reference import ReferenceImageGPT
 
@@ -63,6 +65,28 @@ def test_transformers_loads_it_with_the_same_logits():
     with torch.no_grad():
         expected = hf(inputs).logits
     torch.testing.assert_close(reference(inputs).logits, expected, **tol("exact", torch.float32))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_engine_gives_transformers_logits(backend):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.ImageGPTForCausalImageModeling.from_pretrained(DEMO_MODEL_PATH).eval()
+    model = ImageGPT.from_pretrained(DEMO_MODEL_PATH, backend=backend)
+    inputs = with_sos(held_out_ids(2), model.config.sos_token_id)[:, :32 if backend == "triton" else 256]
+    with torch.no_grad():
+        expected = hf(inputs).logits
+    torch.testing.assert_close(model(inputs).logits, expected, **tol("model", torch.float32))
+
+
+def test_engine_samples_the_reference_images():
+    """Peaked next-token distributions make the demo the sharpest fixture: whole sampled images must agree."""
+    model = ImageGPT.from_pretrained(DEMO_MODEL_PATH, backend="torch")
+    reference = ReferenceImageGPT.from_pretrained(DEMO_MODEL_PATH)
+    context = torch.full((2, 1), model.config.sos_token_id)
+    out = model.generate(context, do_sample=True, top_k=10, seed=2024)
+    expected = reference.generate(context, max_length=out.shape[1], do_sample=True, top_k=10,
+                                  uniforms=lambda step, batch, vocab: philox_uniforms(2024, step, batch, vocab))
+    assert torch.equal(out, expected)
 
 
 def test_it_has_learned_the_digits():
