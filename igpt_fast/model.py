@@ -17,10 +17,8 @@ from igpt_fast.backend import triton_interpreter_on
 from igpt_fast.checkpoint import check_state_dict, is_legacy_buffer, load_checkpoint
 from igpt_fast.config import ImageGPTConfig
 from igpt_fast.decoder import BATCH_BUCKETS, SUPPORTED_DTYPES, PackedWeights, StaticDecoder, bucket_for
-from igpt_fast.reference import check_input_ids, resolve_length
+from igpt_fast.reference import DEFAULT_TOP_K, check_input_ids, resolve_length
 from igpt_fast.sampling import check_sampling_args, sampling_tensors
-
-DEFAULT_TOP_K = 50  # transformers' GenerationConfig default, applied when sampling with top_k unset
 
 
 @dataclass

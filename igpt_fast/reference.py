@@ -13,6 +13,8 @@ from torch import nn
 
 from igpt_fast.config import ImageGPTConfig
 
+DEFAULT_TOP_K = 50  # transformers' GenerationConfig default, applied when sampling with top_k unset
+
 # One layer's cache: (key, value), each [B, n_head, tokens so far, head_dim].
 LayerCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -202,7 +204,7 @@ class ReferenceImageGPT(nn.Module):
                  max_new_tokens: int | None = None, do_sample: bool = False, temperature=1.0, top_k=None,
                  top_p=None, generator: torch.Generator | None = None, uniforms=None) -> torch.Tensor:
         """The reference generation loop: [B, prefix] -> [B, prefix + new], one token per forward pass with a
-        KV cache. Randomness: `uniforms(step, batch, vocab)` -> float32 [B, V] in [0, 1) if given (the engine's
+        KV cache. Sampling defaults to top_k=50 like transformers. Randomness: `uniforms(step, batch, vocab)` -> float32 [B, V] in [0, 1) if given (the engine's
         Philox stream, for parity), else torch.rand with `generator`. step is the position of the token fed in.
         """
         from igpt_fast.sampling import check_sampling_args, sample_reference
@@ -210,6 +212,8 @@ class ReferenceImageGPT(nn.Module):
         check_input_ids(input_ids, self.config)
         B, prefix = input_ids.shape
         new_tokens = resolve_length(prefix, max_length, max_new_tokens, self.config)
+        if do_sample and top_k is None:
+            top_k = min(DEFAULT_TOP_K, self.config.n_clusters)
         check_sampling_args(do_sample, temperature, top_k, top_p, self.config.n_clusters)
         vocab = self.config.n_clusters
         out = self(input_ids, use_cache=True)
