@@ -138,22 +138,31 @@ class StaticCacheAnchor:
         return sample_top_k(logits, self.top_k, self.greedy)[:, None]
 
     @torch.no_grad()
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        """Fill the cache with prompt [B, P] (eagerly) and sample the token at P: [B, 1]."""
+        logits = self.model(prompt, torch.arange(prompt.shape[1], device=self.device))[:, -1].float()
+        return sample_top_k(logits, self.top_k, self.greedy)[:, None]
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor, pos: int, steps: int) -> list[torch.Tensor]:
+        """Feed ids [B, 1] at position pos and each sampled token after it: the `steps` next tokens."""
+        input_pos = torch.tensor([pos], device=self.device)
+        tokens = []
+        for _ in range(steps):
+            # clone: a CUDA graph overwrites its output on the next replay
+            ids = self.decode_one_token(ids, input_pos).clone()
+            input_pos += 1
+            tokens.append(ids)
+        return tokens
+
     def generate(self, prompt: torch.Tensor, new_tokens: int) -> TimedRun:
         clock = Clock(self.device)
         clock.mark()
-        P = prompt.shape[1]
-        logits = self.model(prompt, torch.arange(P, device=self.device))[:, -1].float()
-        next_ids = sample_top_k(logits, self.top_k, self.greedy)[:, None]
-        tokens = [next_ids]
+        first = self.prefill(prompt)
         clock.mark()
-        input_pos = torch.tensor([P], device=self.device)
-        for _ in range(new_tokens - 1):
-            # clone: a CUDA graph overwrites its output on the next replay
-            next_ids = self.decode_one_token(next_ids, input_pos).clone()
-            input_pos += 1
-            tokens.append(next_ids)
+        tokens = self.decode(first, prompt.shape[1], new_tokens - 1)
         clock.mark()
-        return clock.run(torch.cat([prompt, *tokens], dim=1), new_tokens - 1)
+        return clock.run(torch.cat([prompt, first, *tokens], dim=1), new_tokens - 1)
 
 
 class TransformersAnchor:

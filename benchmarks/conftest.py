@@ -1,0 +1,51 @@
+"""pytest-benchmark harness: `pytest benchmarks/` on a CUDA machine (every test here is GPU-only and skips with a
+reason elsewhere; CI runs only tests/). Compile, capture and warm-up happen in fixtures or pedantic setup, outside
+the timed region; each timed call ends with a CUDA synchronize.
+
+The summary table, ratios to the anchors and the plot come from `python -m igpt_fast.benchmark`; these files give
+the same measurements pytest-benchmark's statistics, grouping and --benchmark-compare.
+"""
+
+import pytest
+import torch
+
+from igpt_fast import benchmark
+from igpt_fast.config import ImageGPTConfig
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="benchmarks need a CUDA GPU")
+    for item in items:
+        item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return torch.device("cuda")
+
+
+@pytest.fixture(scope="session")
+def small() -> ImageGPTConfig:
+    return ImageGPTConfig.small()
+
+
+@pytest.fixture(scope="session")
+def weights(small, device) -> dict[str, torch.Tensor]:
+    """imagegpt-small's shapes, random, float32 on the CPU (each system copies what it needs)."""
+    return benchmark.random_weights(small, seed=0, device=device)
+
+
+@pytest.fixture(scope="session")
+def synchronized(device):
+    """fn -> fn followed by a CUDA synchronize, so the timer sees the device's work."""
+    def wrap(fn):
+        def run(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            torch.cuda.synchronize(device)
+            return result
+        return run
+    return wrap

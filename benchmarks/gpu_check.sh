@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The one-call GPU check: install the project (no downloads), run the GPU-marked tests, run the benchmark at the
+# core sizes (imagegpt-small; batch 1, 8, 64; fp16 and fp32; anchors included) and print its summary table last.
+#
+#   benchmarks/gpu_check.sh OUT_DIR
+#
+# For a machine where torch, triton and transformers are installed and nothing can be downloaded. Everything
+# lands flat in OUT_DIR (7 files): env.txt, install.log, gpu_tests.log, benchmark.log, results.json, summary.txt,
+# images_per_s.png. Budget, under 6 minutes on an H100: install <= 60 s, tests <= 140 s, benchmark <= 185 s (it
+# starts no measurement after 145 s and rewrites results.json after each one, so a cut-short run still reports).
+# A failing stage does not stop the later ones; the exit status says whether any failed.
+
+set -u -o pipefail
+export PYTHONUNBUFFERED=1
+
+if [ $# -ne 1 ]; then
+    echo "usage: $0 OUT_DIR" >&2
+    exit 2
+fi
+mkdir -p "$1" || exit 2
+OUT=$(cd "$1" && pwd)
+cd "$(dirname "$0")/.." || exit 2
+
+failed=()
+stage() {  # stage NAME LOG COMMAND...: run it (output to OUT_DIR/LOG, or here if LOG is -), note a failure, go on
+    local name=$1 log=$2
+    shift 2
+    echo "== $name ($(date +%T))"
+    if [ "$log" = - ]; then
+        "$@"
+    else
+        "$@" >"$OUT/$log" 2>&1
+    fi
+    local rc=$?
+    if [ $rc -ne 0 ]; then
+        echo "== $name failed (exit $rc)"
+        failed+=("$name")
+    fi
+}
+
+environment() {  # informational: its last command's status is the stage's
+    nvidia-smi
+    python3 -c 'import sys, torch, triton; print("python", sys.version.split()[0], "| torch", torch.__version__,
+"| cuda", torch.version.cuda, "| triton", triton.__version__, "| gpu",
+torch.cuda.get_device_name() if torch.cuda.is_available() else None)'
+    python3 -c 'import transformers; print("transformers", transformers.__version__)'
+    python3 -c 'import matplotlib; print("matplotlib", matplotlib.__version__)'
+    git rev-parse HEAD 2>/dev/null || echo "git commit: unknown (no repository here)"
+}
+
+stage environment env.txt environment
+stage install install.log timeout -k 5 60 python3 -m pip install --no-deps --no-build-isolation -e .
+
+gpu_tests() {
+    timeout -k 10 140 python3 -m pytest -m gpu tests -q 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 15
+}
+stage gpu-tests - gpu_tests
+
+benchmark() {
+    timeout -k 10 185 python3 -m igpt_fast.benchmark --sizes core --out "$OUT" --time-limit 145 \
+        >"$OUT/benchmark.log" 2>&1
+    local rc=$?
+    grep -E "failed|Traceback" "$OUT/benchmark.log" | head -n 20
+    return $rc
+}
+stage benchmark - benchmark
+
+if [ ${#failed[@]} -ne 0 ]; then
+    echo "== failed stages: ${failed[*]}"
+fi
+# Last, the table, rendered from results.json so that it comes back even when the benchmark was cut short.
+stage summary - python3 -m igpt_fast.benchmark --from-json "$OUT/results.json" --out "$OUT"
+[ ${#failed[@]} -eq 0 ]
