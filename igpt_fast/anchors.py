@@ -8,7 +8,9 @@
     transformers-static  the same with cache_implementation="static" (which transformers compiles on CUDA)
 
 Each anchor has `generate(prompt [B, P], new_tokens) -> TimedRun`: the prompt is prefilled, new_tokens tokens are
-sampled (top-k), and the clock marks the prefill + first token apart from the decode steps after it.
+sampled (top-k), and the clock marks the prefill + first token apart from the decode steps after it; and
+`warmup_tokens`: how long a first generate() must be to leave compilation behind (None: as long as the timed one,
+where the compiled shapes depend on the length).
 """
 
 from __future__ import annotations
@@ -118,6 +120,8 @@ class StaticCacheAnchor:
     torch.compile keyword arguments: the tests trace with backend="eager"). The prefill always runs eagerly;
     only the decode step is compiled, once per anchor (its shapes never change)."""
 
+    warmup_tokens = 4  # dynamo compiles on the first decode call, CUDA-graph trees record on the next ones
+
     def __init__(self, reference: ReferenceImageGPT, batch: int, *, top_k: int, greedy: bool = False,
                  compile_options: dict | None = None):
         self.model = StaticCacheImageGPT(reference, batch)
@@ -189,6 +193,8 @@ class TransformersAnchor:
         self.config = config
         self.top_k = top_k
         self.cache_implementation = cache_implementation
+        # The static cache is sized by prompt + new tokens, and transformers compiles for that size.
+        self.warmup_tokens = None if cache_implementation == "static" else 2
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, new_tokens: int) -> TimedRun:

@@ -324,8 +324,7 @@ def measure_generation(system, config: ImageGPTConfig, task: str, dtype: torch.d
     else:
         prompt, run_tokens = prompt_of(config, batch, prompt_len, seed, device), new_tokens
     _reset_peak(device)
-    warmup_tokens = getattr(system, "warmup_tokens", None) or run_tokens
-    first_call_s = system.generate(prompt, min(warmup_tokens, run_tokens)).total_s
+    first_call_s = system.generate(prompt, min(system.warmup_tokens or run_tokens, run_tokens)).total_s
     run = system.generate(prompt, run_tokens)
     ms = run.ms_per_step
     image_s = new_tokens * ms / 1e3 if window else run.total_s
@@ -820,10 +819,12 @@ def write_plot(rows: list[dict], path: Path) -> None:
             ax.plot([p[0] for p in hollow], [p[1] for p in hollow], "o", markerfacecolor="white",
                     color=line.get_color())
         ax.set_xscale("log", base=2)
+        batches = sorted({r["batch"] for r in generate if r["model"] == model})
+        ax.set_xticks(batches, [str(b) for b in batches])
         ax.set_yscale("log")
         ax.set_xlabel("batch")
         ax.set_ylabel("images/s (whole images, top_k=40)")
-        ax.set_title(f"imagegpt-{model}")
+        ax.set_title(f"imagegpt-{model} (hollow: extrapolated from a window of steps)")
         ax.grid(True, which="both", alpha=0.3)
         if lines:
             ax.legend(fontsize=8)
@@ -877,7 +878,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "then extrapolates (0: whole images; presets: smoke 8, core/full 128)")
     p.add_argument("--compiled-at", help="where the compiled anchors run: 'all' or dtype:batch pairs such as "
                    "float16:8,float32:* (presets limit them: each compiles for 15-30 s)")
-    p.add_argument("--device", help="cuda or cpu (default: cuda when available, else cpu)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available, but cpu for the smoke preset)")
     p.add_argument("--backend", choices=("triton", "torch"), help="igpt-fast's backend (default: by device)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-limit", type=float, help="seconds; measurements that would start later are recorded "
@@ -891,6 +892,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     preset = PRESETS[args.sizes]
     if args.device:
         device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(f"--device {args.device}: CUDA is not available here")
     else:
         device = torch.device("cuda" if torch.cuda.is_available() and args.sizes != "smoke" else "cpu")
     compiled_at = preset.compiled_at
