@@ -109,8 +109,9 @@ def test_unreadable_image_is_one_line(tmp_path, capsys):
     assert code == 2 and "cannot read image" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("command", [[], ["generate"], ["complete"], ["convert"], ["info"]])
+@pytest.mark.parametrize("command", [[], ["generate"], ["complete"], ["convert"], ["info"], ["bench"]])
 def test_every_command_has_help(command):
     result = subprocess.run([sys.executable, "-m", "igpt_fast.cli", *command, "--help"], capture_output=True,
                             text=True, timeout=60)
-    assert result.returncode == 0 and "usage: igpt-fast" in result.stdout
+    assert result.returncode == 0 and "usage:" in result.stdout
+    assert ("--sizes" if command == ["bench"] else "igpt-fast") in result.stdout
