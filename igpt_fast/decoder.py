@@ -203,11 +203,8 @@ class StaticDecoder:
         return x
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        """ln_f alone (for hidden states): a norm_linear with an identity would cost a d x d matmul."""
-        w = self.weights
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.config.layer_norm_epsilon)
-                * w.ln_f.float()).to(x.dtype)
+        """ln_f alone, for the last hidden state (once per call, not per step: PyTorch ops suffice)."""
+        return torch_ops.rms_norm(x, self.weights.ln_f, self.config.layer_norm_epsilon).to(x.dtype)
 
     def lm_head(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """ln_f -> lm_head: float32 logits [M, n_clusters]."""

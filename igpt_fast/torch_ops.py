@@ -12,7 +12,8 @@ from igpt_fast.philox import philox_uniforms
 from igpt_fast.sampling import sample_reference
 
 
-def _rms_norm(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """iGPT's norm in float32 (identity when norm_weight is None)."""
     x = x.float()
     if norm_weight is None:
         return x
@@ -26,7 +27,7 @@ def embed(ids, wte, wpe, pos, *, seq_len: int, out) -> torch.Tensor:
 
 
 def norm_linear(x, norm_weight, weight, bias, *, eps: float, activation=None, out=None, out_dtype=None):
-    y = _rms_norm(x, norm_weight, eps) @ weight.float()
+    y = rms_norm(x, norm_weight, eps) @ weight.float()
     if bias is not None:
         y = y + bias.float()
     if activation == "quick_gelu":
