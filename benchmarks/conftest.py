@@ -9,7 +9,7 @@ the same measurements pytest-benchmark's statistics, grouping and --benchmark-co
 import pytest
 import torch
 
-from igpt_fast import benchmark
+from igpt_fast.bench_measure import random_weights
 from igpt_fast.config import ImageGPTConfig
 
 HAS_CUDA = torch.cuda.is_available()
@@ -36,7 +36,7 @@ def small() -> ImageGPTConfig:
 @pytest.fixture(scope="session")
 def weights(small, device) -> dict[str, torch.Tensor]:
     """imagegpt-small's shapes, random, float32 on the CPU (each system copies what it needs)."""
-    return benchmark.random_weights(small, seed=0, device=device)
+    return random_weights(small, seed=0, device=device)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ START runs in the untimed setup. extra_info["ms_per_step"] holds the median call
 import pytest
 import torch
 
-from igpt_fast import benchmark as bench
+from igpt_fast import bench_measure as measure
 from igpt_fast.anchors import StaticCacheAnchor, TransformersAnchor
 from igpt_fast.model import ImageGPT
 from igpt_fast.reference import ReferenceImageGPT
@@ -30,11 +30,11 @@ def record_ms_per_step(benchmark, steps: int) -> None:
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_igpt_fast_decode_steps(benchmark, synchronized, small, weights, device, dtype, batch):
-    model = ImageGPT(small, weights, dtype=bench.DTYPES[dtype], device=device)
+    model = ImageGPT(small, weights, dtype=measure.DTYPES[dtype], device=device)
     decoder = model.decoder
     state = decoder.state(batch)
-    state.top_k.fill_(bench.TOP_K)
-    prompt = bench.prompt_of(small, batch, START, seed=0, device=device)
+    state.top_k.fill_(measure.TOP_K)
+    prompt = measure.prompt_of(small, batch, START, seed=0, device=device)
     decoder.start(state, prompt, greedy=False)  # compiles the kernels and captures the bucket's graph
     decoder.step(state, greedy=False)
 
@@ -53,11 +53,11 @@ def test_igpt_fast_decode_steps(benchmark, synchronized, small, weights, device,
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_reference_static_cache_decode_steps(benchmark, synchronized, small, weights, device, compiled, dtype,
                                              batch):
-    dt = bench.DTYPES[dtype]
+    dt = measure.DTYPES[dtype]
     reference = ReferenceImageGPT.from_state_dict(small, {k: v.to(device, dt) for k, v in weights.items()})
     options = StaticCacheAnchor.compiled_options() if compiled else None
-    anchor = StaticCacheAnchor(reference, batch, top_k=bench.TOP_K, compile_options=options)
-    prompt = bench.prompt_of(small, batch, START, seed=0, device=device)
+    anchor = StaticCacheAnchor(reference, batch, top_k=measure.TOP_K, compile_options=options)
+    prompt = measure.prompt_of(small, batch, START, seed=0, device=device)
     anchor.decode(anchor.prefill(prompt), START, 4)  # compile and CUDA-graph recording, untimed
 
     benchmark.group = f"decode {dtype} b{batch}"
@@ -72,9 +72,9 @@ def test_reference_static_cache_decode_steps(benchmark, synchronized, small, wei
 def test_transformers_generate(benchmark, small, weights, device, cache, dtype, batch):
     """The timed call is a whole generate() (its prefill included); ms_per_step comes from the per-step clock."""
     pytest.importorskip("transformers")
-    anchor = TransformersAnchor(small, weights, dtype=bench.DTYPES[dtype], device=device, top_k=bench.TOP_K,
+    anchor = TransformersAnchor(small, weights, dtype=measure.DTYPES[dtype], device=device, top_k=measure.TOP_K,
                                 cache_implementation=cache)
-    prompt = bench.prompt_of(small, batch, START, seed=0, device=device)
+    prompt = measure.prompt_of(small, batch, START, seed=0, device=device)
     anchor.generate(prompt, STEPS + 1)  # warm-up; the static cache compiles here
     runs = []
     benchmark.group = f"transformers generate {dtype} b{batch}"
@@ -85,18 +85,18 @@ def test_transformers_generate(benchmark, small, weights, device, cache, dtype, 
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("task", ["features", "likelihood"])
-@pytest.mark.parametrize("system", [bench.ENGINE, "reference-eager"])
+@pytest.mark.parametrize("system", [measure.ENGINE, "reference-eager"])
 def test_whole_image_forward(benchmark, synchronized, small, weights, device, system, task, dtype, batch):
-    dt = bench.DTYPES[dtype]
-    ids = bench.prompt_of(small, batch, small.n_positions, seed=0, device=device)
-    pixels = bench.random_pixels(small, batch, small.n_positions, seed=0, device=device)
-    if system == bench.ENGINE:
+    dt = measure.DTYPES[dtype]
+    ids = measure.prompt_of(small, batch, small.n_positions, seed=0, device=device)
+    pixels = measure.random_pixels(small, batch, small.n_positions, seed=0, device=device)
+    if system == measure.ENGINE:
         model = ImageGPT(small, weights, dtype=dt, device=device)
         fn = (lambda: model.features(ids)) if task == "features" else (lambda: model.log_likelihood(pixels))
     else:
         reference = ReferenceImageGPT.from_state_dict(small, {k: v.to(device, dt) for k, v in weights.items()})
-        fn = ((lambda: bench.reference_features(reference, ids)) if task == "features"
-              else (lambda: bench.reference_log_likelihood(reference, pixels)))
+        fn = ((lambda: measure.reference_features(reference, ids)) if task == "features"
+              else (lambda: measure.reference_log_likelihood(reference, pixels)))
     benchmark.group = f"{task} {dtype} b{batch}"
     with torch.no_grad():
         benchmark.pedantic(synchronized(fn), rounds=5, warmup_rounds=1)

@@ -8,7 +8,8 @@ import functools
 import pytest
 import torch
 
-from igpt_fast import benchmark as bench
+from igpt_fast import bench_measure
+from igpt_fast.bench_kernels import kernel_cases
 from igpt_fast.config import ImageGPTConfig
 
 pytestmark = pytest.mark.gpu
@@ -22,8 +23,8 @@ DTYPE_FREE = {"sample_tokens (top_k=40)", "quantize (pixels to clusters)"}  # me
 
 @functools.lru_cache(maxsize=1)
 def cases(dtype: str, batch: int) -> dict:
-    built = bench.kernel_cases(ImageGPTConfig.small(), bench.DTYPES[dtype], batch, torch.device("cuda"), seed=0,
-                               with_dtype_free=True)
+    built = kernel_cases(ImageGPTConfig.small(), bench_measure.DTYPES[dtype], batch, torch.device("cuda"), seed=0,
+                         with_dtype_free=True)
     return {case.name: case for case in built}
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import TINY, random_state_dict
 
-from igpt_fast import benchmark
+from igpt_fast import bench_measure, bench_report, benchmark
 from igpt_fast.anchors import StaticCacheAnchor
 from igpt_fast.config import ImageGPTConfig
 from igpt_fast.reference import ReferenceImageGPT
@@ -32,7 +32,7 @@ def smoke_run(tmp_path_factory):
 def test_smoke_run_measures_every_system_and_task(smoke_run):
     out, code, _ = smoke_run
     assert code == 0
-    smoke_model = benchmark.MODELS["tiny"]
+    smoke_model = bench_measure.MODELS["tiny"]
     data = json.loads((out / "results.json").read_text())
     rows = data["results"]
     by_key = {(r["task"], r["system"], r["batch"]): r for r in rows}
@@ -52,13 +52,13 @@ def test_smoke_run_measures_every_system_and_task(smoke_run):
         r = by_key[task, system, batch]
         if task in ("generate", "complete"):
             # The engine runs whole images; anchors a window of 8 steps (smoke: 31 steps per image).
-            assert r["extrapolated"] == (system != benchmark.ENGINE), r
-            assert r["steps_timed"] == (8 if system != benchmark.ENGINE else
-                                        smoke_model.n_positions - benchmark.task_prompt_length(smoke_model, task)), r
+            assert r["extrapolated"] == (system != bench_measure.ENGINE), r
+            whole_image = smoke_model.n_positions - bench_measure.task_prompt_length(smoke_model, task)
+            assert r["steps_timed"] == (8 if system != bench_measure.ENGINE else whole_image), r
             assert r["images_per_s"] > 0 and r["first_call_s"] > 0 and r["bytes_per_step"] > 0, r
         if task == "kernel":
             assert r["baseline_ms"] > 0 and r["gb_per_s"] > 0, r
-    assert data["settings"]["top_k"] == benchmark.TOP_K
+    assert data["settings"]["top_k"] == bench_measure.TOP_K
 
 
 def test_smoke_run_prints_the_generation_table_last(smoke_run):
@@ -123,14 +123,14 @@ def test_static_cache_anchor_samples_from_the_top_k():
 @pytest.mark.parametrize("batch, gigabytes", [(1, 0.18), (8, 0.35), (64, 1.76), (256, 6.6)])
 def test_decode_step_bytes_match_the_performance_doc(batch, gigabytes):
     """shared/docs/performance.md's table: imagegpt-small fp16, the average step of a whole image."""
-    step = benchmark.decode_step_bytes(ImageGPTConfig.small(), torch.float16, batch, prompt_len=1)
+    step = bench_measure.decode_step_bytes(ImageGPTConfig.small(), torch.float16, batch, prompt_len=1)
     assert step / 1e9 == pytest.approx(gigabytes, rel=0.03)
 
 
 def _row(system, dtype, batch, ms, task="generate"):
     return {"task": task, "system": system, "model": "small", "dtype": dtype, "batch": batch, "status": "ok",
             "note": "", "ms": ms, "images_per_s": batch / (1024 * ms / 1e3), "first_call_s": 1.0,
-            "extrapolated": system != benchmark.ENGINE, "floor_ms": 0.1, "peak_memory_bytes": None}
+            "extrapolated": system != bench_measure.ENGINE, "floor_ms": 0.1, "peak_memory_bytes": None}
 
 
 def test_targets_and_ratios_to_the_best_anchor():
@@ -138,13 +138,13 @@ def test_targets_and_ratios_to_the_best_anchor():
             _row("reference-compiled", "float16", 8, 2.4), _row("reference-eager", "float16", 8, 6.0),
             _row("igpt-fast", "float32", 8, 0.5), _row("transformers", "float32", 8, 17.0),
             _row("igpt-fast", "float32", 1, 0.4)]
-    verdicts = [benchmark.target_verdict(r, rows) for r in rows]
+    verdicts = [bench_report.target_verdict(r, rows) for r in rows]
     assert verdicts[0].startswith("met") and verdicts[1].startswith("NOT met")
     assert verdicts[4].startswith("met (34.0x")
     assert verdicts[2] == verdicts[3] == verdicts[5] == verdicts[6] == ""
-    assert benchmark.target_verdict(_row("igpt-fast", "float32", 8, 1.0), rows[:1]).startswith("unknown")
-    assert benchmark.best_anchor_ms(rows)[("generate", "small", "float16", 8)] == ("reference-compiled", 2.4)
-    table = benchmark.generation_table(rows)
+    assert bench_report.target_verdict(_row("igpt-fast", "float32", 8, 1.0), rows[:1]).startswith("unknown")
+    assert bench_report.best_anchor_ms(rows)[("generate", "small", "float16", 8)] == ("reference-compiled", 2.4)
+    table = bench_report.generation_table(rows)
     line = next(x for x in table.splitlines() if x.startswith("generate | igpt-fast") and " 0.300 |" in x)
     assert " 8.00x |" in line and " 33% |" in line and "NOT met (<= 0.25 ms)" in line
 

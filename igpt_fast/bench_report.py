@@ -1,0 +1,203 @@
+"""The benchmark's reports: results.json, the verdicts on shared/docs/performance.md's targets, the tables (the
+generation table last) under the run's card and versions, and the plot of images/s against batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from igpt_fast.anchors import ANCHORS
+from igpt_fast.bench_measure import ENGINE, MODELS, SYSTEMS, TOP_K, Result
+
+if TYPE_CHECKING:
+    from igpt_fast.benchmark import Plan
+
+# shared/docs/performance.md: fp16 on an H100, imagegpt-small, whole images, top_k=40.
+TARGET_MS_PER_STEP = {1: 0.20, 8: 0.25, 64: 0.90, 256: 3.0}
+TARGET_FP32_SPEEDUP = (8, 20.0)  # at batch 8 in float32, >= 20x transformers' float32 generate
+
+
+def write_json(path: Path, results: list[Result], plan: Plan) -> None:
+    """results.json: the plan's settings (and top_k) and every result so far."""
+    settings = {k: (str(v) if isinstance(v, torch.device) else v) for k, v in dataclasses.asdict(plan).items()}
+    settings["top_k"] = TOP_K
+    rows = [dataclasses.asdict(r) for r in results]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"settings": settings, "results": rows}, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)  # a reader (or a killed run) never sees half a file
+
+
+def _key(row: dict) -> tuple:
+    return row["task"], row["model"], row["dtype"], row["batch"]
+
+
+def best_anchor_ms(rows: list[dict]) -> dict[tuple, tuple[str, float]]:
+    """(task, model, dtype, batch) -> the fastest anchor's (system, ms)."""
+    best = {}
+    for r in rows:
+        if r["system"] in ANCHORS and r["status"] == "ok" and (_key(r) not in best or r["ms"] < best[_key(r)][1]):
+            best[_key(r)] = (r["system"], r["ms"])
+    return best
+
+
+def target_verdict(row: dict, rows: list[dict]) -> str:
+    """met / NOT met for the rows the performance targets speak about (they are set for an H100), else ''."""
+    if row["task"] != "generate" or row["system"] != ENGINE or row["model"] != "small" or row["status"] != "ok":
+        return ""
+    if row["dtype"] == "float16" and row["batch"] in TARGET_MS_PER_STEP:
+        target = TARGET_MS_PER_STEP[row["batch"]]
+        return f"{'met' if row['ms'] <= target else 'NOT met'} (<= {target:.2f} ms)"
+    batch, speedup = TARGET_FP32_SPEEDUP
+    if row["dtype"] == "float32" and row["batch"] == batch:
+        hf = [r for r in rows if r["system"] == "transformers" and _key(r) == _key(row) and r["status"] == "ok"]
+        if not hf:
+            return f"unknown (needs transformers fp32 b{batch})"
+        ratio = hf[0]["ms"] / row["ms"]
+        return f"{'met' if ratio >= speedup else 'NOT met'} ({ratio:.1f}x vs >= {speedup:.0f}x transformers)"
+    return ""
+
+
+def _table(headers: list[str], lines: list[list[str]], numeric: range) -> str:
+    """Columns aligned; those in `numeric` to the right."""
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(headers)]
+    fmt = " | ".join(f"{{:{'>' if i in numeric else '<'}{w}}}" for i, w in enumerate(widths))
+    out = [fmt.format(*headers), "-+-".join("-" * w for w in widths)]
+    return "\n".join(out + [fmt.format(*line) for line in lines])
+
+
+def _num(value, spec: str, star: bool = False, unit: str = "") -> str:
+    return "-" if value is None else format(value, spec) + unit + ("*" if star else "")
+
+
+def _memory(row: dict) -> str:
+    return "-" if row.get("peak_memory_bytes") is None else f"{row['peak_memory_bytes'] / 2**30:.2f} GiB"
+
+
+def generation_table(rows: list[dict]) -> str:
+    best = best_anchor_ms(rows)
+    lines = []
+    for r in rows:
+        if r["task"] not in ("generate", "complete"):
+            continue
+        if r["status"] != "ok":
+            lines.append([r["task"], r["system"], r["model"], r["dtype"], str(r["batch"]), r["status"], "", "", "",
+                          "", "", r["note"][:60]])
+            continue
+        star = r["extrapolated"]
+        anchor = best.get(_key(r))
+        lines.append([
+            r["task"], r["system"], r["model"], r["dtype"], str(r["batch"]), _num(r["ms"], ".3f", star),
+            _num(r["images_per_s"], ".3g", star), _num(r["first_call_s"], ".2f", unit=" s"),
+            f"{anchor[1] / r['ms']:.2f}x" if anchor else "-",
+            f"{100 * r['floor_ms'] / r['ms']:.0f}%", _memory(r), target_verdict(r, rows),
+        ])
+    return _table(["task", "system", "model", "dtype", "batch", "ms/step", "images/s", "first call",
+                   "vs best anchor", "% of floor", "peak mem", "target"], lines, range(5, 11))
+
+
+def forward_table(rows: list[dict]) -> str:
+    lines = []
+    for r in rows:
+        if r["task"] not in ("features", "likelihood"):
+            continue
+        if r["status"] != "ok":
+            lines.append([r["task"], r["system"], r["model"], r["dtype"], str(r["batch"]), r["status"], "", "", "",
+                          r["note"][:60]])
+            continue
+        reference = [a for a in rows if a["system"] == "reference-eager" and _key(a) == _key(r)
+                     and a["status"] == "ok"]
+        lines.append([r["task"], r["system"], r["model"], r["dtype"], str(r["batch"]), _num(r["ms"], ".2f"),
+                      _num(r["images_per_s"], ".4g"), _num(r["first_call_s"], ".2f", unit=" s"),
+                      f"{reference[0]['ms'] / r['ms']:.2f}x" if reference else "-", _memory(r)])
+    return _table(["task", "system", "model", "dtype", "batch", "ms/call", "images/s", "first call",
+                   "vs reference", "peak mem"], lines, range(5, 10))
+
+
+def kernel_table(rows: list[dict]) -> str:
+    lines = []
+    for r in rows:
+        if r["task"] != "kernel":
+            continue
+        if r["status"] != "ok":
+            lines.append([r["system"], r["model"], r["dtype"], str(r["batch"]), r["status"], "", "", "", "",
+                          r["note"][:60]])
+            continue
+        lines.append([r["system"], r["model"], r["dtype"], str(r["batch"]), f"{1e3 * r['ms']:.1f}",
+                      _num(r["gb_per_s"], ".4g"), f"{100 * r['floor_ms'] / r['ms']:.0f}%",
+                      f"{1e3 * r['baseline_ms']:.1f}", f"{r['baseline_ms'] / r['ms']:.2f}x", r["baseline"]])
+    return _table(["kernel", "model", "dtype", "batch", "us", "GB/s", "% of floor", "torch us", "speedup",
+                   "torch equivalent"], lines, range(4, 9))
+
+
+def summary(rows: list[dict]) -> str:
+    """Every table, the generation table last, with the run's card and versions."""
+    env = next((r["environment"] for r in rows if r.get("environment")), {})
+    header = (f"card: {env.get('card')} (driver {env.get('driver')}), copy bandwidth {env.get('copy_gb_per_s')} "
+              f"GB/s; torch {env.get('torch')}, triton {env.get('triton')}, transformers {env.get('transformers')}; "
+              f"commit {env.get('git_commit')}; {env.get('date')}")
+    notes = ("ms/step: one decode step, compile and capture excluded (first call: apart); * timed over a window of "
+             "steps in the middle of the image, images/s extrapolated; vs best anchor: the fastest anchor's "
+             "ms/step over this row's; % of floor: the bytes a step must move at the copy bandwidth over the "
+             "time; targets are set for an H100.")
+    parts = [header]
+    if any(r["task"] == "kernel" for r in rows):
+        parts += ["", "Kernels (one decode step's launches; torch: the unfused PyTorch equivalent)",
+                  kernel_table(rows)]
+    if any(r["task"] in ("features", "likelihood") for r in rows):
+        parts += ["", "Whole-image forwards (features, likelihood)", forward_table(rows)]
+    parts += ["", "Generation (top_k=40 sampling; complete: the second half of each image)", generation_table(rows),
+              notes]
+    return "\n".join(parts)
+
+
+def write_plot(rows: list[dict], path: Path) -> None:
+    """images/s against batch, one line per (system, dtype), one panel per model; hollow markers are
+    extrapolated."""
+    from matplotlib.figure import Figure
+
+    generate = [r for r in rows if r["task"] == "generate" and r["status"] == "ok"]
+    models = sorted({r["model"] for r in generate}, key=list(MODELS).index) or ["(no results)"]
+    fig = Figure(figsize=(6.5 * len(models), 5), layout="constrained")
+    axes = fig.subplots(1, len(models), squeeze=False)[0]
+    for ax, model in zip(axes, models):
+        lines = sorted({(r["system"], r["dtype"]) for r in generate if r["model"] == model},
+                       key=lambda sd: (SYSTEMS.index(sd[0]), sd[1]))
+        for system, dtype in lines:
+            points = sorted((r["batch"], r["images_per_s"], r["extrapolated"]) for r in generate
+                            if (r["model"], r["system"], r["dtype"]) == (model, system, dtype))
+            (line,) = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{system} {dtype}",
+                              linestyle="-" if system == ENGINE else "--")
+            hollow = [p for p in points if p[2]]
+            ax.plot([p[0] for p in hollow], [p[1] for p in hollow], "o", markerfacecolor="white",
+                    color=line.get_color())
+        ax.set_xscale("log", base=2)
+        batches = sorted({r["batch"] for r in generate if r["model"] == model})
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.set_yscale("log")
+        ax.set_xlabel("batch")
+        ax.set_ylabel("images/s (whole images, top_k=40)")
+        ax.set_title(f"imagegpt-{model} (hollow: extrapolated from a window of steps)")
+        ax.grid(True, which="both", alpha=0.3)
+        if lines:
+            ax.legend(fontsize=8)
+    card = next((r["environment"].get("card") for r in rows if r.get("environment")), "")
+    fig.suptitle(f"igpt-fast and anchors, {card}")
+    fig.savefig(path, dpi=120)
+
+
+def report(rows: list[dict], out_dir: Path) -> str:
+    """Write summary.txt and images_per_s.png; return the summary text."""
+    text = summary(rows)
+    (out_dir / "summary.txt").write_text(text + "\n")
+    try:
+        write_plot(rows, out_dir / "images_per_s.png")
+    except ImportError:
+        text += "\n(plot not written: matplotlib is not installed)"
+    return text
+
