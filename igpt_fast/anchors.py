@@ -105,7 +105,7 @@ class StaticCacheImageGPT(nn.Module):
         d, H, D = self.config.n_embd, self.config.n_head, self.config.head_dim
         x = t.wte(ids) + t.wpe(input_pos)[None]
         mask = self.causal_mask[None, None, input_pos]  # (1, 1, S, T): the query at p sees keys 0..p
-        for block, cache, scale in zip(t.h, self.kv_caches, self.scales):
+        for block, cache, scale in zip(t.h, self.kv_caches, self.scales, strict=True):
             q, k, v = block.attn.c_attn(block.ln_1(x)).split(d, dim=2)
             q, k, v = (z.view(B, S, H, D).transpose(1, 2) for z in (q, k, v))  # (B, H, S, D)
             k, v = cache.update(input_pos, k, v)

@@ -165,7 +165,7 @@ def write_plot(rows: list[dict], path: Path) -> None:
     models = sorted({r["model"] for r in generate}, key=list(MODELS).index) or ["(no results)"]
     fig = Figure(figsize=(6.5 * len(models), 5), layout="constrained")
     axes = fig.subplots(1, len(models), squeeze=False)[0]
-    for ax, model in zip(axes, models):
+    for ax, model in zip(axes, models, strict=True):
         lines = sorted({(r["system"], r["dtype"]) for r in generate if r["model"] == model},
                        key=lambda sd: (SYSTEMS.index(sd[0]), sd[1]))
         for system, dtype in lines:

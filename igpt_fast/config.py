@@ -99,30 +99,30 @@ class ImageGPTConfig:
         return self.vocab_size * d + self.n_positions * d + n_layer * per_layer + d + self.n_clusters * d
 
     @classmethod
-    def small(cls, **overrides) -> "ImageGPTConfig":
+    def small(cls, **overrides) -> ImageGPTConfig:
         return cls(**{"n_embd": 512, "n_head": 8, "n_layer": 24, **overrides})
 
     @classmethod
-    def medium(cls, **overrides) -> "ImageGPTConfig":
+    def medium(cls, **overrides) -> ImageGPTConfig:
         return cls(**{"n_embd": 1024, "n_head": 8, "n_layer": 36, **overrides})
 
     @classmethod
-    def large(cls, **overrides) -> "ImageGPTConfig":
+    def large(cls, **overrides) -> ImageGPTConfig:
         return cls(**{"n_embd": 1536, "n_head": 16, "n_layer": 48, **overrides})
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "ImageGPTConfig":
+    def preset(cls, name: str, **overrides) -> ImageGPTConfig:
         presets = {"small": cls.small, "medium": cls.medium, "large": cls.large}
         if name not in presets:
             raise ValueError(f"unknown ImageGPT preset {name!r}; expected one of {sorted(presets)}")
         return presets[name](**overrides)
 
-    def replace(self, **changes) -> "ImageGPTConfig":
+    def replace(self, **changes) -> ImageGPTConfig:
         return dataclasses.replace(self, **changes)
 
     # ---- config.json ----
     @classmethod
-    def from_dict(cls, data: dict) -> "ImageGPTConfig":
+    def from_dict(cls, data: dict) -> ImageGPTConfig:
         model_type = data.get("model_type", "imagegpt")
         if model_type != "imagegpt":
             raise ValueError(f"config.json has model_type={model_type!r}; expected 'imagegpt'")
@@ -148,7 +148,7 @@ class ImageGPTConfig:
         return data
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "ImageGPTConfig":
+    def from_json_file(cls, path: str | os.PathLike) -> ImageGPTConfig:
         with open(path, encoding="utf-8") as f:
             try:
                 data = json.load(f)
@@ -164,6 +164,6 @@ class ImageGPTConfig:
             f.write("\n")
 
     @classmethod
-    def from_hf(cls, hf_config) -> "ImageGPTConfig":
+    def from_hf(cls, hf_config) -> ImageGPTConfig:
         """From a transformers ImageGPTConfig object."""
         return cls.from_dict(hf_config.to_dict())

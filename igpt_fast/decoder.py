@@ -66,7 +66,7 @@ class PackedWeights:
     lm_head_w: torch.Tensor  # [d, n_clusters]: nn.Linear's [out, in] transposed once, so every linear is [K, N]
 
     @classmethod
-    def pack(cls, config: ImageGPTConfig, state: dict[str, torch.Tensor], dtype, device) -> "PackedWeights":
+    def pack(cls, config: ImageGPTConfig, state: dict[str, torch.Tensor], dtype, device) -> PackedWeights:
         def get(name):
             return state[name].detach().to(device=device, dtype=dtype).contiguous()
 

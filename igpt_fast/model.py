@@ -79,13 +79,13 @@ class ImageGPT:
 
     # ---- construction, transformers-style ----
     @classmethod
-    def from_pretrained(cls, path_or_hub_id, *, dtype=None, device=None, **kwargs) -> "ImageGPT":
+    def from_pretrained(cls, path_or_hub_id, *, dtype=None, device=None, **kwargs) -> ImageGPT:
         """From a local Hugging Face folder or a hub id (resolved through the local cache first)."""
         checkpoint = load_checkpoint(path_or_hub_id)
         return cls(checkpoint.config, checkpoint.state_dict, dtype=dtype, device=device, **kwargs)
 
     @classmethod
-    def from_hf(cls, hf_model, **kwargs) -> "ImageGPT":
+    def from_hf(cls, hf_model, **kwargs) -> ImageGPT:
         """From an in-memory transformers ImageGPTForCausalImageModeling."""
         state = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}
         return cls(ImageGPTConfig.from_hf(hf_model.config), state, **kwargs)
@@ -102,14 +102,14 @@ class ImageGPT:
     def backend(self) -> str:
         return self.decoder.backend
 
-    def to(self, device=None, dtype=None) -> "ImageGPT":
+    def to(self, device=None, dtype=None) -> ImageGPT:
         """Repack the weights on another device and/or dtype; caches and graphs are rebuilt on first use."""
         if isinstance(device, torch.dtype):
             device, dtype = None, device
         self._build(torch.device(device) if device is not None else self.device, dtype or self.dtype)
         return self
 
-    def eval(self) -> "ImageGPT":
+    def eval(self) -> ImageGPT:
         return self  # inference only: there is no dropout to switch off
 
     def release_caches(self) -> None:
@@ -229,7 +229,7 @@ class ImageGPT:
         prompt = ids.to(self.device, torch.int64)
         if batch < bucket:  # pad with copies of the first row; their samples are dropped
             prompt = torch.cat([prompt, prompt[:1].expand(bucket - batch, prefix)])
-        for buffer, values in zip((state.temperature, state.top_k, state.top_p), params):
+        for buffer, values in zip((state.temperature, state.top_k, state.top_p), params, strict=True):
             buffer[:batch].copy_(values)
             buffer[batch:].copy_(values[:1].expand(bucket - batch))
         state.seed.fill_(seed)

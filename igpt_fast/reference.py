@@ -175,7 +175,7 @@ class ReferenceImageGPT(nn.Module):
         )
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype: torch.dtype | None = None) -> "ReferenceImageGPT":
+    def from_pretrained(cls, path: str, dtype: torch.dtype | None = None) -> ReferenceImageGPT:
         """From a local Hugging Face folder or a hub id already in the local cache."""
         from igpt_fast.checkpoint import load_checkpoint
 
@@ -193,7 +193,7 @@ class ReferenceImageGPT(nn.Module):
         return model.to(dtype) if dtype is not None else model
 
     @classmethod
-    def from_hf(cls, hf_model) -> "ReferenceImageGPT":
+    def from_hf(cls, hf_model) -> ReferenceImageGPT:
         """From an in-memory transformers ImageGPTForCausalImageModeling (weights copied, not shared)."""
         config = ImageGPTConfig.from_hf(hf_model.config)
         state = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}
@@ -204,8 +204,9 @@ class ReferenceImageGPT(nn.Module):
                  max_new_tokens: int | None = None, do_sample: bool = False, temperature=1.0, top_k=None,
                  top_p=None, generator: torch.Generator | None = None, uniforms=None) -> torch.Tensor:
         """The reference generation loop: [B, prefix] -> [B, prefix + new], one token per forward pass with a
-        KV cache. Sampling defaults to top_k=50 like transformers. Randomness: `uniforms(step, batch, vocab)` -> float32 [B, V] in [0, 1) if given (the engine's
-        Philox stream, for parity), else torch.rand with `generator`. step is the position of the token fed in.
+        KV cache. Sampling defaults to top_k=50 like transformers. Randomness: `uniforms(step, batch, vocab)` ->
+        float32 [B, V] in [0, 1) if given (the engine's Philox stream, for parity), else torch.rand with
+        `generator`. step is the position of the token fed in.
         """
         from igpt_fast.sampling import check_sampling_args, sample_reference
 

@@ -104,7 +104,9 @@ def sample_reference(logits: torch.Tensor, *, uniforms, temperature, top_k, top_
         return logits.argmax(dim=-1)
     if not isinstance(uniforms, torch.Tensor) or uniforms.shape != logits.shape:
         got = list(uniforms.shape) if isinstance(uniforms, torch.Tensor) else type(uniforms).__name__
-        raise ValueError(f"sample_reference: uniforms must be a tensor shaped like logits {list(logits.shape)}, got {got}")
+        raise ValueError(
+            f"sample_reference: uniforms must be a tensor shaped like logits {list(logits.shape)}, got {got}"
+        )
     scores = warp_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     gumbel = -torch.log(-torch.log(uniforms.to(device=scores.device, dtype=torch.float32)))
     return (scores + gumbel).argmax(dim=-1)

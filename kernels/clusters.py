@@ -103,7 +103,8 @@ def _dequantize_kernel(
 def _check_clusters(clusters, device, op):
     if not isinstance(clusters, torch.Tensor) or clusters.dtype != torch.float32 or clusters.dim() != 2 \
             or clusters.shape[1] != 3 or clusters.shape[0] < 1:
-        got = f"{clusters.dtype} {list(clusters.shape)}" if isinstance(clusters, torch.Tensor) else type(clusters).__name__
+        got = (f"{clusters.dtype} {list(clusters.shape)}" if isinstance(clusters, torch.Tensor)
+               else type(clusters).__name__)
         raise ValueError(f"{op}: clusters must be a float32 [C, 3] tensor with C >= 1, got {got}")
     if clusters.device != device:
         raise ValueError(f"{op}: clusters are on {clusters.device}, the input on {device}")
@@ -159,7 +160,8 @@ def dequantize(ids: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
     if ids.numel():
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= n_clusters:
-            raise ValueError(f"dequantize: ids hold {low if low < 0 else high}; cluster ids must lie in [0, {n_clusters})")
+            bad = low if low < 0 else high
+            raise ValueError(f"dequantize: ids hold {bad}; cluster ids must lie in [0, {n_clusters})")
     n, length = ids.shape
     pixels = torch.empty((n, length, 3), dtype=torch.uint8, device=ids.device)
     if ids.numel() == 0:

@@ -9,13 +9,14 @@ import math
 
 import pytest
 import torch
+from tolerances import tol
+
 from igpt_fast.kernels.attention import (
     decode_attention,
     decode_num_splits,
     decode_workspace,
     prefill_attention,
 )
-from tolerances import tol
 
 NAN = float("nan")
 
@@ -104,7 +105,7 @@ def test_prefill_allocates_out_and_leaves_inputs_alone(device):
     torch.testing.assert_close(
         out.double(), reference_attention(q, k, v, 0.125), **tol("kernel", torch.float16)
     )
-    for x, original in zip((q, k, v), before):
+    for x, original in zip((q, k, v), before, strict=True):
         assert torch.equal(x, original)
 
 

@@ -77,7 +77,8 @@ def test_quantize_matches_transformers_processor(device, table):
     torch.testing.assert_close(ids.cpu(), float32_ids(x, clusters).view(3, 1024))
 
 
-@pytest.mark.parametrize("n,h,w,n_clusters", [(1, 1, 1, 1), (1, 3, 5, 3), (2, 7, 3, 17), (3, 9, 11, 65), (1, 6, 6, 512)])
+@pytest.mark.parametrize("n,h,w,n_clusters",
+                         [(1, 1, 1, 1), (1, 3, 5, 3), (2, 7, 3, 17), (3, 9, 11, 65), (1, 6, 6, 512)])
 def test_quantize_float_pixels(device, n, h, w, n_clusters):
     g = torch.Generator().manual_seed(n * 100 + n_clusters)
     pixels = torch.rand(n, h, w, 3, generator=g) * 2 - 1

@@ -84,7 +84,7 @@ def test_norm_linear_quick_gelu(device, path, M, K, N):
     assert result is out
     expected = ref_norm_linear(x, norm_weight, weight, bias, EPS, "quick_gelu")
     torch.testing.assert_close(out.double(), expected, **tol("exact", torch.float32))
-    for before, after in zip(inputs, (x, norm_weight, weight, bias)):
+    for before, after in zip(inputs, (x, norm_weight, weight, bias), strict=True):
         assert torch.equal(before, after), "norm_linear modified an input"
 
 

@@ -36,7 +36,7 @@ def test_logits_match_transformers(name):
     print(f"{name}: logits max abs diff vs transformers {diff:.3g}")
     torch.testing.assert_close(actual.logits, expected.logits, **tol("exact", torch.float32))
     assert len(actual.hidden_states) == len(expected.hidden_states) == config.n_layer + 1
-    for mine, theirs in zip(actual.hidden_states, expected.hidden_states):
+    for mine, theirs in zip(actual.hidden_states, expected.hidden_states, strict=True):
         torch.testing.assert_close(mine, theirs, **tol("exact", torch.float32))
 
 
