@@ -41,6 +41,45 @@ def test_logits_match_reference(backend, weights, reference):
     torch.testing.assert_close(model(ids).logits, expected, **tol("model", torch.float32))
 
 
+# Every attention option a config.json may set, and imagegpt-large's 96-wide heads, through the engine.
+ODD_CONFIGS = {
+    "96-wide heads": ImageGPTConfig(vocab_size=21, n_positions=19, n_embd=192, n_layer=1, n_head=2),
+    "inverse layer idx": ImageGPTConfig(vocab_size=21, n_positions=19, n_embd=48, n_layer=3, n_head=3,
+                                        scale_attn_by_inverse_layer_idx=True),
+    "upcast, unscaled": ImageGPTConfig(vocab_size=21, n_positions=19, n_embd=40, n_layer=2, n_head=5,
+                                       reorder_and_upcast_attn=True, scale_attn_weights=False),
+    "n_inner 72": ImageGPTConfig(vocab_size=21, n_positions=19, n_embd=48, n_layer=2, n_head=2, n_inner=72),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", sorted(ODD_CONFIGS))
+def test_config_options_match_reference(name, backend):
+    config = ODD_CONFIGS[name]
+    state = random_state_dict(config, seed=len(name))
+    model, reference = ImageGPT(config, state, backend=backend), ReferenceImageGPT.from_state_dict(config, state)
+    ids = torch.randint(0, config.vocab_size, (3, 17))
+    with torch.no_grad():
+        expected = reference(ids).logits
+    torch.testing.assert_close(model(ids).logits, expected, **tol("model", torch.float32))
+    context = torch.full((1, 1), config.sos_token_id)
+    steps = 3 if backend == "triton" else config.n_positions
+    assert torch.equal(model.generate(context, max_new_tokens=steps),
+                       reference.generate(context, max_new_tokens=steps))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_logits_stay_close_to_float32(weights, reference, dtype):
+    """The CPU stand-ins in 16-bit storage (float32 math) against the float32 reference."""
+    model = ImageGPT(TINY, weights, backend="torch", dtype=dtype)
+    ids = torch.randint(0, TINY.vocab_size, (2, TINY.n_positions))
+    with torch.no_grad():
+        expected = reference(ids).logits
+    torch.testing.assert_close(model(ids).logits, expected, **tol("model", dtype))
+    out = model.generate(ids[:, :1], do_sample=True, seed=0)
+    assert out.shape == (2, TINY.n_positions + 1) and (out[:, 1:] < TINY.n_clusters).all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_greedy_and_per_step_logits_match_reference(backend, weights, reference):
     model = ImageGPT(TINY, weights, backend=backend)
@@ -250,3 +289,17 @@ def test_gpu_eager_switch_gives_the_same_tokens(small_weights):
     eager = ImageGPT(SMALL, small_weights, device="cuda", dtype=torch.float16, use_cuda_graphs=False)
     kwargs = dict(max_new_tokens=128, do_sample=True, seed=42, top_k=40)
     assert torch.equal(graphed.generate(context, **kwargs), eager.generate(context, **kwargs))
+
+
+@pytest.mark.gpu
+def test_gpu_batch_that_does_not_fit_is_refused_before_allocating(small_weights, monkeypatch):
+    model = ImageGPT(SMALL, small_weights, device="cuda", dtype=torch.float16)
+    context = torch.full((64, 1), SMALL.sos_token_id, device="cuda")
+    real = torch.cuda.mem_get_info
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, real(device)[1]))
+    before = torch.cuda.memory_allocated()
+    with pytest.raises(MemoryError, match="batch bucket 64 needs"):
+        model.generate(context, max_new_tokens=4)
+    assert not model.decoder.states and torch.cuda.memory_allocated() == before
+    monkeypatch.undo()
+    assert model.generate(context, max_new_tokens=4).shape == (64, 5)
