@@ -106,6 +106,8 @@ class ImageGPT:
         """Repack the weights on another device and/or dtype; caches and graphs are rebuilt on first use."""
         if isinstance(device, torch.dtype):
             device, dtype = None, device
+        if (device is None or torch.device(device) == self.device) and dtype in (None, self.dtype):
+            return self  # already there: keep the caches and graphs
         self._build(torch.device(device) if device is not None else self.device, dtype or self.dtype)
         return self
 
