@@ -303,3 +303,28 @@ def test_gpu_batch_that_does_not_fit_is_refused_before_allocating(small_weights,
     assert not model.decoder.states and torch.cuda.memory_allocated() == before
     monkeypatch.undo()
     assert model.generate(context, max_new_tokens=4).shape == (64, 5)
+
+
+def test_a_decode_step_allocates_nothing_and_never_reads_the_device(weights, monkeypatch):
+    """What CUDA-graph replay needs, checked on the CPU with the real kernels (interpreter): one decode step
+    calls no tensor factory and reads no device value on the host."""
+    model = ImageGPT(TINY, weights, backend="triton")
+    model.generate(torch.full((2, 1), TINY.sos_token_id), max_new_tokens=2, do_sample=True, seed=1)
+    state = model.decoder.states[2]
+    calls = []
+
+    def forbidden(name):
+        def record(*args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"the decode step called {name}")
+        return record
+
+    for name in ("empty", "zeros", "ones", "full", "empty_like", "zeros_like", "tensor", "empty_strided",
+                 "arange", "cat", "stack"):
+        monkeypatch.setattr(torch, name, forbidden(f"torch.{name}"))
+    for name in ("item", "tolist", "cpu", "numpy", "__int__", "__float__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden(f"Tensor.{name}"))
+    model.decoder.step(state, greedy=False)
+    monkeypatch.undo()
+    assert calls == []
+    assert int(state.pos[0]) == 3  # the step ran: SOS at 0, tokens at 1 and 2 sampled, now feeding position 3
