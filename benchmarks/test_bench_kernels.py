@@ -1,6 +1,7 @@
-"""Each Triton kernel of a decode step against its unfused PyTorch equivalent (imagegpt-small shapes, attention
-at the middle position of an image), grouped so pytest-benchmark shows the pair side by side. Each timed call
-includes one CUDA synchronize (a few us); `python -m igpt_fast.benchmark` times the same cases with CUDA events.
+"""Each Triton kernel of a decode step, and prefill attention, against its unfused PyTorch equivalent
+(imagegpt-small shapes; decode attention at positions 256 and 1023), grouped so pytest-benchmark shows the pair
+side by side. Each timed call includes one CUDA synchronize (a few us); `python -m igpt_fast.benchmark` times the
+same cases with CUDA events.
 """
 
 import functools
@@ -16,8 +17,10 @@ pytestmark = pytest.mark.gpu
 
 BATCHES = (1, 8, 64)
 DTYPES = ("float16", "float32")
-KERNELS = ("decode_attention", "norm_qkv", "norm_linear (ln_2, c_fc, gelu)", "linear_residual (mlp c_proj)",
-           "norm_linear (ln_f, lm_head)", "sample_tokens (top_k=40)", "quantize (pixels to clusters)")
+KERNELS = ("decode_attention (t=256)", "decode_attention (t=1023)", "prefill_attention (S=512)",
+           "prefill_attention (S=1024)", "norm_qkv", "linear_residual (attn c_proj)", "norm_linear (ln_2, c_fc, gelu)",
+           "linear_residual (mlp c_proj)", "norm_linear (ln_f, lm_head)", "sample_tokens (top_k=40)",
+           "quantize (pixels to clusters)")
 DTYPE_FREE = {"sample_tokens (top_k=40)", "quantize (pixels to clusters)"}  # measured once, under float32
 
 

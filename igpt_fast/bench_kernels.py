@@ -4,6 +4,7 @@ batch: the cases (shared with benchmarks/test_bench_kernels.py) and their measur
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,8 +37,9 @@ def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 def kernel_cases(config: ImageGPTConfig, dtype: torch.dtype, batch: int, device: torch.device, seed: int,
                  with_dtype_free: bool) -> list[KernelCase]:
-    """The decode step's kernels at batch rows, attention at the middle position of an image, each with its
-    unfused PyTorch equivalent. Sampling and quantization do not depend on the model dtype (with_dtype_free
+    """The decode step's kernels at batch rows (decode attention early and late in an image, the linear kernels
+    at its middle), causal prefill attention over half and whole images, each with its unfused PyTorch
+    equivalent. Sampling and quantization do not depend on the model dtype (with_dtype_free
     includes them)."""
     from igpt_fast.kernels import attention, clusters, linear, sampling
 
@@ -49,7 +51,7 @@ def kernel_cases(config: ImageGPTConfig, dtype: torch.dtype, batch: int, device:
     def rand(*shape, scale=1.0, dt=dtype):
         return (scale * torch.randn(*shape, generator=g, device=device)).to(dt)
 
-    t = T // 2
+    t = T // 2  # the linear kernels' cache position: the middle of an image
     pos = torch.tensor([t], dtype=torch.int32, device=device)
     x, norm_w = rand(batch, d), 1.0 + rand(d, scale=0.1)
     cases = []
@@ -57,12 +59,21 @@ def kernel_cases(config: ImageGPTConfig, dtype: torch.dtype, batch: int, device:
     q, k_cache, v_cache = rand(batch, H, D), rand(batch, H, T, D), rand(batch, H, T, D)
     attn_out, scale = torch.empty_like(q), 1.0 / math.sqrt(D)
     workspace = attention.decode_workspace(batch, H, D, T, device)
-    cases.append(KernelCase(
-        "decode_attention", "SDPA", (2 * batch * H * (t + 1) * D + 2 * batch * d) * size,
-        lambda: attention.decode_attention(q, k_cache, v_cache, pos, scale=scale, out=attn_out,
-                                           workspace=workspace),
-        lambda: F.scaled_dot_product_attention(q[:, :, None], k_cache[:, :, :t + 1], v_cache[:, :, :t + 1],
-                                               scale=scale), name))
+    for newest in sorted({T // 4, T - 1}):  # early in an image and its last step (256 and 1023 for 1024 pixels)
+        at = torch.tensor([newest], dtype=torch.int32, device=device)
+        cases.append(KernelCase(
+            f"decode_attention (t={newest})", "SDPA", (2 * batch * H * (newest + 1) * D + 2 * batch * d) * size,
+            functools.partial(attention.decode_attention, q, k_cache, v_cache, at, scale=scale, out=attn_out,
+                              workspace=workspace),
+            functools.partial(F.scaled_dot_product_attention, q[:, :, None], k_cache[:, :, :newest + 1],
+                              v_cache[:, :, :newest + 1], scale=scale), name))
+    for length in sorted({T // 2, T}):  # a completion prompt (half an image) and a whole image
+        qs, prefill_out = rand(batch, H, length, D), torch.empty(batch, H, length, D, dtype=dtype, device=device)
+        ks, vs = k_cache[:, :, :length], v_cache[:, :, :length]
+        cases.append(KernelCase(
+            f"prefill_attention (S={length})", "SDPA causal", 4 * batch * H * length * D * size,
+            functools.partial(attention.prefill_attention, qs, ks, vs, scale=scale, out=prefill_out),
+            functools.partial(F.scaled_dot_product_attention, qs, ks, vs, is_causal=True, scale=scale), name))
 
     w_qkv, b_qkv, q_out = rand(d, 3 * d, scale=d ** -0.5), rand(3 * d, scale=0.1), torch.empty_like(x)
 
@@ -85,7 +96,14 @@ def kernel_cases(config: ImageGPTConfig, dtype: torch.dtype, batch: int, device:
         lambda: linear.norm_linear(x, norm_w, w_fc, b_fc, eps=eps, activation="quick_gelu", out=hidden),
         lambda: _quick_gelu(torch.addmm(b_fc, _rms_norm(x, norm_w, eps), w_fc)), name))
 
-    w_proj, b_proj, residual = rand(inner, d, scale=inner ** -0.5), rand(d, scale=0.1), rand(batch, d)
+    w_attn_proj, b_attn_proj, attn_rows = rand(d, d, scale=d ** -0.5), rand(d, scale=0.1), rand(batch, d)
+    residual = rand(batch, d)
+    cases.append(KernelCase(
+        "linear_residual (attn c_proj)", "addmm + add_", (d * d + d + batch * 3 * d) * size,
+        lambda: linear.linear_residual(attn_rows, w_attn_proj, b_attn_proj, residual),
+        lambda: residual.add_(torch.addmm(b_attn_proj, attn_rows, w_attn_proj)), name))
+
+    w_proj, b_proj = rand(inner, d, scale=inner ** -0.5), rand(d, scale=0.1)
     cases.append(KernelCase(
         "linear_residual (mlp c_proj)", "addmm + add_", (inner * d + d + batch * (inner + 2 * d)) * size,
         lambda: linear.linear_residual(hidden, w_proj, b_proj, residual),
