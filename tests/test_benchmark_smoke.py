@@ -39,7 +39,9 @@ def test_smoke_run_measures_every_system_and_task(smoke_run):
     expected = [(task, system, batch) for system in benchmark.PRESETS["smoke"].systems
                 for task in benchmark.SYSTEM_TASKS[system] for batch in SMOKE_BATCHES]
     expected += [("kernel", case, batch) for batch in SMOKE_BATCHES
-                 for case in ("decode_attention", "norm_qkv", "sample_tokens (top_k=40)",
+                 for case in (f"decode_attention (t={smoke_model.n_positions - 1})",
+                              f"prefill_attention (S={smoke_model.n_positions})", "norm_qkv",
+                              "linear_residual (attn c_proj)", "sample_tokens (top_k=40)",
                               "quantize (pixels to clusters)")]
     missing = [key for key in expected if key not in by_key]
     assert not missing, missing
