@@ -6,8 +6,9 @@
 #
 # For a machine where torch, triton and transformers are installed and nothing can be downloaded. Everything
 # lands flat in OUT_DIR (7 files): env.txt, install.log, gpu_tests.log, benchmark.log, results.json, summary.txt,
-# images_per_s.png. Budget, under 6 minutes on an H100: install <= 60 s, tests <= 120 s (engine 50, kernels 70), benchmark <= 185 s (it
-# starts no measurement after 145 s and rewrites results.json after each one, so a cut-short run still reports).
+# images_per_s.png. Budget, about 6 minutes on an H100: install <= 60 s, tests <= 120 s (engine 50, kernels 70),
+# benchmark <= 185 s (it starts no measurement after 145 s and rewrites results.json after each one, so a cut-short
+# run still reports).
 # A failing stage does not stop the later ones; the exit status says whether any failed.
 
 set -u -o pipefail
