@@ -106,6 +106,16 @@ def test_sampling_matches_reference_fed_the_same_random_numbers(backend, weights
     assert not torch.equal(out, model.generate(context, seed=4321, **kwargs))
 
 
+@pytest.mark.parametrize("batch", [1, 17])
+def test_odd_batches_are_padded_to_a_bucket_and_sliced_back(batch, weights, reference):
+    model = ImageGPT(TINY, weights, backend="torch")
+    prompt = torch.randint(0, TINY.n_clusters, (batch, 3))
+    out = model.generate(prompt, max_new_tokens=6, do_sample=True, top_k=6, seed=99)
+    assert out.shape == (batch, 9) and set(model.decoder.states) == {1 if batch == 1 else 32}
+    assert torch.equal(out, reference.generate(prompt, max_new_tokens=6, do_sample=True, top_k=6,
+                                               uniforms=philox(99)))
+
+
 def test_image_of_a_seed_does_not_depend_on_the_batch(weights):
     model = ImageGPT(TINY, weights, backend="torch", max_batch=2)
     context = torch.full((5, 1), TINY.sos_token_id)
