@@ -79,10 +79,13 @@ class ImageGPT:
 
     # ---- construction, transformers-style ----
     @classmethod
-    def from_pretrained(cls, path_or_hub_id, *, dtype=None, device=None, **kwargs) -> ImageGPT:
-        """From a local Hugging Face folder or a hub id (resolved through the local cache first)."""
+    def from_pretrained(cls, path_or_hub_id, *, dtype=None, device=None, torch_dtype=None, **kwargs) -> ImageGPT:
+        """From a local Hugging Face folder or a hub id (resolved through the local cache first). `torch_dtype` is
+        transformers' older name for `dtype`."""
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass one of them")
         checkpoint = load_checkpoint(path_or_hub_id)
-        return cls(checkpoint.config, checkpoint.state_dict, dtype=dtype, device=device, **kwargs)
+        return cls(checkpoint.config, checkpoint.state_dict, dtype=dtype or torch_dtype, device=device, **kwargs)
 
     @classmethod
     def from_hf(cls, hf_model, **kwargs) -> ImageGPT:

@@ -1,10 +1,11 @@
 """The public model card's generation code runs with only its import line changed."""
 
 import numpy as np
+import pytest
 import torch
 from helpers import random_clusters, random_state_dict
 
-from igpt_fast import ImageGPTConfig, save_pretrained
+from igpt_fast import ImageGPT, ImageGPTConfig, save_pretrained
 
 CARD_CONFIG = ImageGPTConfig(vocab_size=65, n_positions=36, n_embd=32, n_layer=2, n_head=2)  # 6x6 images
 
@@ -36,3 +37,11 @@ def test_model_card_snippet(tmp_path):
     assert feature_extractor.size["height"] == 6 and feature_extractor.size["width"] == 6
     # the card's numpy decoding equals the processor's
     np.testing.assert_array_equal(np.stack(samples_img), feature_extractor.decode(output[:, 1:].cpu()))
+
+
+def test_from_pretrained_takes_transformers_dtype_names(tmp_path):
+    save_pretrained(tmp_path, CARD_CONFIG, random_state_dict(CARD_CONFIG, seed=2))
+    assert ImageGPT.from_pretrained(tmp_path, torch_dtype=torch.float16).dtype == torch.float16
+    assert ImageGPT.from_pretrained(tmp_path, dtype=torch.bfloat16).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="disagree"):
+        ImageGPT.from_pretrained(tmp_path, dtype=torch.float16, torch_dtype=torch.float32)
