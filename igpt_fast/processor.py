@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from igpt_fast import torch_ops
 from igpt_fast.backend import use_triton
 from igpt_fast.checkpoint import PREPROCESSOR_NAME, preprocessor_config, resolve_folder
 
 PIL_BILINEAR = 2  # PIL.Image.Resampling.BILINEAR, the value transformers writes as "resample"
-# Elements of the [pixels, clusters] distance matrix the PyTorch stand-in holds at once (32 MB of float32).
-_STANDIN_DISTANCES = 1 << 23
 
 
 class ImageSize(int):
@@ -111,7 +110,7 @@ class ImageProcessor:
         pixels = torch.from_numpy(resize_images(images, int(self.size), self.resample))
         if device is not None:
             pixels = pixels.to(device)
-        ids = quantize_pixels(pixels, torch.from_numpy(self.clusters).to(pixels.device))
+        ids = cluster_ops(pixels.device).quantize(pixels, torch.from_numpy(self.clusters).to(pixels.device))
         return ProcessorOutput(input_ids=ids.cpu().numpy() if return_tensors == "np" else ids)
 
     preprocess = __call__
@@ -132,7 +131,7 @@ class ImageProcessor:
             raise ValueError(
                 f"ids must be [N, {side * side}] (size {side} x {side}), got shape {tuple(ids.shape)}"
             )
-        pixels = dequantize_ids(ids.long(), torch.from_numpy(self.clusters).to(ids.device))
+        pixels = cluster_ops(ids.device).dequantize(ids.long(), torch.from_numpy(self.clusters).to(ids.device))
         return pixels.cpu().numpy().reshape(ids.shape[0], side, side, 3)
 
     def __repr__(self) -> str:
@@ -141,47 +140,18 @@ class ImageProcessor:
         )
 
 
-def quantize_pixels(pixels: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> int64 [N, H * W]: the Triton kernel where it runs, else the PyTorch stand-in."""
-    if use_triton(pixels.device):
-        from igpt_fast.kernels.clusters import quantize
+def cluster_ops(device: torch.device):
+    """quantize/dequantize: the Triton kernels where they run (CUDA, interpreter), else the PyTorch stand-ins."""
+    if use_triton(device):
+        from igpt_fast.kernels import clusters
 
-        return quantize(pixels, clusters)
-    x = pixels.reshape(-1, 3).float() / 127.5 - 1.0  # [P, 3] in [-1, 1]
-    clusters = clusters.float()
-    ids = torch.empty(x.shape[0], dtype=torch.int64, device=pixels.device)
-    chunk = max(1, _STANDIN_DISTANCES // clusters.shape[0])
-    for start in range(0, x.shape[0], chunk):
-        xs = x[start : start + chunk]
-        # (r - cr)^2 + (g - cg)^2 + (b - cb)^2, summed in that order: [chunk, n_clusters]
-        distances = (xs[:, 0:1] - clusters[:, 0]).square()
-        distances += (xs[:, 1:2] - clusters[:, 1]).square()
-        distances += (xs[:, 2:3] - clusters[:, 2]).square()
-        ids[start : start + chunk] = distances.argmin(-1)  # first index on ties
-    return ids.view(pixels.shape[0], -1)
-
-
-def dequantize_ids(ids: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
-    """int64 [N, L] -> uint8 [N, L, 3] = rint(127.5 * (clusters[id] + 1)); bad ids raise ValueError."""
-    if use_triton(ids.device):
-        from igpt_fast.kernels.clusters import dequantize
-
-        return dequantize(ids, clusters)
-    if ids.numel():
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= clusters.shape[0]:
-            raise ValueError(
-                f"ids hold cluster id {lo if lo < 0 else hi}; ids must lie in [0, {clusters.shape[0]})"
-            )
-    return torch.round(127.5 * (clusters[ids] + 1.0)).clamp(0, 255).to(torch.uint8)
+        return clusters
+    return torch_ops
 
 
 def resize_images(images, size: int, resample: int = PIL_BILINEAR) -> np.ndarray:
     """One image or a list -> uint8 [N, size, size, 3], resized with PIL as transformers' PIL backend does."""
-    try:
-        from PIL import Image
-    except ImportError:
-        raise ImportError("the image processor resizes with Pillow: pip install pillow") from None
+    from PIL import Image
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError("images is an empty list; pass at least one image")

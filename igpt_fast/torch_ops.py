@@ -1,5 +1,6 @@
-"""PyTorch stand-ins for the Triton kernels, with the kernels' signatures and math (float32 accumulation, one
-rounding to the storage dtype), so the decoder runs unchanged on a machine without CUDA or Triton.
+"""PyTorch stand-ins for the Triton kernels (the decoder's and the cluster lookup's), with the kernels'
+signatures and math (float32 accumulation, one rounding to the storage dtype), so the decoder and the image
+processor run unchanged on a machine without CUDA or Triton.
 
 Unlike the kernels these read `pos` on the host: they never run inside a CUDA graph.
 """
@@ -86,3 +87,34 @@ def sample_tokens(logits, *, temperature, top_k, top_p, seed, pos, out_ids, sequ
     out_ids.copy_(ids)
     if sequences is not None:
         sequences[:, t + 1] = ids
+
+
+# Elements of the [pixels, clusters] distance matrix the quantize stand-in holds at once (32 MB of float32).
+_QUANTIZE_CHUNK_ELEMENTS = 1 << 23
+
+
+def quantize(pixels, clusters) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> int64 [N, H * W], the same float32 arithmetic as the kernel (no FMA)."""
+    x = pixels.reshape(-1, 3).float() / 127.5 - 1.0  # [P, 3] in [-1, 1]
+    clusters = clusters.float()
+    ids = torch.empty(x.shape[0], dtype=torch.int64, device=pixels.device)
+    chunk = max(1, _QUANTIZE_CHUNK_ELEMENTS // clusters.shape[0])
+    for start in range(0, x.shape[0], chunk):
+        xs = x[start : start + chunk]
+        # (r - cr)^2 + (g - cg)^2 + (b - cb)^2, summed in that order: [chunk, n_clusters]
+        distances = (xs[:, 0:1] - clusters[:, 0]).square()
+        distances += (xs[:, 1:2] - clusters[:, 1]).square()
+        distances += (xs[:, 2:3] - clusters[:, 2]).square()
+        ids[start : start + chunk] = distances.argmin(-1)  # first index on ties
+    return ids.view(pixels.shape[0], -1)
+
+
+def dequantize(ids, clusters) -> torch.Tensor:
+    """int64 [N, L] -> uint8 [N, L, 3] = rint(127.5 * (clusters[id] + 1)); bad ids raise ValueError."""
+    if ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= clusters.shape[0]:
+            raise ValueError(
+                f"ids hold cluster id {lo if lo < 0 else hi}; ids must lie in [0, {clusters.shape[0]})"
+            )
+    return torch.round(127.5 * (clusters[ids] + 1.0)).clamp(0, 255).to(torch.uint8)
