@@ -1,4 +1,4 @@
-"""Which implementation of an op runs: the Triton kernel or its PyTorch stand-in.
+"""Which implementation of an op runs (the Triton kernel or its PyTorch stand-in), and how kernels are launched.
 
 Triton kernels run on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1 (the interpreter the tests use
 so CI exercises the kernels). Everywhere else (a plain CPU install) PyTorch ops computing the same math stand in.
@@ -6,9 +6,12 @@ so CI exercises the kernels). Everywhere else (a plain CPU install) PyTorch ops 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
+
+PDL_ENV = "IGPT_FAST_PDL"  # "0" turns programmatic dependent launch off (to measure it, or to rule it out)
 
 
 def triton_interpreter_on() -> bool:
@@ -17,3 +20,22 @@ def triton_interpreter_on() -> bool:
 
 def use_triton(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda" or triton_interpreter_on()
+
+
+@functools.cache
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Launch the decode step's kernels with programmatic dependent launch (Hopper, sm_90, and later).
+
+    A decode step is ~150 small kernels, and at small batch the gaps between them cost more than their bytes
+    (../shared/docs/performance.md). With PDL a kernel's programs are scheduled while its predecessor still runs;
+    each waits (griddepcontrol.wait) for the predecessor's writes before reading any activation, after fetching
+    the first block of its weights, which no kernel writes. Read when a kernel is launched: a captured CUDA graph
+    keeps the setting it was captured with.
+    """
+    if device.type != "cuda" or triton_interpreter_on() or os.environ.get(PDL_ENV, "1") == "0":
+        return False
+    return _capability_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9

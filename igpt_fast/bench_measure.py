@@ -25,7 +25,8 @@ from igpt_fast.model import ImageGPT
 from igpt_fast.reference import ReferenceImageGPT
 
 ENGINE = "igpt-fast"
-SYSTEMS = (ENGINE, *ANCHORS)
+ENGINE_NO_PDL = "igpt-fast-no-pdl"  # the same engine, kernels launched without PDL: what PDL buys (sm_90+)
+SYSTEMS = (ENGINE, ENGINE_NO_PDL, *ANCHORS)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOP_K = 40  # every timed generation samples from the top 40 (shared/docs/performance.md)
 

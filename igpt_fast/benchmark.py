@@ -8,6 +8,8 @@ What is measured, per model size, dtype and batch:
   features    model.features over whole images (anchor: the reference forward), images/s
   likelihood  model.log_likelihood over whole images (anchor: the reference forward), images/s
   kernels     each Triton kernel of a decode step against its unfused PyTorch equivalent: ms, GB/s, ratio
+The engine also runs as igpt-fast-no-pdl (generate only): its kernels launched without programmatic dependent
+launch, which on sm_90+ is otherwise on, so the table shows what PDL buys at small batch.
 A decode step at position p must move the weights (embeddings but for the rows it reads) and the K, V of p + 1
 cached tokens per image; "% of floor" compares the time with those bytes over this device's measured
 device-to-device copy bandwidth. Anchors that would take too long time `--anchor-steps` decode steps from the
@@ -22,10 +24,12 @@ step's kernels in igpt_fast.bench_kernels), the tables, JSON and plot in igpt_fa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import gc
 import json
+import os
 import sys
 import time
 import traceback
@@ -36,11 +40,12 @@ from pathlib import Path
 import torch
 
 from igpt_fast.anchors import COMPILED_ANCHORS, StaticCacheAnchor, TransformersAnchor
-from igpt_fast.backend import use_triton
+from igpt_fast.backend import PDL_ENV, use_triton
 from igpt_fast.bench_kernels import kernel_cases, measure_kernel
 from igpt_fast.bench_measure import (
     DTYPES,
     ENGINE,
+    ENGINE_NO_PDL,
     MODELS,
     SYSTEMS,
     TOP_K,
@@ -64,15 +69,18 @@ from igpt_fast.model import ImageGPT
 from igpt_fast.reference import ReferenceImageGPT
 
 TASKS = ("generate", "complete", "features", "likelihood", "kernels")
+ENGINES = (ENGINE, ENGINE_NO_PDL)
 SYSTEM_TASKS = {
     ENGINE: ("generate", "complete", "features", "likelihood"),
+    ENGINE_NO_PDL: ("generate",),
     "reference-eager": ("generate", "complete", "features", "likelihood"),
     "reference-compiled": ("generate", "complete"),
     "transformers": ("generate",),
     "transformers-static": ("generate",),
 }
 # Cheapest and most important first, so a time limit cuts the compiled anchors, not the engine's numbers.
-STAGES = (ENGINE, "reference-eager", "transformers", "kernels", "reference-compiled", "transformers-static")
+STAGES = (ENGINE, "reference-eager", "transformers", "kernels", "reference-compiled", "transformers-static",
+          ENGINE_NO_PDL)
 
 
 @dataclass(frozen=True)
@@ -83,16 +91,18 @@ class Preset:
     systems: tuple[str, ...]
     tasks: tuple[str, ...]
     anchor_steps: int  # decode steps an anchor times (0: whole images)
-    compiled_at: dict  # compiled anchor -> "dtype:batch" pairs it runs at ("dtype:*" = every batch), or "all"
+    runs_at: dict  # system -> "dtype:batch" pairs it runs at ("dtype:*" = every batch); unnamed: everywhere
 
 
 PRESETS = {
+    # No igpt-fast-no-pdl on the CPU: there is no PDL to switch off.
     "smoke": Preset(("tiny",), ("float32",), (1, 2), (ENGINE, "reference-eager", "transformers",
                                                        "transformers-static"), TASKS, 8, {}),
     "core": Preset(("small",), ("float16", "float32"), (1, 8, 64), SYSTEMS, TASKS, 128,
-                   {"reference-compiled": ("float16:*",), "transformers-static": ("float16:8",)}),
+                   {"reference-compiled": ("float16:*",), "transformers-static": ("float16:8",),
+                    ENGINE_NO_PDL: ("float16:1", "float16:8")}),
     "full": Preset(("small", "medium", "large"), ("float16", "bfloat16", "float32"), (1, 8, 64, 256), SYSTEMS,
-                   TASKS, 128, {"reference-compiled": "all", "transformers-static": ("float16:8", "float16:64")}),
+                   TASKS, 128, {"transformers-static": ("float16:8", "float16:64"), ENGINE_NO_PDL: ("float16:*",)}),
 }
 
 
@@ -108,17 +118,29 @@ class Plan:
     systems: tuple[str, ...]
     tasks: tuple[str, ...]
     anchor_steps: int
-    compiled_at: dict
+    runs_at: dict
     device: torch.device
     backend: str | None
     seed: int
     time_limit_s: float | None
 
     def runs(self, system: str, dtype: str, batch: int) -> bool:
-        if system not in COMPILED_ANCHORS:
-            return True
-        allowed = self.compiled_at.get(system, "all")
+        allowed = self.runs_at.get(system, "all")
         return allowed == "all" or f"{dtype}:{batch}" in allowed or f"{dtype}:*" in allowed
+
+
+@contextlib.contextmanager
+def pdl_switched_off():
+    """Kernels launched (and graphs captured) inside launch without programmatic dependent launch."""
+    before = os.environ.get(PDL_ENV)
+    os.environ[PDL_ENV] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[PDL_ENV]
+        else:
+            os.environ[PDL_ENV] = before
 
 
 def _first_line(error: BaseException) -> str:
@@ -211,7 +233,7 @@ class Runner:
                         self.measure_task, system, task, config, model_name, weights, dtype, batch))
                 # per-batch parts (KV caches, compiled anchors) go; the dtype's model stays for the next batch
                 self.release(keep=lambda key: len(key) == 3)
-                if system == ENGINE and (system, model_name, dtype) in self._built:
+                if system in ENGINES and (system, model_name, dtype) in self._built:
                     self._built[(system, model_name, dtype)][0].model.release_caches()
 
     def measure_task(self, system: str, task: str, config: ImageGPTConfig, model_name: str, weights: dict,
@@ -223,7 +245,7 @@ class Runner:
             return {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
 
         per_dtype = (system, model_name, dtype_name)
-        if system == ENGINE:
+        if system in ENGINES:
             engine, base = self.built(per_dtype, lambda: EngineSystem(
                 ImageGPT(config, weights, dtype=dtype, device=device, backend=plan.backend,
                          max_batch=max(plan.batches)), plan.seed))
@@ -240,11 +262,12 @@ class Runner:
             engine, base = self.built(key, lambda: TransformersAnchor(
                 config, weights, dtype=dtype, device=device, top_k=top_k,
                 cache_implementation="static" if static else None))
-        steps = 0 if system == ENGINE else plan.anchor_steps
+        steps = 0 if system in ENGINES else plan.anchor_steps
 
         if task in ("generate", "complete"):
-            return measure_generation(engine, config, task, dtype, batch, steps=steps, seed=plan.seed,
-                                      device=device, peak_base=base, copy_bytes_per_s=self.copy_bytes_per_s)
+            with pdl_switched_off() if system == ENGINE_NO_PDL else contextlib.nullcontext():
+                return measure_generation(engine, config, task, dtype, batch, steps=steps, seed=plan.seed,
+                                          device=device, peak_base=base, copy_bytes_per_s=self.copy_bytes_per_s)
         # Whole images; what generation left behind (KV caches, graphs) is freed first, out of the peak.
         self.release(keep=lambda key: key == per_dtype)
         if system == ENGINE:
@@ -334,16 +357,16 @@ def make_plan(args: argparse.Namespace) -> Plan:
             raise SystemExit(f"--device {args.device}: CUDA is not available here")
     else:
         device = torch.device("cuda" if torch.cuda.is_available() and args.sizes != "smoke" else "cpu")
-    compiled_at = preset.compiled_at
+    runs_at = dict(preset.runs_at)
     if args.compiled_at is not None:
         value = "all" if args.compiled_at == "all" else tuple(args.compiled_at.split(","))
-        compiled_at = {system: value for system in COMPILED_ANCHORS}
+        runs_at.update({system: value for system in COMPILED_ANCHORS})
     return Plan(
         models=args.models or preset.models, dtypes=args.dtypes or preset.dtypes,
         batches=tuple(sorted(args.batches or preset.batches)), systems=args.systems or preset.systems,
         tasks=args.tasks or preset.tasks,
         anchor_steps=preset.anchor_steps if args.anchor_steps is None else args.anchor_steps,
-        compiled_at=compiled_at, device=device, backend=args.backend, seed=args.seed,
+        runs_at=runs_at, device=device, backend=args.backend, seed=args.seed,
         time_limit_s=args.time_limit)
 
 

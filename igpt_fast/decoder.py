@@ -9,7 +9,9 @@ Per decode step, per layer (5 launches):
     norm_linear      ln_2 -> c_fc -> bias -> quick_gelu (the "layernorm-GELU" kernel)
     linear_residual  x += h @ mlp.c_proj + b
 plus embed before the layers and norm_linear (ln_f -> lm_head, float32 logits), sample_tokens and pos += 1
-after them.
+after them. On sm_90+ the kernels are launched with programmatic dependent launch (igpt_fast.backend.use_pdl),
+and the captured graph keeps those launches' programmatic edges, so each kernel's launch and first weight reads
+overlap the previous kernel.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from types import SimpleNamespace
 
 import torch
 
-from igpt_fast import torch_ops
+from igpt_fast import backend, torch_ops
 from igpt_fast.config import ImageGPTConfig
 from igpt_fast.reference import attention_scale
 
@@ -275,6 +277,7 @@ class StaticDecoder:
         except RuntimeError as e:
             raise RuntimeError(
                 f"CUDA graph capture of the decode step failed for batch bucket {state.batch} ({e}). Run with "
-                f"use_cuda_graphs=False to debug the same kernels eagerly."
+                f"use_cuda_graphs=False to debug the same kernels eagerly, or with {backend.PDL_ENV}=0 to rule "
+                f"out programmatic dependent launch."
             ) from e
         state.graphs[greedy] = graph

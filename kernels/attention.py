@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from igpt_fast import backend
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 
@@ -141,7 +143,11 @@ def _decode_partial_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # everything read here (q, the cache, pos) is written by earlier kernels of the step
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid_bh // n_head).to(tl.int64)
@@ -202,7 +208,11 @@ def _decode_merge_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_bh = tl.program_id(0)
     b = (pid_bh // n_head).to(tl.int64)
     h = (pid_bh % n_head).to(tl.int64)
@@ -424,6 +434,7 @@ def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace) 
     block_d = triton.next_power_of_2(head_dim)
     num_warps = _decode_num_warps(block_d, q.dtype)
     qk_scale_log2 = scale * math.log2(math.e)
+    pdl = backend.use_pdl(q.device)
     _decode_partial_kernel[(batch * n_head, num_splits)](
         q,
         k_cache,
@@ -449,6 +460,8 @@ def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace) 
         BLOCK_D=block_d,
         BLOCK_N=_DECODE_BLOCK_N,
         NUM_SPLITS=num_splits,
+        USE_PDL=pdl,
+        launch_pdl=pdl,
         num_warps=num_warps,
     )
     if num_splits > 1:
@@ -466,6 +479,8 @@ def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace) 
             BLOCK_N=_DECODE_BLOCK_N,
             NUM_SPLITS=num_splits,
             BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+            USE_PDL=pdl,
+            launch_pdl=pdl,
             num_warps=num_warps,
         )
     return out

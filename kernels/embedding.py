@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from igpt_fast import backend
+
 from .linear import _check_pos, _check_seq_len, _check_shape, _check_tensor, _fail
 
 
@@ -25,8 +27,12 @@ def _embed_kernel(
     stride_ids,
     stride_om,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One program per row."""
+    if USE_PDL:  # ids and pos come from the previous step's sampling
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     token = tl.load(ids_ptr + row * stride_ids).to(tl.int64)
     position = tl.load(pos_ptr).to(tl.int64) + row % seq_len
@@ -62,6 +68,8 @@ def embed(ids, wte, wpe, pos, *, seq_len: int, out) -> torch.Tensor:
     _check_tensor("out", out, ndim=2, dtype=wte.dtype, device=device)
     _check_shape("out", out, (M, d))
     if M > 0:
+        pdl = backend.use_pdl(device)
         _embed_kernel[(M,)](ids, wte, wpe, pos, out, seq_len, d, ids.stride(0), out.stride(0),
-                            BLOCK_D=triton.next_power_of_2(d), num_warps=4 if d <= 1024 else 8)
+                            BLOCK_D=triton.next_power_of_2(d), USE_PDL=pdl, launch_pdl=pdl,
+                            num_warps=4 if d <= 1024 else 8)
     return out

@@ -19,12 +19,15 @@ Two code paths, chosen by the number of rows M (or forced with path="gemv" | "do
         tiles start at min(next_pow2(M), 128) x 128 and shrink (N to 32, then M to 16, then N to 16)
         until about _TARGET_PROGRAMS tiles exist, so decode batches of 17..256 rows still fill the GPU.
 No split-K: quick_gelu, the in-place residual and the cache scatter all need the full sum, and a split-K
-reduction would need a workspace. Launchers allocate nothing when outputs are passed and never sync.
+reduction would need a workspace. Launchers allocate nothing when outputs are passed and never sync. On sm_90+
+both paths are launched with programmatic dependent launch (igpt_fast.backend.use_pdl).
 """
 
 import torch
 import triton
 import triton.language as tl
+
+from igpt_fast import backend
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ACTIVATIONS = (None, "quick_gelu")
@@ -127,20 +130,37 @@ def _gemv_kernel(
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     EPILOGUE: tl.constexpr,
+    USE_PDL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Grid (column stripes, row blocks). Products on CUDA cores in float32 (exact for float32 inputs)."""
+    """Grid (column stripes, row blocks). Products on CUDA cores in float32 (exact for float32 inputs).
+
+    W is read one block ahead of its use: the first block before waiting on the previous kernel (weights are
+    never written during a step, so under programmatic dependent launch that read overlaps the previous kernel),
+    then each iteration loads the next block before computing with the current one.
+    """
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
     rows = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
+    offs_k = tl.arange(0, BLOCK_K)
+    w_next = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=(offs_k < K)[:, None] & n_mask[None, :],
+                     other=0.0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()  # the previous kernel's writes (x, the residual, the cache) are visible after this
+        tl.extra.cuda.gdc_launch_dependents()
     if HAS_NORM:
         rstd = _row_rstd(x_ptr, rows, row_mask, stride_xm, K, eps, BLOCK_M, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
+        w = w_next.to(tl.float32)
+        ahead = offs_k + BLOCK_K  # past K on the last iteration: fully masked, no memory traffic
+        w_next = tl.load(w_ptr + ahead[:, None] * N + offs_n[None, :], mask=(ahead < K)[:, None] & n_mask[None, :],
+                         other=0.0)
         x = tl.load(
             x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
             mask=row_mask[:, None] & k_mask[None, :], other=0.0,
@@ -148,10 +168,6 @@ def _gemv_kernel(
         if HAS_NORM:
             nw = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
             x = x * rstd[:, None] * nw[None, :]
-        w = tl.load(
-            w_ptr + offs_k[:, None] * N + offs_n[None, :],
-            mask=k_mask[:, None] & (offs_n < N)[None, :], other=0.0,
-        ).to(tl.float32)
         # [BLOCK_M, BLOCK_K, BLOCK_N] products, summed over K
         acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
     _epilogue(acc, rows, offs_n, M, N, b_ptr, out_ptr, stride_om, k_ptr, v_ptr, pos_ptr, seq_len, head_dim,
@@ -179,6 +195,7 @@ def _dot_kernel(
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     EPILOGUE: tl.constexpr,
+    USE_PDL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -198,6 +215,9 @@ def _dot_kernel(
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < M
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     if HAS_NORM:
         rstd = _row_rstd(x_ptr, rows, row_mask, stride_xm, K, eps, BLOCK_M, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -349,6 +369,7 @@ def _launch(path, x, norm_weight, weight, bias, out, *, eps=0.0, activation=None
         config = _dot_config(M, N, K, x.dtype)
         kernel = _dot_kernel
     grid = config.pop("grid")
+    pdl = backend.use_pdl(x.device)
     k_strides = k_cache.stride()[:3] if k_cache is not None else (0, 0, 0)
     v_strides = v_cache.stride()[:3] if v_cache is not None else (0, 0, 0)
     kernel[grid](
@@ -358,7 +379,7 @@ def _launch(path, x, norm_weight, weight, bias, out, *, eps=0.0, activation=None
         pos if pos is not None else out,
         M, N, K, x.stride(0), out.stride(0), float(eps), seq_len, head_dim, *k_strides, *v_strides,
         HAS_NORM=norm_weight is not None, HAS_BIAS=bias is not None, ACTIVATION=activation, EPILOGUE=epilogue,
-        **config,
+        USE_PDL=pdl, launch_pdl=pdl, **config,
     )
 
 

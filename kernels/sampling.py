@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from igpt_fast.backend import use_triton
+from igpt_fast import backend
 
 
 @triton.jit
@@ -55,7 +55,11 @@ def _sample_kernel(
     BLOCK_V: tl.constexpr,
     GREEDY: tl.constexpr,
     WRITE_SEQUENCES: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # the logits are the previous kernel's output
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_V)
     in_row = cols < V
@@ -152,7 +156,7 @@ def sample_tokens(
     if not isinstance(greedy, bool):
         raise TypeError(f"sample_tokens: greedy must be a bool, got {greedy!r}")
     device = logits.device
-    if not use_triton(device):
+    if not backend.use_triton(device):
         raise ValueError(
             f"sample_tokens: logits on {device} need CUDA or TRITON_INTERPRET=1; "
             "igpt_fast.sampling.sample_reference computes the same choice in PyTorch"
@@ -174,6 +178,7 @@ def sample_tokens(
     # One warp holds a 512-wide row in 16 registers per thread; the 64 threshold reductions then need no
     # shared memory or barriers. Wider rows get more warps.
     num_warps = min(8, max(1, block_v // 1024))
+    pdl = backend.use_pdl(device)
     _sample_kernel[(batch,)](
         logits,
         temperature,
@@ -189,5 +194,7 @@ def sample_tokens(
         BLOCK_V=block_v,
         GREEDY=greedy,
         WRITE_SEQUENCES=sequences is not None,
+        USE_PDL=pdl,
+        launch_pdl=pdl,
         num_warps=num_warps,
     )

@@ -19,14 +19,14 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from igpt_fast import ImageGPT, ImageGPTConfig  # noqa: E402
+from igpt_fast import ImageGPT, ImageGPTConfig, backend  # noqa: E402
 from igpt_fast.checkpoint import expected_shapes  # noqa: E402
 from igpt_fast.decoder import PackedWeights, StaticDecoder  # noqa: E402
 from igpt_fast.kernels import clusters  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 H100_SHARED_MEMORY = 227 * 1024
-COMPILE_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
+COMPILE_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion", "launch_pdl")
 POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64",
                  torch.int32: "*i32", torch.int16: "*i16", torch.uint8: "*u8", torch.bool: "*i1"}
 
@@ -73,9 +73,13 @@ def record_engine_launches() -> dict:
         for check in ("use_triton", "triton_interpreter_on"):
             if hasattr(module, check):
                 setattr(module, check, lambda *args: True)
-    cases = [(ImageGPTConfig.small(), (1, 8, 64), (torch.float16, torch.float32, torch.bfloat16)),
-             (ImageGPTConfig(n_embd=192, n_head=2, n_layer=1), (1, 64), (torch.float16,))]  # large's 96-wide heads
-    for config, batches, dtypes in cases:
+    # An H100 launches the decode kernels with programmatic dependent launch (backend.use_pdl); older GPUs and
+    # IGPT_FAST_PDL=0 without it: both variants, the latter at one dtype (the kernels differ by two instructions).
+    cases = [(ImageGPTConfig.small(), (1, 8, 64), (torch.float16, torch.float32, torch.bfloat16), True),
+             (ImageGPTConfig.small(), (1, 8, 64), (torch.float16,), False),
+             (ImageGPTConfig(n_embd=192, n_head=2, n_layer=1), (1, 64), (torch.float16,), True)]  # large's heads
+    for config, batches, dtypes, pdl in cases:
+        backend.use_pdl = lambda device, pdl=pdl: pdl
         state = {k: torch.zeros(shape) for k, shape in expected_shapes(config).items()}
         for dtype in dtypes:
             model = ImageGPT(config, state, backend="triton")

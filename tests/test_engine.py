@@ -10,7 +10,7 @@ import torch
 from helpers import TINY, random_state_dict
 from tolerances import tol
 
-from igpt_fast import ImageGPT, ImageGPTConfig, ReferenceImageGPT
+from igpt_fast import ImageGPT, ImageGPTConfig, ReferenceImageGPT, backend
 from igpt_fast.philox import philox_uniforms
 
 BACKENDS = ["torch", "triton"]
@@ -299,6 +299,18 @@ def test_gpu_eager_switch_gives_the_same_tokens(small_weights):
     eager = ImageGPT(SMALL, small_weights, device="cuda", dtype=torch.float16, use_cuda_graphs=False)
     kwargs = dict(max_new_tokens=128, do_sample=True, seed=42, top_k=40)
     assert torch.equal(graphed.generate(context, **kwargs), eager.generate(context, **kwargs))
+
+
+@pytest.mark.gpu
+def test_gpu_programmatic_dependent_launch_gives_the_same_tokens(small_weights, monkeypatch):
+    """PDL (on by default from sm_90) lets kernels overlap their predecessor's tail: a missing wait would race."""
+    context = torch.full((8, 1), SMALL.sos_token_id, device="cuda")
+    kwargs = dict(max_new_tokens=256, do_sample=True, seed=7, top_k=40)
+    print(f"programmatic dependent launch on this card: {backend.use_pdl(torch.device('cuda'))}")
+    with_pdl = ImageGPT(SMALL, small_weights, device="cuda", dtype=torch.float16).generate(context, **kwargs)
+    monkeypatch.setenv(backend.PDL_ENV, "0")
+    without = ImageGPT(SMALL, small_weights, device="cuda", dtype=torch.float16).generate(context, **kwargs)
+    assert torch.equal(with_pdl, without)
 
 
 @pytest.mark.gpu

@@ -67,6 +67,7 @@ NORM_LINEAR_CASES = [
     ("gemv", 1, 96, 160),
     ("gemv", 3, 160, 640),
     ("gemv", 17, 96, 160),  # forced GEMV over two row blocks
+    ("gemv", 16, 200, 96),  # W read one block ahead over four K blocks of 64, the last one ragged
     ("dot", 1, 96, 160),  # forced dot with a 1-row tile
     ("dot", 17, 160, 640),
     ("dot", 129, 96, 160),
