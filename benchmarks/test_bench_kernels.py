@@ -1,7 +1,8 @@
 """Each Triton kernel of a decode step, and prefill attention, against its unfused PyTorch equivalent
 (imagegpt-small shapes; decode attention at positions 256 and 1023), grouped so pytest-benchmark shows the pair
-side by side. Each timed call includes one CUDA synchronize (a few us); `python -m igpt_fast.benchmark` times the
-same cases with CUDA events.
+side by side; and quantizing whole images with the kernel, its unfused equivalent and transformers' processor
+(on the host CPU), in pixels/s. Each timed call includes one CUDA synchronize (a few us); `python -m
+igpt_fast.benchmark` times the same cases with CUDA events.
 """
 
 import functools
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from igpt_fast import bench_measure
-from igpt_fast.bench_kernels import kernel_cases
+from igpt_fast.bench_kernels import QUANTIZE_SIDE, kernel_cases, quantize_cases
 from igpt_fast.config import ImageGPTConfig
 
 pytestmark = pytest.mark.gpu
@@ -48,3 +49,19 @@ def test_kernel(benchmark, synchronized, kernel, impl, dtype, batch):
     if benchmark.stats is not None:
         benchmark.extra_info["gb_per_s"] = case.bytes_moved / benchmark.stats.stats.median / 1e9
         benchmark.extra_info["torch_equivalent"] = case.baseline
+
+
+@pytest.mark.parametrize("impl", ["kernel", "torch", "transformers"])
+def test_quantize_throughput(benchmark, synchronized, device, impl):
+    case = quantize_cases(device, seed=0)[impl]
+    if case.skip:
+        pytest.skip(case.skip)
+    benchmark.group = "quantize throughput"
+    with torch.no_grad():
+        ids = benchmark.pedantic(synchronized(case.run), rounds=3 if case.on_host else 100, warmup_rounds=1)
+    if case.check is not None:
+        beyond_near_ties, _ = case.check(ids)
+        assert beyond_near_ties == 0, f"{beyond_near_ties} ids differ from the kernel's beyond near ties"
+    if benchmark.stats is not None:
+        benchmark.extra_info["pixels_per_s"] = case.images * QUANTIZE_SIDE ** 2 / benchmark.stats.stats.median
+        benchmark.extra_info["system"] = case.system

@@ -1,5 +1,7 @@
 """The decode step's Triton kernels, each against its unfused PyTorch equivalent, at one model size, dtype and
-batch: the cases (shared with benchmarks/test_bench_kernels.py) and their measurement.
+batch; and the throughput of quantizing whole images (pixels to cluster ids) with the kernel, the unfused
+equivalent and transformers' image processor. The cases (shared with benchmarks/test_bench_kernels.py) and their
+measurement.
 """
 
 from __future__ import annotations
@@ -12,8 +14,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from igpt_fast.bench_measure import TOP_K, kernel_ms
+from igpt_fast.bench_measure import TOP_K, kernel_ms, package_version, wall_ms
 from igpt_fast.config import ImageGPTConfig
+
+QUANTIZE_SIDE, QUANTIZE_CLUSTERS = 32, 512  # the checkpoints' images and color table, whatever the model
+# Images per timed call on a GPU: a dataset-like few thousand for the kernel; 256 for the unfused equivalent, whose
+# [pixels, 512, 3] float32 temporaries are 1.6 GB each there; 512 for transformers' processor, about a second of
+# host CPU. The processor's images are the first of the kernel's, so its ids can be checked against the kernel's.
+QUANTIZE_IMAGES = {"kernel": 4096, "torch": 256, "transformers": 512}
+SMOKE_QUANTIZE_IMAGES = dict.fromkeys(QUANTIZE_IMAGES, 4)  # the Triton interpreter on a CPU: only shows it runs
+# transformers computes |x|^2 - 2 x.c + |c|^2 from (x / 255 - 0.5) / 0.5: where the two nearest clusters are this
+# close in squared distance, float32 rounding may pick either (as in tests/test_clusters.py).
+NEAR_TIE = 1e-5
 
 
 @dataclass
@@ -33,6 +45,12 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
+
+
+def _quantize_unfused(pixels: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """The quantize kernel's math in PyTorch: every [pixel, cluster] distance materialized, then argmin."""
+    scaled = pixels.float() / 127.5 - 1.0
+    return (scaled[..., None, :] - centers).square().sum(-1).argmin(-1).flatten(1)
 
 
 def kernel_cases(config: ImageGPTConfig, dtype: torch.dtype, batch: int, device: torch.device, seed: int,
@@ -136,14 +154,9 @@ def kernel_cases(config: ImageGPTConfig, dtype: torch.dtype, batch: int, device:
         side = math.isqrt(T)  # an image of T pixels, cut square
         pixels = torch.randint(0, 256, (batch, side, side, 3), generator=g, device=device, dtype=torch.uint8)
         centers = torch.rand(V, 3, generator=g, device=device) * 2 - 1
-
-        def quantize_unfused():
-            scaled = pixels.float() / 127.5 - 1.0
-            return (scaled[..., None, :] - centers).square().sum(-1).argmin(-1).view(batch, -1)
-
         cases.append(KernelCase("quantize (pixels to clusters)", "broadcast distances + argmin",
                                 batch * side * side * (3 + 8) + V * 12, lambda: clusters.quantize(pixels, centers),
-                                quantize_unfused, "uint8"))
+                                lambda: _quantize_unfused(pixels, centers), "uint8"))
     return cases
 
 
@@ -154,3 +167,78 @@ def measure_kernel(case: KernelCase, device: torch.device, copy_bytes_per_s: flo
             "floor_ms": 1e3 * case.bytes_moved / copy_bytes_per_s, "baseline": case.baseline,
             "baseline_ms": baseline_ms}
 
+
+@dataclass
+class QuantizeCase:
+    system: str
+    images: int
+    run: Callable[[], torch.Tensor] | None  # quantizes the images: ids [images, QUANTIZE_SIDE ** 2]
+    on_host: bool  # transformers' processor runs on the host CPU, whatever the benchmark's device
+    check: Callable[[torch.Tensor], tuple[int, int]] | None = None  # see ids_unlike_the_kernel
+    skip: str = ""  # why it cannot run here
+
+
+def quantize_cases(device: torch.device, seed: int) -> dict[str, QuantizeCase]:
+    """Random uint8 32x32 images to ids over a random 512-color table (ties essentially impossible): the kernel
+    and its unfused equivalent on `device`, transformers' processor as users call it (uint8 numpy images and the
+    checkpoints' settings: resize to 32x32, normalize, color-quantize) with its ids checked against the kernel's;
+    QUANTIZE_IMAGES images each on a GPU, SMOKE_QUANTIZE_IMAGES on a CPU."""
+    from igpt_fast.kernels import clusters
+
+    images = QUANTIZE_IMAGES if device.type == "cuda" else SMOKE_QUANTIZE_IMAGES
+    g = torch.Generator(device).manual_seed(seed)
+    pixels = torch.randint(0, 256, (max(images.values()), QUANTIZE_SIDE, QUANTIZE_SIDE, 3), generator=g,
+                           device=device, dtype=torch.uint8)
+    centers = torch.rand(QUANTIZE_CLUSTERS, 3, generator=g, device=device) * 2 - 1
+    kernel, unfused, hf = (pixels[:images[system]] for system in ("kernel", "torch", "transformers"))
+    cases = {
+        "kernel": QuantizeCase("igpt-fast quantize (Triton)", len(kernel),
+                               functools.partial(clusters.quantize, kernel, centers), on_host=False),
+        "torch": QuantizeCase("torch broadcast distances + argmin", len(unfused),
+                              functools.partial(_quantize_unfused, unfused, centers), on_host=False),
+    }
+    if package_version("transformers") is None:
+        cases["transformers"] = QuantizeCase("transformers ImageGPTImageProcessor (host CPU)", len(hf), None,
+                                             on_host=True, skip="transformers is not installed")
+        return cases
+    from transformers import ImageGPTImageProcessor  # the Pil variant when torchvision is missing
+
+    processor = ImageGPTImageProcessor(clusters=centers.cpu().numpy(),
+                                       size={"height": QUANTIZE_SIDE, "width": QUANTIZE_SIDE})
+    host_images = list(hf.cpu().numpy())  # [32, 32, 3] uint8 arrays
+    cases["transformers"] = QuantizeCase(
+        f"transformers {type(processor).__name__} (host CPU)", len(hf),
+        lambda: processor(host_images, return_tensors="pt")["input_ids"], on_host=True,
+        check=functools.partial(ids_unlike_the_kernel, pixels=hf, centers=centers))
+    return cases
+
+
+def ids_unlike_the_kernel(ids: torch.Tensor, pixels: torch.Tensor, centers: torch.Tensor) -> tuple[int, int]:
+    """(pixels whose id differs from the quantize kernel's beyond a near tie, pixels differing at a near tie):
+    the float64 squared distances of a pixel to its two clusters are more than NEAR_TIE apart, or not."""
+    from igpt_fast.kernels import clusters
+
+    expected = clusters.quantize(pixels, centers).cpu().flatten()
+    ids = ids.cpu().flatten()
+    differ = (ids != expected).nonzero()[:, 0]
+    x, c = pixels.cpu().reshape(-1, 3)[differ].double() / 127.5 - 1.0, centers.cpu().double()
+    gaps = ((x - c[ids[differ]]).square().sum(-1) - (x - c[expected[differ]]).square().sum(-1)).abs()
+    beyond = int((gaps > NEAR_TIE).sum())
+    return beyond, len(differ) - beyond
+
+
+def measure_quantize(case: QuantizeCase, device: torch.device) -> dict:
+    """ms per call and images/s (the report turns them into pixels/s). A warm-up call first, whose ids are
+    checked: ids unlike the kernel's make the row a failure, not a number."""
+    if case.skip:
+        return {"status": "skipped", "note": case.skip}
+    with torch.no_grad():
+        ids, note = case.run(), ""
+        if case.check is not None:
+            beyond, near_ties = case.check(ids)
+            if beyond:
+                return {"status": "failed", "note": f"ids differ from the kernel's at {beyond} of {ids.numel()} "
+                                                    f"pixels, beyond near ties"}
+            note = f"ids equal to the kernel's on {ids.numel()} pixels ({near_ties} near ties differ)"
+        ms = wall_ms(case.run, torch.device("cpu"), reps=3) if case.on_host else kernel_ms(case.run, device)
+    return {"ms": ms, "images_per_s": 1e3 * case.images / ms, "note": note}

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from igpt_fast.anchors import ANCHORS
+from igpt_fast.bench_kernels import QUANTIZE_CLUSTERS, QUANTIZE_SIDE
 from igpt_fast.bench_measure import ENGINE, MODELS, SYSTEMS, TOP_K, Result
 
 if TYPE_CHECKING:
@@ -28,9 +29,17 @@ def write_json(path: Path, results: list[Result], plan: Plan) -> None:
     settings = {k: (str(v) if isinstance(v, torch.device) else v) for k, v in dataclasses.asdict(plan).items()}
     settings["top_k"] = TOP_K
     rows = [dataclasses.asdict(r) for r in results]
+    for row in rows:
+        if row["task"] == "quantize":
+            row["pixels_per_s"] = pixels_per_s(row)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"settings": settings, "results": rows}, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)  # a reader (or a killed run) never sees half a file
+
+
+def pixels_per_s(row: dict) -> float | None:
+    """A quantize row's throughput in pixels (Result has no field for it: results.json and the table add it)."""
+    return None if row["images_per_s"] is None else row["images_per_s"] * QUANTIZE_SIDE ** 2
 
 
 def _key(row: dict) -> tuple:
@@ -135,6 +144,21 @@ def kernel_table(rows: list[dict]) -> str:
                    "torch equivalent"], lines, range(4, 9))
 
 
+def quantize_table(rows: list[dict]) -> str:
+    quantize = [r for r in rows if r["task"] == "quantize"]
+    processor = [r for r in quantize if r["system"].startswith("transformers") and r["status"] == "ok"]
+    lines = []
+    for r in quantize:
+        if r["status"] != "ok":
+            lines.append([r["system"], str(r["batch"]), r["status"], "", "", "", r["note"][:80]])
+            continue
+        vs = f"{pixels_per_s(r) / pixels_per_s(processor[0]):.3g}x" if processor else "-"
+        lines.append([r["system"], str(r["batch"]), f"{r['ms']:.3f}", _num(r["images_per_s"], ".4g"),
+                      _num(pixels_per_s(r), ".4g"), vs, r["note"][:80]])
+    return _table(["system", "images", "ms/call", "images/s", "pixels/s", "vs transformers", "note"], lines,
+                  range(1, 6))
+
+
 def summary(rows: list[dict]) -> str:
     """Every table, the generation table last, with the run's card and versions."""
     env = next((r["environment"] for r in rows if r.get("environment")), {})
@@ -149,6 +173,10 @@ def summary(rows: list[dict]) -> str:
     if any(r["task"] == "kernel" for r in rows):
         parts += ["", "Kernels (one decode step's launches; torch: the unfused PyTorch equivalent)",
                   kernel_table(rows)]
+    if any(r["task"] == "quantize" for r in rows):
+        parts += ["", f"Quantization throughput (uint8 {QUANTIZE_SIDE}x{QUANTIZE_SIDE} images to ids over "
+                      f"{QUANTIZE_CLUSTERS} random clusters; the processor on the host CPU, the others on the card)",
+                  quantize_table(rows)]
     if any(r["task"] in ("features", "likelihood") for r in rows):
         parts += ["", "Whole-image forwards (features, likelihood)", forward_table(rows)]
     parts += ["", "Generation (top_k=40 sampling; complete: the second half of each image)", generation_table(rows),

@@ -305,6 +305,12 @@ class Runner:
                                  functools.partial(measure_kernel, case, device, self.copy_bytes_per_s))
                 del cases
                 self.release()
+        if model_name == self.plan.models[0]:  # quantizing images does not depend on the model: measured once
+            from igpt_fast.bench_kernels import measure_quantize, quantize_cases
+
+            for case in quantize_cases(device, self.plan.seed).values():
+                self.measure("quantize", case.system, model_name, "uint8", case.images,
+                             functools.partial(measure_quantize, case, device))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """The benchmark cannot rot: its smoke preset (a tiny model on the CPU, a few steps, every system and task that runs
 without a GPU) writes a well-formed table, JSON and plot; the gpt-fast anchor generates what the reference does;
-the byte budget and the target verdicts say what shared/docs/performance.md says. No timing is asserted.
+the byte budget and the target verdicts say what shared/docs/performance.md says; a quantization throughput row
+whose ids are unlike the kernel's is a failure. No timing is asserted.
 """
 
 import contextlib
+import functools
 import io
 import json
 
@@ -11,7 +13,7 @@ import pytest
 import torch
 from helpers import TINY, random_state_dict
 
-from igpt_fast import bench_measure, bench_report, benchmark
+from igpt_fast import bench_kernels, bench_measure, bench_report, benchmark
 from igpt_fast.anchors import StaticCacheAnchor
 from igpt_fast.config import ImageGPTConfig
 from igpt_fast.reference import ReferenceImageGPT
@@ -61,6 +63,45 @@ def test_smoke_run_measures_every_system_and_task(smoke_run):
         if task == "kernel":
             assert r["baseline_ms"] > 0 and r["gb_per_s"] > 0, r
     assert data["settings"]["top_k"] == bench_measure.TOP_K
+
+
+def test_smoke_run_measures_quantization_throughput(smoke_run):
+    """The kernel, its unfused equivalent and transformers' processor (installed with the dev extra), each a few
+    images per call, in pixels/s in the JSON and the printed table; the processor's ids checked against the
+    kernel's."""
+    out, _, printed = smoke_run
+    rows = [r for r in json.loads((out / "results.json").read_text())["results"] if r["task"] == "quantize"]
+    systems = [r["system"] for r in rows]
+    assert systems[:2] == ["igpt-fast quantize (Triton)", "torch broadcast distances + argmin"], systems
+    assert len(rows) == 3 and systems[2].startswith("transformers ImageGPTImageProcessor"), systems
+    for r in rows:
+        assert r["status"] == "ok" and r["batch"] == 4 and r["dtype"] == "uint8", r
+        assert r["pixels_per_s"] > 0 and r["pixels_per_s"] == pytest.approx(r["images_per_s"] * 32 * 32), r
+    assert rows[2]["note"].startswith(f"ids equal to the kernel's on {4 * 32 * 32} pixels"), rows[2]
+    table = printed[printed.index("Quantization throughput"):].splitlines()
+    assert [column.strip() for column in table[1].split("|")] == [
+        "system", "images", "ms/call", "images/s", "pixels/s", "vs transformers", "note"]
+    assert [line.split("|")[0].strip() for line in table[3:6]] == systems
+    assert table[5].split("|")[5].strip() == "1x"  # the processor against itself
+
+
+def test_quantize_ids_unlike_the_kernel_fail_the_row(device):
+    """A mismatch beyond a near tie is a failed row without a number; one at a tie is counted and allowed."""
+    pixels = torch.tensor([[[[0, 0, 0], [255, 255, 255]]]], dtype=torch.uint8, device=device)  # -1s and +1s
+    # Clusters 0 and 1 are equally far from the first pixel (the kernel takes 0); cluster 2 is the second's.
+    centers = torch.tensor([[-0.5, -1.0, -1.0], [-1.5, -1.0, -1.0], [1.0, 1.0, 1.0]], device=device)
+    check = functools.partial(bench_kernels.ids_unlike_the_kernel, pixels=pixels, centers=centers)
+    assert check(torch.tensor([[0, 2]])) == (0, 0)
+    assert check(torch.tensor([[1, 2]])) == (0, 1)
+    assert check(torch.tensor([[0, 0]])) == (1, 0)
+
+    def case(ids):
+        return bench_kernels.QuantizeCase("processor", 1, lambda: torch.tensor([ids]), on_host=True, check=check)
+
+    failed = bench_kernels.measure_quantize(case([1, 0]), device)
+    assert failed == {"status": "failed", "note": "ids differ from the kernel's at 1 of 2 pixels, beyond near ties"}
+    ok = bench_kernels.measure_quantize(case([1, 2]), device)
+    assert ok["ms"] > 0 and ok["note"] == "ids equal to the kernel's on 2 pixels (1 near ties differ)", ok
 
 
 def test_smoke_run_prints_the_generation_table_last(smoke_run):
