@@ -7,7 +7,9 @@ What is measured, per model size, dtype and batch:
   complete    the same for the second half of an image given its first half (a prefix of n_positions / 2 pixels)
   features    model.features over whole images (anchor: the reference forward), images/s
   likelihood  model.log_likelihood over whole images (anchor: the reference forward), images/s
-  kernels     each Triton kernel of a decode step against its unfused PyTorch equivalent: ms, GB/s, ratio
+  kernels     each Triton kernel of a decode step against its unfused PyTorch equivalent: ms, GB/s, ratio;
+              and quantizing 32x32 images to cluster ids in pixels/s: the kernel, the unfused equivalent and
+              transformers' image processor (on the host CPU, its ids checked against the kernel's)
 The engine also runs as igpt-fast-no-pdl (generate only): its kernels launched without programmatic dependent
 launch, which on sm_90+ is otherwise on, so the table shows what PDL buys at small batch.
 A decode step at position p must move the weights (embeddings but for the rows it reads) and the K, V of p + 1
@@ -41,7 +43,7 @@ import torch
 
 from igpt_fast.anchors import COMPILED_ANCHORS, StaticCacheAnchor, TransformersAnchor
 from igpt_fast.backend import PDL_ENV, use_triton
-from igpt_fast.bench_kernels import kernel_cases, measure_kernel
+from igpt_fast.bench_kernels import kernel_cases, measure_kernel, measure_quantize, quantize_cases
 from igpt_fast.bench_measure import (
     DTYPES,
     ENGINE,
@@ -306,8 +308,6 @@ class Runner:
                 del cases
                 self.release()
         if model_name == self.plan.models[0]:  # quantizing images does not depend on the model: measured once
-            from igpt_fast.bench_kernels import measure_quantize, quantize_cases
-
             for case in quantize_cases(device, self.plan.seed).values():
                 self.measure("quantize", case.system, model_name, "uint8", case.images,
                              functools.partial(measure_quantize, case, device))
