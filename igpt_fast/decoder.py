@@ -4,7 +4,7 @@ so one CUDA graph per (bucket, greedy) serves every step.
 
 Per decode step, per layer (5 launches):
     norm_qkv         ln_1 -> c_attn -> bias; q to a buffer, k and v straight into the cache at pos
-    decode_attention q against cache[0..pos] (split-K + merge)
+    decode_attention q against cache[0..pos] (split-K; the last split to finish merges, same launch)
     linear_residual  x += attn @ c_proj + b
     norm_linear      ln_2 -> c_fc -> bias -> quick_gelu (the "layernorm-GELU" kernel)
     linear_residual  x += h @ mlp.c_proj + b
@@ -128,7 +128,7 @@ class StaticDecoder:
         cache = c.n_layer * 2 * batch * c.n_positions * c.n_embd * itemsize
         activations = batch * (3 * c.n_embd + c.inner_dim) * itemsize + batch * c.n_clusters * 4
         sequences = batch * (c.n_positions + 1) * 8
-        workspace = batch * c.n_head * 64 * (c.head_dim + 1) * 4  # upper bound of the split-K partials
+        workspace = batch * c.n_head * (64 * (c.head_dim + 1) + 1) * 4  # bound of split-K partials + counters
         return cache + activations + sequences + workspace
 
     def check_fits(self, batch: int, extra_bytes: int = 0) -> None:

@@ -9,10 +9,12 @@ float32 inputs use IEEE fp32 dot products (input_precision="ieee", never TF32).
 Decode reads t from device memory (an int32 [1] tensor) so one captured CUDA graph serves every step.
 The key range 0..t is cut into NUM_SPLITS equal chunks (rounded up to whole BLOCK_N key blocks) at run
 time, so every step balances its work over all programs; splits whose chunk starts beyond t have no
-keys and store nothing, and the merge kernel reads only the first cdiv(t+1, chunk) splits. Each split
-stores its normalised output and its log2-sum-exp2 into a float32 workspace, which the merge combines:
-    out = sum_s 2^(lse_s - max lse) o_s / sum_s 2^(lse_s - max lse).
-With a single split (large batch) the partial kernel writes `out` directly and no merge is launched.
+keys and store nothing, and the merge reads only the first cdiv(t+1, chunk) splits. Each split stores its
+normalised output and its log2-sum-exp2 into a float32 workspace, then counts itself in on its (batch, head)'s
+arrival counter; the split that arrives last merges, in the same launch (one kernel per layer, not two):
+    out = sum_s 2^(lse_s - max lse) o_s / sum_s 2^(lse_s - max lse)
+and sets the counter back to zero for the next launch. With a single split (large batch) the program writes
+`out` directly.
 """
 
 import math
@@ -108,24 +110,31 @@ def _prefill_attention_kernel(
 
 
 @triton.jit
-def _decode_key_range(pos_ptr, max_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(t + 1, keys per split): both decode kernels must cut 0..t identically."""
-    t = tl.load(pos_ptr)
-    t = tl.minimum(tl.maximum(t, 0), max_len - 1)  # a bad pos must not read outside the cache
-    n_keys = t + 1
-    chunk = tl.cdiv(tl.cdiv(n_keys, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    return n_keys, chunk
+def _merge_splits(part_out_ptr, part_lse_ptr, pid_bh, n_active, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
+    """Combine the first n_active splits' outputs of one (batch, head); later splits' rows are stale."""
+    offs_s = tl.arange(0, BLOCK_SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < n_active
+    rows = pid_bh * NUM_SPLITS + offs_s
+    # .cg: read from L2, where the other programs' stores are, never from this SM's L1
+    lse = tl.load(part_lse_ptr + rows, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
+    weight = tl.exp2(lse - tl.max(lse, axis=0))  # 0 for the masked splits
+    part = tl.load(part_out_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :],
+                   mask=s_mask[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0, cache_modifier=".cg")
+    return tl.sum(weight[:, None] * part, axis=0) / tl.sum(weight, axis=0)
 
 
 @triton.jit
-def _decode_partial_kernel(
+def _decode_kernel(
     q_ptr,  # [B, H, D] one query per (batch, head), last dim contiguous
     k_ptr,  # [B, H, T, D] key cache, last dim contiguous; keys 0..t are read
     v_ptr,  # [B, H, T, D] value cache, last dim contiguous; values 0..t are read
     pos_ptr,  # int32 [1]: t, index of the newest key
-    out_ptr,  # [B, H, D] output, written here only when NUM_SPLITS == 1
+    out_ptr,  # [B, H, D] output
     part_out_ptr,  # float32 [B*H, NUM_SPLITS, HEAD_DIM]: each split's normalised output
     part_lse_ptr,  # float32 [B*H, NUM_SPLITS]: each split's log2(sum 2^score)
+    arrived_ptr,  # int32 [B*H]: splits done so far in this launch; 0 before and after it
     stride_qb,
     stride_qh,
     stride_kb,
@@ -143,6 +152,7 @@ def _decode_partial_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     if USE_PDL:  # everything read here (q, the cache, pos) is written by earlier kernels of the step
@@ -155,7 +165,9 @@ def _decode_partial_kernel(
     k_ptr += b * stride_kb + h * stride_kh
     v_ptr += b * stride_vb + h * stride_vh
 
-    n_keys, chunk = _decode_key_range(pos_ptr, max_len, NUM_SPLITS, BLOCK_N)
+    t = tl.load(pos_ptr)
+    n_keys = tl.minimum(tl.maximum(t, 0), max_len - 1) + 1  # a bad pos must not read outside the cache
+    chunk = tl.cdiv(tl.cdiv(n_keys, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, n_keys)  # start >= end: a split beyond t, the loop is skipped
 
@@ -181,8 +193,8 @@ def _decode_partial_kernel(
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         m_i = m_new
 
+    out_ptr += b * stride_ob + h * stride_oh
     if NUM_SPLITS == 1:
-        out_ptr += b * stride_ob + h * stride_oh
         tl.store(out_ptr + offs_d, (acc / l_i).to(out_ptr.dtype.element_ty), mask=d_mask)
     else:
         active = start < n_keys
@@ -191,48 +203,15 @@ def _decode_partial_kernel(
         row = pid_bh * NUM_SPLITS + split
         tl.store(part_out_ptr + row * HEAD_DIM + offs_d, acc / l_safe, mask=offs_d < stored_cols)
         tl.store(part_lse_ptr + row, m_i + tl.log2(l_safe), mask=active)
-
-
-@triton.jit
-def _decode_merge_kernel(
-    part_out_ptr,  # float32 [B*H, NUM_SPLITS, HEAD_DIM] from _decode_partial_kernel
-    part_lse_ptr,  # float32 [B*H, NUM_SPLITS] from _decode_partial_kernel
-    pos_ptr,  # int32 [1]: t, decides how many splits hold keys
-    out_ptr,  # [B, H, D] output, last dim contiguous
-    stride_ob,
-    stride_oh,
-    n_head,
-    max_len,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    pid_bh = tl.program_id(0)
-    b = (pid_bh // n_head).to(tl.int64)
-    h = (pid_bh % n_head).to(tl.int64)
-    n_keys, chunk = _decode_key_range(pos_ptr, max_len, NUM_SPLITS, BLOCK_N)
-    n_active = tl.cdiv(n_keys, chunk)  # splits past this were empty: their workspace rows are stale
-
-    offs_s = tl.arange(0, BLOCK_SPLITS)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < n_active
-    d_mask = offs_d < HEAD_DIM
-    rows = pid_bh * NUM_SPLITS + offs_s
-    lse = tl.load(part_lse_ptr + rows, mask=s_mask, other=float("-inf"))
-    weight = tl.exp2(lse - tl.max(lse, axis=0))  # 0 for the masked splits
-    part = tl.load(
-        part_out_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :],
-        mask=s_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )
-    out = tl.sum(weight[:, None] * part, axis=0) / tl.sum(weight, axis=0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+        # The barrier puts every thread's stores before the counter's release; the acq_rel increment makes the
+        # earlier splits' stores visible to the last one (the split-K semaphore pattern).
+        tl.debug_barrier()
+        arrived = tl.atomic_add(arrived_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
+        if arrived == NUM_SPLITS - 1:
+            out = _merge_splits(part_out_ptr, part_lse_ptr, pid_bh, tl.cdiv(n_keys, chunk), HEAD_DIM, BLOCK_D,
+                                NUM_SPLITS, BLOCK_SPLITS)
+            tl.store(out_ptr + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+            tl.atomic_xchg(arrived_ptr + pid_bh, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 
 def _check_tensor(name: str, x, shape_doc: str, ndim: int) -> None:
@@ -357,23 +336,32 @@ def decode_num_splits(batch: int, n_head: int, max_len: int) -> int:
     return max(1, min(wanted, max_len // _DECODE_BLOCK_N))
 
 
-def _workspace_floats(batch: int, n_head: int, head_dim: int, max_len: int) -> int:
-    """float32 values decode_attention needs at this batch: per split, an output row and its lse."""
+def _partial_floats(batch: int, n_head: int, head_dim: int, max_len: int) -> int:
+    """float32 values of split-K partials at this batch: per split, an output row and its lse."""
     num_splits = decode_num_splits(batch, n_head, max_len)
     return 0 if num_splits == 1 else batch * n_head * num_splits * (head_dim + 1)
 
 
-def decode_workspace(batch: int, n_head: int, head_dim: int, max_len: int, device) -> torch.Tensor:
-    """Allocate once (outside the graph) the float32 split-K partials buffer for decode_attention.
+def _workspace_floats(batch: int, n_head: int, head_dim: int, max_len: int) -> int:
+    """What decode_attention needs of the workspace at this batch: partials, then one counter per (batch, head)."""
+    partials = _partial_floats(batch, n_head, head_dim, max_len)
+    return partials + batch * n_head if partials else 0
 
-    Sized for every batch 1..batch (smaller batches use more splits), so one buffer serves all graphs.
+
+def decode_workspace(batch: int, n_head: int, head_dim: int, max_len: int, device) -> torch.Tensor:
+    """Allocate once (outside the graph) the split-K workspace of decode_attention, for every batch 1..batch
+    (smaller batches use more splits), so one buffer serves all graphs.
+
+    float32 [P + batch * n_head]: P values of split-K partials (scratch), then the (batch, head) arrival counters,
+    int32 bit patterns that must be zero between launches: zeroed here, and every launch leaves them zero (a
+    batch b < batch uses the last b * n_head of them, never a partials value).
     """
     for name, value in (("batch", batch), ("n_head", n_head), ("head_dim", head_dim), ("max_len", max_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"decode_workspace: {name} must be a positive int, got {value!r}")
     _check_head_dim(head_dim)
-    floats = max(_workspace_floats(b, n_head, head_dim, max_len) for b in range(1, batch + 1))
-    return torch.empty(floats, dtype=torch.float32, device=device)
+    partials = max(_partial_floats(b, n_head, head_dim, max_len) for b in range(1, batch + 1))
+    return torch.zeros(partials + batch * n_head if partials else 0, dtype=torch.float32, device=device)
 
 
 def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace) -> torch.Tensor:
@@ -383,7 +371,8 @@ def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace) 
     (views of a bigger cache; batch stride may be anything, last dim contiguous); pos: int32 tensor [1]
     on the same device = index t of the newest key (already written into the cache by the caller; clamped
     to 0..T-1 on the device); attends keys 0..t. out: [B, H, D]. workspace: from decode_workspace(B_max >=
-    B, H, D, T). No allocation, no host sync. Returns out.
+    B, H, D, T) (its counters must be zero: a hand-made buffer is not). One launch, no allocation, no host
+    sync. Returns out.
     """
     _check_tensor("q", q, "[B, H, D]", 3)
     _check_tensor("k_cache", k_cache, "[B, H, T, D]", 4)
@@ -424,18 +413,19 @@ def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace) 
     if workspace.numel() < needed:
         raise ValueError(
             f"workspace holds {workspace.numel()} float32 values but batch {batch} x {n_head} heads x "
-            f"{num_splits} splits x (head_dim {head_dim} + 1) needs {needed}: allocate it with "
+            f"({num_splits} splits x (head_dim {head_dim} + 1) + 1 counter) needs {needed}: allocate it with "
             f"decode_workspace(batch >= {batch}, {n_head}, {head_dim}, {max_len}, device)"
         )
 
     n_rows = batch * n_head * num_splits
     part_out = workspace[: n_rows * head_dim]  # views: nothing is allocated
     part_lse = workspace[n_rows * head_dim : n_rows * (head_dim + 1)]
+    arrived = workspace[workspace.numel() - batch * n_head :].view(torch.int32) if num_splits > 1 else workspace
     block_d = triton.next_power_of_2(head_dim)
     num_warps = _decode_num_warps(block_d, q.dtype)
     qk_scale_log2 = scale * math.log2(math.e)
     pdl = backend.use_pdl(q.device)
-    _decode_partial_kernel[(batch * n_head, num_splits)](
+    _decode_kernel[(batch * n_head, num_splits)](
         q,
         k_cache,
         v_cache,
@@ -443,6 +433,7 @@ def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace) 
         out,
         part_out,
         part_lse,
+        arrived,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -460,27 +451,9 @@ def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace) 
         BLOCK_D=block_d,
         BLOCK_N=_DECODE_BLOCK_N,
         NUM_SPLITS=num_splits,
+        BLOCK_SPLITS=triton.next_power_of_2(num_splits),
         USE_PDL=pdl,
         launch_pdl=pdl,
         num_warps=num_warps,
     )
-    if num_splits > 1:
-        _decode_merge_kernel[(batch * n_head,)](
-            part_out,
-            part_lse,
-            pos,
-            out,
-            out.stride(0),
-            out.stride(1),
-            n_head,
-            max_len,
-            HEAD_DIM=head_dim,
-            BLOCK_D=block_d,
-            BLOCK_N=_DECODE_BLOCK_N,
-            NUM_SPLITS=num_splits,
-            BLOCK_SPLITS=triton.next_power_of_2(num_splits),
-            USE_PDL=pdl,
-            launch_pdl=pdl,
-            num_warps=num_warps,
-        )
     return out

@@ -123,9 +123,13 @@ def run_decode_steps(device, batch, n_head, head_dim, max_len, dtype, steps, wor
         k_cache[:, :, t + 1 :] = NAN
         v_cache[:, :, t + 1 :] = NAN
         out = torch.full_like(q, NAN)
-        workspace.fill_(NAN)  # stale partials from an earlier, longer step must never be read
+        # Stale partials from an earlier, longer step must never be read. The tail holds the arrival counters
+        # (zero between launches, see decode_workspace): they are left alone, and must come back zero.
+        partials, counters = workspace[: workspace.numel() - batch * n_head], workspace[-batch * n_head :]
+        partials.fill_(NAN)
         pos.fill_(t)
         decode_attention(q, k_cache, v_cache, pos, scale=scale, out=out, workspace=workspace)
+        assert workspace.numel() == 0 or not counters.view(torch.int32).any(), "a launch left a counter set"
         expected = reference_attention(q[:, :, None], k_full[:, :, : t + 1], v_full[:, :, : t + 1], scale)[
             :, :, 0
         ]
@@ -163,7 +167,7 @@ def test_decode_splits_are_exercised():
 def test_decode_num_splits_fills_an_h100():
     assert decode_num_splits(1, 8, 1024) == 16  # 128 programs for batch 1, imagegpt-small
     assert decode_num_splits(8, 8, 1024) == 8  # 512 programs
-    assert decode_num_splits(64, 8, 1024) == 1  # 512 (batch, head) programs already: no merge launch
+    assert decode_num_splits(64, 8, 1024) == 1  # 512 (batch, head) programs already: no merge
     assert decode_num_splits(1, 1, 32) == 1  # never more splits than whole 64-key blocks
     for batch in (1, 2, 3, 5, 8, 17, 64, 256):
         splits = decode_num_splits(batch, 8, 1024)
@@ -250,7 +254,7 @@ BAD_DECODE = {
     "pos python int": (lambda a: a.update(pos=3), r"pos must be an int32 tensor of shape \[1\], got int"),
     "workspace small": (
         lambda a: a.update(workspace=a["workspace"][:100]),
-        r"workspace holds 100 float32 values but .* needs 260",
+        r"workspace holds 100 float32 values but .* needs 262",
     ),
     "workspace dtype": (
         lambda a: a.update(workspace=a["workspace"].half()),
