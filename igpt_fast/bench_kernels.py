@@ -6,7 +6,9 @@ measurement.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +28,30 @@ SMOKE_QUANTIZE_IMAGES = dict.fromkeys(QUANTIZE_IMAGES, 4)  # the Triton interpre
 # transformers computes |x|^2 - 2 x.c + |c|^2 from (x / 255 - 0.5) / 0.5: where the two nearest clusters are this
 # close in squared distance, float32 rounding may pick either (as in tests/test_clusters.py).
 NEAR_TIE = 1e-5
+
+
+# Launch heuristics that were set without a GPU, for the sweep to measure one at a time (the others at their
+# defaults, which are among the values): (kernels module, constant, values, names of the kernel cases it changes
+# start with one of these).
+_LINEAR_CASES = ("norm_qkv", "linear_residual", "norm_linear")
+SWEEPS = (
+    ("linear", "_GEMV_MIN_BLOCK_N", (8, 16, 32), _LINEAR_CASES),
+    ("linear", "_TARGET_PROGRAMS", (132, 264, 528), _LINEAR_CASES),
+    ("linear", "_GEMV_TILE", (4096, 8192, 16384), _LINEAR_CASES),
+    ("attention", "_DECODE_TARGET_PROGRAMS", (256, 512, 1024), ("decode_attention",)),
+)
+
+
+@contextlib.contextmanager
+def heuristic(module: str, constant: str, value: int):
+    """The kernels launched inside use `value` for igpt_fast.kernels.<module>.<constant>."""
+    kernels = importlib.import_module(f"igpt_fast.kernels.{module}")
+    before = getattr(kernels, constant)
+    setattr(kernels, constant, value)
+    try:
+        yield
+    finally:
+        setattr(kernels, constant, before)
 
 
 @dataclass

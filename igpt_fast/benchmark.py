@@ -10,6 +10,8 @@ What is measured, per model size, dtype and batch:
   kernels     each Triton kernel of a decode step against its unfused PyTorch equivalent: ms, GB/s, ratio;
               and quantizing 32x32 images to cluster ids in pixels/s: the kernel, the unfused equivalent and
               transformers' image processor (on the host CPU, its ids checked against the kernel's)
+  sweep       (on request: --tasks sweep) the kernels again under other values of each launch heuristic set
+              without a GPU (bench_kernels.SWEEPS), one at a time, at batches up to 16: rows "kernel [constant=v]"
 The engine also runs as igpt-fast-no-pdl (generate only): its kernels launched without programmatic dependent
 launch, which on sm_90+ is otherwise on, so the table shows what PDL buys at small batch.
 A decode step at position p must move the weights (embeddings but for the rows it reads) and the K, V of p + 1
@@ -43,7 +45,7 @@ import torch
 
 from igpt_fast.anchors import COMPILED_ANCHORS, StaticCacheAnchor, TransformersAnchor
 from igpt_fast.backend import PDL_ENV, use_triton
-from igpt_fast.bench_kernels import kernel_cases, measure_kernel, measure_quantize, quantize_cases
+from igpt_fast.bench_kernels import SWEEPS, heuristic, kernel_cases, measure_kernel, measure_quantize, quantize_cases
 from igpt_fast.bench_measure import (
     DTYPES,
     ENGINE,
@@ -70,7 +72,8 @@ from igpt_fast.decoder import BATCH_BUCKETS
 from igpt_fast.model import ImageGPT
 from igpt_fast.reference import ReferenceImageGPT
 
-TASKS = ("generate", "complete", "features", "likelihood", "kernels")
+TASKS = ("generate", "complete", "features", "likelihood", "kernels", "sweep")
+PRESET_TASKS = TASKS[:-1]  # the sweep runs on request only (--tasks sweep): about a minute on a GPU
 ENGINES = (ENGINE, ENGINE_NO_PDL)
 SYSTEM_TASKS = {
     ENGINE: ("generate", "complete", "features", "likelihood"),
@@ -80,6 +83,7 @@ SYSTEM_TASKS = {
     "transformers": ("generate",),
     "transformers-static": ("generate",),
 }
+NO_TRITON = "Triton kernels need CUDA (or TRITON_INTERPRET=1 set before the import)"
 # Cheapest and most important first, so a time limit cuts the compiled anchors, not the engine's numbers.
 STAGES = (ENGINE, "reference-eager", "transformers", "kernels", "reference-compiled", "transformers-static",
           ENGINE_NO_PDL)
@@ -99,12 +103,13 @@ class Preset:
 PRESETS = {
     # No igpt-fast-no-pdl on the CPU: there is no PDL to switch off.
     "smoke": Preset(("tiny",), ("float32",), (1, 2), (ENGINE, "reference-eager", "transformers",
-                                                       "transformers-static"), TASKS, 8, {}),
-    "core": Preset(("small",), ("float16", "float32"), (1, 8, 64), SYSTEMS, TASKS, 128,
+                                                       "transformers-static"), PRESET_TASKS, 8, {}),
+    "core": Preset(("small",), ("float16", "float32"), (1, 8, 64), SYSTEMS, PRESET_TASKS, 128,
                    {"reference-compiled": ("float16:*",), "transformers-static": ("float16:8",),
                     ENGINE_NO_PDL: ("float16:1", "float16:8")}),
     "full": Preset(("small", "medium", "large"), ("float16", "bfloat16", "float32"), (1, 8, 64, 256), SYSTEMS,
-                   TASKS, 128, {"transformers-static": ("float16:8", "float16:64"), ENGINE_NO_PDL: ("float16:*",)}),
+                   PRESET_TASKS, 128,
+                   {"transformers-static": ("float16:8", "float16:64"), ENGINE_NO_PDL: ("float16:*",)}),
 }
 
 
@@ -212,6 +217,8 @@ class Runner:
                 if stage == "kernels":
                     if "kernels" in self.plan.tasks:
                         self.run_kernels(config, model_name)
+                    if "sweep" in self.plan.tasks:
+                        self.run_sweep(config, model_name)
                 elif stage in self.plan.systems:
                     self.run_system(stage, config, model_name, weights)
                 self.release()
@@ -287,8 +294,7 @@ class Runner:
     def run_kernels(self, config: ImageGPTConfig, model_name: str) -> None:
         device = self.plan.device
         if not use_triton(device):
-            self.record(Result("kernel", "all kernels", model_name, "-", 0, status="skipped",
-                               note="Triton kernels need CUDA (or TRITON_INTERPRET=1 set before the import)"))
+            self.record(Result("kernel", "all kernels", model_name, "-", 0, status="skipped", note=NO_TRITON))
             return
         for i, dtype_name in enumerate(self.plan.dtypes):
             dtype = DTYPES[dtype_name]
@@ -311,6 +317,26 @@ class Runner:
             for case in quantize_cases(device, self.plan.seed).values():
                 self.measure("quantize", case.system, model_name, "uint8", case.images,
                              functools.partial(measure_quantize, case, device))
+
+    def run_sweep(self, config: ImageGPTConfig, model_name: str) -> None:
+        """Kernel rows under each value of each launch heuristic in SWEEPS (named "kernel [constant=value]"),
+        at the plan's first dtype and its batches up to 16 (the GEMV path and split decode)."""
+        device, dtype_name = self.plan.device, self.plan.dtypes[0]
+        if not use_triton(device):
+            self.record(Result("kernel", "sweep", model_name, "-", 0, status="skipped", note=NO_TRITON))
+            return
+        for module, constant, values, case_names in SWEEPS:
+            for value in values:
+                with heuristic(module, constant, value):
+                    for batch in [b for b in self.plan.batches if b <= 16]:
+                        cases = kernel_cases(config, DTYPES[dtype_name], batch, device, self.plan.seed,
+                                             with_dtype_free=False)
+                        for case in [c for c in cases if c.name.startswith(case_names)]:
+                            self.measure("kernel", f"{case.name} [{constant.strip('_')}={value}]", model_name,
+                                         dtype_name, batch,
+                                         functools.partial(measure_kernel, case, device, self.copy_bytes_per_s))
+                        del cases
+                        self.release()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ so a layer never writes the normalized activations out. Epilogues, chosen at com
 Two code paths, chosen by the number of rows M (or forced with path="gemv" | "dot"):
     gemv (M <= 16, decode at small batch): a program owns a stripe of BLOCK_N columns and all (up to 16)
         rows, so W streams from memory exactly once; BLOCK_N is the power of two that gives about
-        _TARGET_PROGRAMS stripes (clamped to 8..128), so batch 1 still spreads over all SMs.
+        _TARGET_PROGRAMS stripes (clamped to _GEMV_MIN_BLOCK_N..128), so batch 1 still spreads over all SMs.
     dot (M > 16, large decode batches and prefill): tiled tl.dot with grouped tile order for L2 reuse;
         tiles start at min(next_pow2(M), 128) x 128 and shrink (N to 32, then M to 16, then N to 16)
         until about _TARGET_PROGRAMS tiles exist, so decode batches of 17..256 rows still fill the GPU.
@@ -34,6 +34,7 @@ _ACTIVATIONS = (None, "quick_gelu")
 _PATHS = (None, "gemv", "dot")
 
 _GEMV_MAX_M = 16  # rows up to which the weight-streaming GEMV path is used
+_GEMV_MIN_BLOCK_N = 8  # narrowest column stripe: 16 bytes of a float16 W row
 _TARGET_PROGRAMS = 264  # about two programs per SM on an H100 (132 SMs)
 _GEMV_TILE = 8192  # BLOCK_M * BLOCK_K * BLOCK_N elements per GEMV step (64 per thread at 4 warps)
 _GROUP_M = 8  # row tiles walked together in the dot path, so W tiles are reused from L2
@@ -256,7 +257,7 @@ def _gemv_config(M: int, N: int, K: int) -> dict:
     block_m = min(triton.next_power_of_2(M), _GEMV_MAX_M)
     row_blocks = triton.cdiv(M, block_m)
     # Column stripes: enough of them that about _TARGET_PROGRAMS programs each stream a disjoint part of W.
-    block_n = min(max(triton.next_power_of_2(triton.cdiv(N * row_blocks, _TARGET_PROGRAMS)), 8), 128)
+    block_n = min(max(triton.next_power_of_2(triton.cdiv(N * row_blocks, _TARGET_PROGRAMS)), _GEMV_MIN_BLOCK_N), 128)
     block_k = min(max(_GEMV_TILE // (block_m * block_n), 16), max(triton.next_power_of_2(K), 16))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
                 grid=(triton.cdiv(N, block_n), row_blocks))

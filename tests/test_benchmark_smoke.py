@@ -200,3 +200,24 @@ def test_cli_help_and_bad_arguments(capsys):
     with pytest.raises(SystemExit) as exit_info:
         benchmark.main(["--batches", "3"])  # not a batch bucket
     assert exit_info.value.code == 2
+
+
+def test_sweep_measures_each_heuristic_value_and_restores_the_default(tmp_path):
+    """--tasks sweep: a kernel row per (heuristic value, kernel it changes), each measured under that value."""
+    from igpt_fast.kernels import linear
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = benchmark.main(["--sizes", "smoke", "--tasks", "sweep", "--batches", "1", "--device", "cpu",
+                               "--systems", "igpt-fast", "--out", str(tmp_path)])
+    assert code == 0
+    rows = [r for r in json.loads((tmp_path / "results.json").read_text())["results"] if r["task"] == "kernel"]
+    names = [c.name for c in bench_kernels.kernel_cases(bench_measure.MODELS["tiny"], torch.float32, 1,
+                                                        torch.device("cpu"), 0, with_dtype_free=False)]
+    expected = {f"{name} [{constant.strip('_')}={value}]" for _, constant, values, prefixes in bench_kernels.SWEEPS
+                for value in values for name in names if name.startswith(prefixes)}
+    assert len(expected) == 3 * 3 * 5 + 3 * 2  # five linear kernels, decode attention early and late
+    assert {r["system"] for r in rows} == expected and len(rows) == len(expected)
+    assert all(r["status"] == "ok" and r["ms"] > 0 for r in rows), [r for r in rows if r["status"] != "ok"]
+    with bench_kernels.heuristic("linear", "_GEMV_MIN_BLOCK_N", 32):
+        assert linear._gemv_config(1, 512, 512)["BLOCK_N"] == 32
+    assert linear._GEMV_MIN_BLOCK_N == 8 and linear._gemv_config(1, 512, 512)["BLOCK_N"] == 8
