@@ -9,6 +9,7 @@ Run by tests/test_sm90_compile.py in a subprocess, because kernels must be impor
     python tests/sm90_compile_check.py      # prints one line per variant, exits 1 on any failure
 """
 
+import math
 import os
 import sys
 
@@ -22,6 +23,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from igpt_fast import ImageGPT, ImageGPTConfig, backend  # noqa: E402
 from igpt_fast.checkpoint import expected_shapes  # noqa: E402
 from igpt_fast.decoder import PackedWeights, StaticDecoder  # noqa: E402
+from igpt_fast.demo import demo_model_path  # noqa: E402
 from igpt_fast.kernels import clusters  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
@@ -77,7 +79,8 @@ def record_engine_launches() -> dict:
     # IGPT_FAST_PDL=0 without it: both variants, the latter at one dtype (the kernels differ by two instructions).
     cases = [(ImageGPTConfig.small(), (1, 8, 64), (torch.float16, torch.float32, torch.bfloat16), True),
              (ImageGPTConfig.small(), (1, 8, 64), (torch.float16,), False),
-             (ImageGPTConfig(n_embd=192, n_head=2, n_layer=1), (1, 64), (torch.float16,), True)]  # large's heads
+             (ImageGPTConfig(n_embd=192, n_head=2, n_layer=1), (1, 64), (torch.float16,), True),  # large's heads
+             (ImageGPTConfig.from_json_file(demo_model_path() / "config.json"), (16,), (torch.float16,), True)]  # demo
     for config, batches, dtypes, pdl in cases:
         backend.use_pdl = lambda device, pdl=pdl: pdl
         state = {k: torch.zeros(shape) for k, shape in expected_shapes(config).items()}
@@ -88,13 +91,14 @@ def record_engine_launches() -> dict:
                                           backend="triton", use_cuda_graphs=False)
             for batch in batches:
                 context = torch.full((batch, 1), config.sos_token_id)
-                model.generate(context, max_new_tokens=2, do_sample=True, top_k=40, top_p=0.9)
+                model.generate(context, max_new_tokens=2, do_sample=True, top_k=min(40, config.n_clusters), top_p=0.9)
                 model.generate(context, max_new_tokens=2)  # greedy
                 model(torch.zeros(batch, 40, dtype=torch.long))  # prefill of a longer prompt
-            pixels = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
-            clusters.quantize(pixels, torch.zeros(512, 3))
-            clusters.quantize(pixels.float(), torch.zeros(512, 3))
-            clusters.dequantize(torch.zeros(2, 1024, dtype=torch.long), torch.zeros(512, 3))
+            side = math.isqrt(config.n_positions)
+            pixels, centers = torch.zeros(2, side, side, 3, dtype=torch.uint8), torch.zeros(config.n_clusters, 3)
+            clusters.quantize(pixels, centers)
+            clusters.quantize(pixels.float(), centers)
+            clusters.dequantize(torch.zeros(2, side * side, dtype=torch.long), centers)
     return launches
 
 
