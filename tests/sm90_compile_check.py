@@ -1,8 +1,8 @@
 """Compile, for an H100 (sm_90), every Triton kernel variant the engine launches, without a GPU.
 
 The interpreter proves the kernels' math on the CPU but not that they compile. This script runs the real engine
-(prefill, decode steps, sampling) at imagegpt-small shapes and a 96-wide-head config with every launch recorded
-instead of run (JITFunction.run patched), then compiles each distinct launch (same constexprs, argument types and
+(prefill, decode steps, sampling) at imagegpt-small shapes (with and without programmatic dependent launch), a
+96-wide-head config and the shipped demo model, with every launch recorded instead of run (JITFunction.run patched), then compiles each distinct launch (same constexprs, argument types and
 16-byte alignment as the launch would specialize on) with triton.compile for sm_90, and checks shared memory.
 Run by tests/test_sm90_compile.py in a subprocess, because kernels must be imported with TRITON_INTERPRET=0.
 
