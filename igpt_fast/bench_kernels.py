@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from igpt_fast.bench_measure import TOP_K, kernel_ms, package_version, wall_ms
 from igpt_fast.config import ImageGPTConfig
+from igpt_fast.decoder import pack_linear
 
 QUANTIZE_SIDE, QUANTIZE_CLUSTERS = 32, 512  # the checkpoints' images and color table, whatever the model
 # Images per timed call on a GPU: a dataset-like few thousand for the kernel; 256 for the unfused equivalent, whose
@@ -30,28 +31,29 @@ SMOKE_QUANTIZE_IMAGES = dict.fromkeys(QUANTIZE_IMAGES, 4)  # the Triton interpre
 NEAR_TIE = 1e-5
 
 
-# Launch heuristics that were set without a GPU, for the sweep to measure one at a time (the others at their
-# defaults, which are among the values): (kernels module, constant, values, names of the kernel cases it changes
-# start with one of these).
+# Launch heuristics and the weight layout, all chosen without a GPU, for the sweep to measure one at a time (the
+# others at their defaults, which are among the values): (module, constant, values, names of the kernel cases it
+# changes start with one of these).
 _LINEAR_CASES = ("norm_qkv", "linear_residual", "norm_linear")
 SWEEPS = (
-    ("linear", "_GEMV_MIN_BLOCK_N", (8, 16, 32), _LINEAR_CASES),
-    ("linear", "_TARGET_PROGRAMS", (132, 264, 528), _LINEAR_CASES),
-    ("linear", "_GEMV_TILE", (4096, 8192, 16384), _LINEAR_CASES),
-    ("attention", "_DECODE_TARGET_PROGRAMS", (256, 512, 1024), ("decode_attention",)),
+    ("igpt_fast.decoder", "K_CONTIGUOUS_WEIGHTS", (True, False), _LINEAR_CASES),
+    ("igpt_fast.kernels.linear", "_GEMV_MIN_BLOCK_N", (8, 16, 32), _LINEAR_CASES),
+    ("igpt_fast.kernels.linear", "_TARGET_PROGRAMS", (132, 264, 528), _LINEAR_CASES),
+    ("igpt_fast.kernels.linear", "_GEMV_TILE", (4096, 8192, 16384), _LINEAR_CASES),
+    ("igpt_fast.kernels.attention", "_DECODE_TARGET_PROGRAMS", (256, 512, 1024), ("decode_attention",)),
 )
 
 
 @contextlib.contextmanager
-def heuristic(module: str, constant: str, value: int):
-    """The kernels launched inside use `value` for igpt_fast.kernels.<module>.<constant>."""
-    kernels = importlib.import_module(f"igpt_fast.kernels.{module}")
-    before = getattr(kernels, constant)
-    setattr(kernels, constant, value)
+def heuristic(module: str, constant: str, value):
+    """Inside, <module>.<constant> is `value` (read by the launchers, and by pack_linear, at each call)."""
+    owner = importlib.import_module(module)
+    before = getattr(owner, constant)
+    setattr(owner, constant, value)
     try:
         yield
     finally:
-        setattr(kernels, constant, before)
+        setattr(owner, constant, before)
 
 
 @dataclass
@@ -82,9 +84,9 @@ def _quantize_unfused(pixels: torch.Tensor, centers: torch.Tensor) -> torch.Tens
 def kernel_cases(config: ImageGPTConfig, dtype: torch.dtype, batch: int, device: torch.device, seed: int,
                  with_dtype_free: bool) -> list[KernelCase]:
     """The decode step's kernels at batch rows (decode attention early and late in an image, the linear kernels
-    at its middle), causal prefill attention over half and whole images, each with its unfused PyTorch
-    equivalent. Sampling and quantization do not depend on the model dtype (with_dtype_free
-    includes them)."""
+    at its middle, weights laid out as the engine packs them), causal prefill attention over half and whole
+    images, each with its unfused PyTorch equivalent. Sampling and quantization do not depend on the model
+    dtype (with_dtype_free includes them)."""
     from igpt_fast.kernels import attention, clusters, linear, sampling
 
     c = config
@@ -119,7 +121,7 @@ def kernel_cases(config: ImageGPTConfig, dtype: torch.dtype, batch: int, device:
             functools.partial(attention.prefill_attention, qs, ks, vs, scale=scale, out=prefill_out),
             functools.partial(F.scaled_dot_product_attention, qs, ks, vs, is_causal=True, scale=scale), name))
 
-    w_qkv, b_qkv, q_out = rand(d, 3 * d, scale=d ** -0.5), rand(3 * d, scale=0.1), torch.empty_like(x)
+    w_qkv, b_qkv, q_out = pack_linear(rand(d, 3 * d, scale=d ** -0.5)), rand(3 * d, scale=0.1), torch.empty_like(x)
 
     def qkv_unfused():
         qkv = torch.addmm(b_qkv, _rms_norm(x, norm_w, eps), w_qkv)
@@ -133,27 +135,27 @@ def kernel_cases(config: ImageGPTConfig, dtype: torch.dtype, batch: int, device:
                                 v_cache=v_cache, pos=pos, seq_len=1),
         qkv_unfused, name))
 
-    w_fc, b_fc, hidden = rand(d, inner, scale=d ** -0.5), rand(inner, scale=0.1), rand(batch, inner)
+    w_fc, b_fc, hidden = pack_linear(rand(d, inner, scale=d ** -0.5)), rand(inner, scale=0.1), rand(batch, inner)
     cases.append(KernelCase(
         "norm_linear (ln_2, c_fc, gelu)", "norm + addmm + gelu",
         (d * inner + inner + d + batch * (d + inner)) * size,
         lambda: linear.norm_linear(x, norm_w, w_fc, b_fc, eps=eps, activation="quick_gelu", out=hidden),
         lambda: _quick_gelu(torch.addmm(b_fc, _rms_norm(x, norm_w, eps), w_fc)), name))
 
-    w_attn_proj, b_attn_proj, attn_rows = rand(d, d, scale=d ** -0.5), rand(d, scale=0.1), rand(batch, d)
+    w_attn_proj, b_attn_proj, attn_rows = pack_linear(rand(d, d, scale=d ** -0.5)), rand(d, scale=0.1), rand(batch, d)
     residual = rand(batch, d)
     cases.append(KernelCase(
         "linear_residual (attn c_proj)", "addmm + add_", (d * d + d + batch * 3 * d) * size,
         lambda: linear.linear_residual(attn_rows, w_attn_proj, b_attn_proj, residual),
         lambda: residual.add_(torch.addmm(b_attn_proj, attn_rows, w_attn_proj)), name))
 
-    w_proj, b_proj = rand(inner, d, scale=inner ** -0.5), rand(d, scale=0.1)
+    w_proj, b_proj = pack_linear(rand(inner, d, scale=inner ** -0.5)), rand(d, scale=0.1)
     cases.append(KernelCase(
         "linear_residual (mlp c_proj)", "addmm + add_", (inner * d + d + batch * (inner + 2 * d)) * size,
         lambda: linear.linear_residual(hidden, w_proj, b_proj, residual),
         lambda: residual.add_(torch.addmm(b_proj, hidden, w_proj)), name))
 
-    w_head = rand(d, V, scale=d ** -0.5)
+    w_head = pack_linear(rand(d, V, scale=d ** -0.5))
     logits_out = torch.empty(batch, V, dtype=torch.float32, device=device)
     cases.append(KernelCase(
         "norm_linear (ln_f, lm_head)", "norm + mm + float", (d * V + d + batch * d) * size + batch * V * 4,

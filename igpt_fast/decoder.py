@@ -26,6 +26,10 @@ from igpt_fast.config import ImageGPTConfig
 from igpt_fast.reference import attention_scale
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Linear weights are stored [out, in] (nn.Linear's layout, rows contiguous along the reduction) and handed to the
+# kernels as [in, out] views: a decode GEMV program then streams whole rows of W instead of 16-byte pieces of many.
+# Chosen without a GPU; `python -m igpt_fast.benchmark --tasks sweep` measures both layouts.
+K_CONTIGUOUS_WEIGHTS = True
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -47,7 +51,7 @@ def kernel_ops(backend: str):
 @dataclass
 class LayerWeights:
     ln_1: torch.Tensor
-    c_attn_w: torch.Tensor  # [d, 3d]
+    c_attn_w: torch.Tensor  # [d, 3d] (every linear weight: [in, out], laid out by pack_linear)
     c_attn_b: torch.Tensor
     attn_proj_w: torch.Tensor  # [d, d]
     attn_proj_b: torch.Tensor
@@ -65,25 +69,34 @@ class PackedWeights:
     wpe: torch.Tensor
     layers: list[LayerWeights]
     ln_f: torch.Tensor
-    lm_head_w: torch.Tensor  # [d, n_clusters]: nn.Linear's [out, in] transposed once, so every linear is [K, N]
+    lm_head_w: torch.Tensor  # [d, n_clusters]: nn.Linear's [out, in] seen as [in, out] like the others
 
     @classmethod
     def pack(cls, config: ImageGPTConfig, state: dict[str, torch.Tensor], dtype, device) -> PackedWeights:
         def get(name):
             return state[name].detach().to(device=device, dtype=dtype).contiguous()
 
+        def get_linear(name):  # Conv1D weights are [in, out]
+            return pack_linear(state[name].detach().to(device=device, dtype=dtype))
+
         layers = []
         for i in range(config.n_layer):
             p = f"transformer.h.{i}."
             layers.append(LayerWeights(
-                get(p + "ln_1.weight"), get(p + "attn.c_attn.weight"), get(p + "attn.c_attn.bias"),
-                get(p + "attn.c_proj.weight"), get(p + "attn.c_proj.bias"), get(p + "ln_2.weight"),
-                get(p + "mlp.c_fc.weight"), get(p + "mlp.c_fc.bias"), get(p + "mlp.c_proj.weight"),
+                get(p + "ln_1.weight"), get_linear(p + "attn.c_attn.weight"), get(p + "attn.c_attn.bias"),
+                get_linear(p + "attn.c_proj.weight"), get(p + "attn.c_proj.bias"), get(p + "ln_2.weight"),
+                get_linear(p + "mlp.c_fc.weight"), get(p + "mlp.c_fc.bias"), get_linear(p + "mlp.c_proj.weight"),
                 get(p + "mlp.c_proj.bias"), attention_scale(config, i),
             ))
-        lm_head_w = state["lm_head.weight"].detach().to(device=device, dtype=dtype).t().contiguous()
+        lm_head_w = pack_linear(state["lm_head.weight"].detach().to(device=device, dtype=dtype).t())
         return cls(get("transformer.wte.weight"), get("transformer.wpe.weight"), layers,
                    get("transformer.ln_f.weight"), lm_head_w)
+
+
+def pack_linear(weight: torch.Tensor) -> torch.Tensor:
+    """A linear weight [in, out] (any strides) as the kernels get it: a view of a row-major [out, in] copy when
+    K_CONTIGUOUS_WEIGHTS, else row-major [in, out]."""
+    return weight.t().contiguous().t() if K_CONTIGUOUS_WEIGHTS else weight.contiguous()
 
 
 @dataclass

@@ -2,7 +2,10 @@
 
     y[M, N] = rmsnorm(x[M, K]) @ W[K, N] + b[N]      rmsnorm(x) = x / sqrt(mean(x^2, -1) + eps) * norm_weight
 
-W is GPT-2 Conv1D layout ([in=K, out=N], row-major contiguous). Accumulation is float32; float32 inputs are
+W is [in=K, out=N] (GPT-2 Conv1D's shape), dense in either order: row-major [K, N], or the transposed view of
+a row-major [N, K] (nn.Linear's layout, rows contiguous along K: what the engine packs, so that a GEMV program
+reads whole rows of W). The kernels take W's two strides; Triton specializes the unit one, so loads are
+vectorized along whichever dimension is contiguous. Accumulation is float32; float32 inputs are
 computed exactly in IEEE fp32 (no TF32). The norm is optional; its row statistic is computed in a prologue
 pass over each program's rows, then the main K loop normalizes x on the fly (HF's order: x * rstd * weight),
 so a layer never writes the normalized activations out. Epilogues, chosen at compile time:
@@ -115,7 +118,7 @@ def _epilogue(
 def _gemv_kernel(
     x_ptr,  # [M, K] input rows, last dim contiguous
     nw_ptr,  # [K] RMS-norm weight (not read without HAS_NORM)
-    w_ptr,  # [K, N] weight, row-major contiguous
+    w_ptr,  # [K, N] weight, contiguous along K or N (stride_wk, stride_wn)
     b_ptr,  # [N] bias (not read without HAS_BIAS)
     out_ptr,  # see _epilogue
     k_ptr,  # see _epilogue
@@ -123,6 +126,7 @@ def _gemv_kernel(
     pos_ptr,  # see _epilogue
     M, N, K,
     stride_xm, stride_om,
+    stride_wk, stride_wn,
     eps,
     seq_len, head_dim,
     stride_kb, stride_kh, stride_kt,
@@ -147,8 +151,8 @@ def _gemv_kernel(
     rows = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     offs_k = tl.arange(0, BLOCK_K)
-    w_next = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=(offs_k < K)[:, None] & n_mask[None, :],
-                     other=0.0)
+    w_next = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                     mask=(offs_k < K)[:, None] & n_mask[None, :], other=0.0)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()  # the previous kernel's writes (x, the residual, the cache) are visible after this
         tl.extra.cuda.gdc_launch_dependents()
@@ -160,8 +164,8 @@ def _gemv_kernel(
         k_mask = offs_k < K
         w = w_next.to(tl.float32)
         ahead = offs_k + BLOCK_K  # past K on the last iteration: fully masked, no memory traffic
-        w_next = tl.load(w_ptr + ahead[:, None] * N + offs_n[None, :], mask=(ahead < K)[:, None] & n_mask[None, :],
-                         other=0.0)
+        w_next = tl.load(w_ptr + ahead[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                         mask=(ahead < K)[:, None] & n_mask[None, :], other=0.0)
         x = tl.load(
             x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
             mask=row_mask[:, None] & k_mask[None, :], other=0.0,
@@ -180,7 +184,7 @@ def _gemv_kernel(
 def _dot_kernel(
     x_ptr,  # [M, K] input rows, last dim contiguous
     nw_ptr,  # [K] RMS-norm weight (not read without HAS_NORM)
-    w_ptr,  # [K, N] weight, row-major contiguous
+    w_ptr,  # [K, N] weight, contiguous along K or N (stride_wk, stride_wn)
     b_ptr,  # [N] bias (not read without HAS_BIAS)
     out_ptr,  # see _epilogue
     k_ptr,  # see _epilogue
@@ -188,6 +192,7 @@ def _dot_kernel(
     pos_ptr,  # see _epilogue
     M, N, K,
     stride_xm, stride_om,
+    stride_wk, stride_wn,
     eps,
     seq_len, head_dim,
     stride_kb, stride_kh, stride_kt,
@@ -233,7 +238,7 @@ def _dot_kernel(
             nw = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
             x = (x.to(tl.float32) * rstd[:, None] * nw[None, :]).to(w_ptr.dtype.element_ty)
         w = tl.load(
-            w_ptr + offs_k[:, None] * N + offs_n[None, :],
+            w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
             mask=k_mask[:, None] & (offs_n < N)[None, :], other=0.0,
         )
         # "ieee": float32 stays exact fp32 (no TF32); ignored for 16-bit inputs, which use tensor cores.
@@ -291,7 +296,8 @@ def _fail(msg: str):
 
 
 def _check_tensor(name: str, t, *, ndim: int, dtype=None, dtypes=_FLOAT_DTYPES, device=None,
-                  contiguous=False):
+                  contiguous: bool | None = False):
+    """contiguous: True (all of it), False (its last dim), None (the caller checks strides)."""
     if not isinstance(t, torch.Tensor):
         _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != ndim:
@@ -304,7 +310,7 @@ def _check_tensor(name: str, t, *, ndim: int, dtype=None, dtypes=_FLOAT_DTYPES, 
         _fail(f"{name} must be on {device}, got {t.device}")
     if contiguous and not t.is_contiguous():
         _fail(f"{name} must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
-    if not contiguous and t.shape[-1] > 1 and t.stride(-1) != 1:
+    if contiguous is False and t.shape[-1] > 1 and t.stride(-1) != 1:
         _fail(f"{name} must have a contiguous last dim, got strides {t.stride()} for shape {tuple(t.shape)}")
 
 
@@ -317,11 +323,14 @@ def _check_linear(x, norm_weight, weight, bias) -> tuple[int, int, int]:
     """Shared checks of x [M, K], norm_weight [K] | None, weight [K, N], bias [N] | None. Returns M, N, K."""
     _check_tensor("x", x, ndim=2)
     dtype, device = x.dtype, x.device
-    _check_tensor("weight", weight, ndim=2, dtype=dtype, device=device, contiguous=True)
+    _check_tensor("weight", weight, ndim=2, dtype=dtype, device=device, contiguous=None)  # either order: below
     M, K = x.shape
     if weight.shape[0] != K:
         _fail(f"weight must be [K={K}, N] (Conv1D layout [in, out]), got shape {tuple(weight.shape)}")
     N = weight.shape[1]
+    if not (weight.is_contiguous() or weight.t().is_contiguous()):
+        _fail(f"weight [K, N] must be row-major or the transposed view of a row-major [N, K], got strides "
+              f"{weight.stride()} for shape {tuple(weight.shape)}")
     if norm_weight is not None:
         _check_tensor("norm_weight", norm_weight, ndim=1, dtype=dtype, device=device, contiguous=True)
         _check_shape("norm_weight", norm_weight, (K,))
@@ -378,7 +387,7 @@ def _launch(path, x, norm_weight, weight, bias, out, *, eps=0.0, activation=None
         bias if bias is not None else weight, out,
         k_cache if k_cache is not None else out, v_cache if v_cache is not None else out,
         pos if pos is not None else out,
-        M, N, K, x.stride(0), out.stride(0), float(eps), seq_len, head_dim, *k_strides, *v_strides,
+        M, N, K, x.stride(0), out.stride(0), *weight.stride(), float(eps), seq_len, head_dim, *k_strides, *v_strides,
         HAS_NORM=norm_weight is not None, HAS_BIAS=bias is not None, ACTIVATION=activation, EPILOGUE=epilogue,
         USE_PDL=pdl, launch_pdl=pdl, **config,
     )
@@ -388,7 +397,8 @@ def norm_linear(x, norm_weight, weight, bias, *, eps: float, activation: str | N
                 out_dtype=None, path: str | None = None) -> torch.Tensor:
     """out[M, N] = act(rmsnorm(x) * norm_weight @ weight + bias).
 
-    x [M, K] (last dim contiguous), norm_weight [K] or None (plain linear), weight [K, N] contiguous,
+    x [M, K] (last dim contiguous), norm_weight [K] or None (plain linear), weight [K, N] (row-major, or the
+    .t() of a row-major [N, K]),
     bias [N] or None, all one dtype (float32, float16, bfloat16). activation None or "quick_gelu".
     out_dtype defaults to out.dtype when out is given, else x.dtype; out [M, N] (last dim contiguous) is
     written and returned, allocated only when None. path: None (by M), "gemv" or "dot".

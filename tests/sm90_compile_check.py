@@ -2,8 +2,9 @@
 
 The interpreter proves the kernels' math on the CPU but not that they compile. This script runs the real engine
 (prefill, decode steps, sampling) at imagegpt-small shapes (with and without programmatic dependent launch), a
-96-wide-head config and the shipped demo model, with every launch recorded instead of run (JITFunction.run patched), then compiles each distinct launch (same constexprs, argument types and
-16-byte alignment as the launch would specialize on) with triton.compile for sm_90, and checks shared memory.
+96-wide-head config and the shipped demo model, with every launch recorded instead of run (JITFunction.run
+patched), then compiles each distinct launch (same constexprs, argument types, 16-byte alignment and unit ints as
+the launch would specialize on) with triton.compile for sm_90, and checks shared memory.
 Run by tests/test_sm90_compile.py in a subprocess, because kernels must be imported with TRITON_INTERPRET=0.
 
     python tests/sm90_compile_check.py      # prints one line per variant, exits 1 on any failure
@@ -49,6 +50,8 @@ def describe(fn, args, kwargs):
                 aligned.append(i)
         elif isinstance(value, bool):
             signature[name] = "i1"
+        elif isinstance(value, int) and value == 1:  # the JIT specializes ints equal to 1 (unit strides)
+            signature[name], constexprs[name] = "constexpr", 1
         elif isinstance(value, int):
             signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
             if value % 16 == 0:

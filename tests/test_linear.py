@@ -48,10 +48,13 @@ def ref_norm_linear(x, norm_weight, weight, bias, eps, activation=None):
 # ---- random inputs at realistic scale (outputs O(1), so the exact-mode tolerance is meaningful) ------------
 
 
-def make_linear(M, K, N, dtype, device, *, norm=True, bias=True):
+def make_linear(M, K, N, dtype, device, *, norm=True, bias=True, k_contiguous=False):
+    """k_contiguous: weight is the [K, N] view of a row-major [N, K] (the engine's layout), else row-major."""
     x = (3.0 * torch.randn(M, K, device=device)).to(dtype)
     norm_weight = (1.0 + 0.5 * torch.randn(K, device=device)).to(dtype) if norm else None
     weight = (torch.randn(K, N, device=device) / K**0.5).to(dtype)
+    if k_contiguous:
+        weight = weight.t().contiguous().t()
     b = (0.5 * torch.randn(N, device=device)).to(dtype) if bias else None
     return x, norm_weight, weight, b
 
@@ -76,9 +79,10 @@ NORM_LINEAR_CASES = [
 ]
 
 
+@pytest.mark.parametrize("k_contiguous", [False, True], ids=["w_kn", "w_nk"])
 @pytest.mark.parametrize("path,M,K,N", NORM_LINEAR_CASES)
-def test_norm_linear_quick_gelu(device, path, M, K, N):
-    x, norm_weight, weight, bias = make_linear(M, K, N, torch.float32, device)
+def test_norm_linear_quick_gelu(device, path, M, K, N, k_contiguous):
+    x, norm_weight, weight, bias = make_linear(M, K, N, torch.float32, device, k_contiguous=k_contiguous)
     inputs = [t.clone() for t in (x, norm_weight, weight, bias)]
     out = nan_like((M, N), torch.float32, device)
     result = norm_linear(x, norm_weight, weight, bias, eps=EPS, activation="quick_gelu", out=out, path=path)
@@ -128,8 +132,9 @@ def test_norm_linear_float16(device, path):
 
 @pytest.mark.parametrize("path,M,K,N", [("gemv", 1, 640, 160), ("gemv", 3, 96, 96), ("dot", 17, 640, 160),
                                         ("dot", 129, 96, 160), (None, 17, 160, 96)])
-def test_linear_residual(device, path, M, K, N):
-    x, _, weight, bias = make_linear(M, K, N, torch.float32, device, norm=False)
+@pytest.mark.parametrize("k_contiguous", [False, True], ids=["w_kn", "w_nk"])
+def test_linear_residual(device, path, M, K, N, k_contiguous):
+    x, _, weight, bias = make_linear(M, K, N, torch.float32, device, norm=False, k_contiguous=k_contiguous)
     # The residual is read, so it cannot be NaN-poisoned; an unwritten row keeps its old value and fails.
     buffer = torch.randn(M, N + 3, device=device)
     residual = buffer[:, :N]
@@ -154,10 +159,10 @@ def test_linear_residual_float32_stream_float16_weights(device):
 
 
 def run_norm_qkv_case(device, dtype, *, path, batch, seq_len, pos, n_head, head_dim, cache_batch, cache_len,
-                      permuted_v):
+                      permuted_v, k_contiguous=True):
     d = n_head * head_dim
     M = batch * seq_len
-    x, norm_weight, weight, bias = make_linear(M, d, 3 * d, dtype, device)
+    x, norm_weight, weight, bias = make_linear(M, d, 3 * d, dtype, device, k_contiguous=k_contiguous)
     k_cache = torch.randn(cache_batch, n_head, cache_len, head_dim, device=device).to(dtype)
     if permuted_v:  # a [B, T, H, hd] buffer viewed as [B, H, T, hd]: non-standard head/position strides
         v_buffer = torch.randn(cache_batch, cache_len, n_head, head_dim, device=device).to(dtype)
@@ -266,8 +271,8 @@ def test_norm_linear_rejects_bad_inputs(device):
 
     with pytest.raises(ValueError, match=r"weight must be \[K=96, N\].*\(160, 96\)"):
         call(weight=weight.t().contiguous())
-    with pytest.raises(ValueError, match="weight must be contiguous"):
-        call(weight=torch.randn(160, 96, device=device).t())
+    with pytest.raises(ValueError, match=r"weight \[K, N\] must be row-major or the transposed view .* \(2, 192\)"):
+        call(weight=torch.randn(160, 192, device=device).t()[::2])
     with pytest.raises(ValueError, match="weight must have dtype torch.float32, got torch.float16"):
         call(weight=weight.half())
     with pytest.raises(ValueError, match=r"x must be 2-D, got shape \(3, 96, 1\)"):
@@ -357,7 +362,8 @@ GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("M", [1, 8, 64, 256, 2048])
 @pytest.mark.parametrize("d", [512, 1536])
-def test_full_size_layer_matmuls(device, dtype, M, d):
+@pytest.mark.parametrize("k_contiguous", [False, True], ids=["w_kn", "w_nk"])
+def test_full_size_layer_matmuls(device, dtype, M, d, k_contiguous):
     """Every matmul of an imagegpt-small/large layer, decode batches and a 2-image prefill."""
     cases = [  # (K, N, norm, bias, activation): c_fc + quick_gelu, lm_head, plain c_proj-shaped linear
         (d, 4 * d, True, True, "quick_gelu"),
@@ -365,12 +371,12 @@ def test_full_size_layer_matmuls(device, dtype, M, d):
         (4 * d, d, False, True, None),
     ]
     for K, N, norm, bias, activation in cases:
-        x, norm_weight, weight, b = make_linear(M, K, N, dtype, device, norm=norm, bias=bias)
+        x, norm_weight, weight, b = make_linear(M, K, N, dtype, device, norm=norm, bias=bias, k_contiguous=k_contiguous)
         out = nan_like((M, N), dtype, device)
         norm_linear(x, norm_weight, weight, b, eps=EPS, activation=activation, out=out)
         expected = ref_norm_linear(x, norm_weight, weight, b, EPS, activation)
         torch.testing.assert_close(out.double(), expected, **tol_for(dtype))
-    x, _, weight, b = make_linear(M, 4 * d, d, dtype, device, norm=False)
+    x, _, weight, b = make_linear(M, 4 * d, d, dtype, device, norm=False, k_contiguous=k_contiguous)
     residual = torch.randn(M, d, device=device).to(dtype)
     expected = residual.double() + ref_norm_linear(x, None, weight, b, EPS)
     linear_residual(x, weight, b, residual)
@@ -397,9 +403,9 @@ def test_decode_step_captures_in_a_cuda_graph(device):
     wte, wpe = torch.randn(513, d, device=device, dtype=dtype), torch.randn(T, d, device=device, dtype=dtype)
     ids = torch.randint(0, 513, (batch,), device=device)
     pos = torch.zeros(1, dtype=torch.int32, device=device)
-    _, norm_weight, w_qkv, b_qkv = make_linear(1, d, 3 * d, dtype, device)
-    _, _, w_fc, b_fc = make_linear(1, d, 4 * d, dtype, device)
-    _, _, w_proj, b_proj = make_linear(1, 4 * d, d, dtype, device)
+    _, norm_weight, w_qkv, b_qkv = make_linear(1, d, 3 * d, dtype, device, k_contiguous=True)
+    _, _, w_fc, b_fc = make_linear(1, d, 4 * d, dtype, device, k_contiguous=True)
+    _, _, w_proj, b_proj = make_linear(1, 4 * d, d, dtype, device, k_contiguous=True)
     h = torch.empty(batch, d, device=device, dtype=dtype)
     q = torch.empty(batch, d, device=device, dtype=dtype)
     k_cache = torch.zeros(batch, n_head, T, d // n_head, device=device, dtype=dtype)
