@@ -37,7 +37,7 @@ NEAR_TIE = 1e-5
 _LINEAR_CASES = ("norm_qkv", "linear_residual", "norm_linear")
 SWEEPS = (
     ("igpt_fast.decoder", "K_CONTIGUOUS_WEIGHTS", (True, False), _LINEAR_CASES),
-    ("igpt_fast.kernels.linear", "_GEMV_MIN_BLOCK_N", (8, 16, 32), _LINEAR_CASES),
+    ("igpt_fast.kernels.linear", "_GEMV_MIN_BLOCK_N", (4, 8, 16, 32), _LINEAR_CASES),
     ("igpt_fast.kernels.linear", "_TARGET_PROGRAMS", (132, 264, 528), _LINEAR_CASES),
     ("igpt_fast.kernels.linear", "_GEMV_TILE", (4096, 8192, 16384), _LINEAR_CASES),
     ("igpt_fast.kernels.attention", "_DECODE_TARGET_PROGRAMS", (256, 512, 1024), ("decode_attention",)),

@@ -37,7 +37,7 @@ _ACTIVATIONS = (None, "quick_gelu")
 _PATHS = (None, "gemv", "dot")
 
 _GEMV_MAX_M = 16  # rows up to which the weight-streaming GEMV path is used
-_GEMV_MIN_BLOCK_N = 8  # narrowest column stripe: 16 bytes of a float16 W row
+_GEMV_MIN_BLOCK_N = 8  # narrowest column stripe: the fewest [out, in] rows of W one GEMV program streams
 _TARGET_PROGRAMS = 264  # about two programs per SM on an H100 (132 SMs)
 _GEMV_TILE = 8192  # BLOCK_M * BLOCK_K * BLOCK_N elements per GEMV step (64 per thread at 4 warps)
 _GROUP_M = 8  # row tiles walked together in the dot path, so W tiles are reused from L2
