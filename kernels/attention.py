@@ -32,6 +32,9 @@ MAX_HEAD_DIM = 256
 # SM of an H100 (132 SMs), so batch 1 with 8 heads is split 16 ways on a 1024-long cache.
 _DECODE_BLOCK_N = 64
 _DECODE_TARGET_PROGRAMS = 512
+# Load the next key/value block while computing this one. Chosen without a GPU (for batches >= 64, where a program
+# walks its whole cache row, it keeps twice the bytes in flight); `benchmark --tasks sweep` measures both.
+_DECODE_PREFETCH = True
 
 
 @triton.jit
@@ -126,6 +129,17 @@ def _merge_splits(part_out_ptr, part_lse_ptr, pid_bh, n_active, HEAD_DIM: tl.con
 
 
 @triton.jit
+def _kv_block(k_ptr, v_ptr, first, end, offs_d, d_mask, stride_ks, stride_vs, BLOCK_N: tl.constexpr):
+    """Keys and values first .. first + BLOCK_N - 1 of one (batch, head); those at or past `end` (garbage past t,
+    or another split's) are never loaded."""
+    offs_n = first + tl.arange(0, BLOCK_N)
+    mask = (offs_n < end)[:, None] & d_mask[None, :]
+    k = tl.load(k_ptr + offs_n[:, None] * stride_ks + offs_d[None, :], mask=mask, other=0.0)
+    v = tl.load(v_ptr + offs_n[:, None] * stride_vs + offs_d[None, :], mask=mask, other=0.0)
+    return k, v
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr,  # [B, H, D] one query per (batch, head), last dim contiguous
     k_ptr,  # [B, H, T, D] key cache, last dim contiguous; keys 0..t are read
@@ -153,6 +167,7 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
+    PREFETCH: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     if USE_PDL:  # everything read here (q, the cache, pos) is written by earlier kernels of the step
@@ -178,12 +193,16 @@ def _decode_kernel(
     m_i = tl.full([], float("-inf"), tl.float32)  # running max of scaled scores (base 2)
     l_i = tl.full([], 0.0, tl.float32)  # running sum of 2^(score - m_i)
     acc = tl.zeros([BLOCK_D], tl.float32)
+    if PREFETCH:
+        k_next, v_next = _kv_block(k_ptr, v_ptr, start, end, offs_d, d_mask, stride_ks, stride_vs, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < end
-        kv_mask = n_mask[:, None] & d_mask[None, :]  # keys past t (garbage) are never loaded
-        k = tl.load(k_ptr + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        n_mask = start_n + tl.arange(0, BLOCK_N) < end
+        if PREFETCH:  # the next block's loads are in flight while this one is computed (Triton does not
+            k, v = k_next, v_next  # pipeline loads that feed no tl.dot); past the split they are masked off
+            k_next, v_next = _kv_block(k_ptr, v_ptr, start_n + BLOCK_N, end, offs_d, d_mask, stride_ks, stride_vs,
+                                       BLOCK_N)
+        else:
+            k, v = _kv_block(k_ptr, v_ptr, start_n, end, offs_d, d_mask, stride_ks, stride_vs, BLOCK_N)
         scores = tl.sum(q[None, :] * k.to(tl.float32), axis=1) * qk_scale_log2
         scores = tl.where(n_mask, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=0))
@@ -452,6 +471,7 @@ def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace) 
         BLOCK_N=_DECODE_BLOCK_N,
         NUM_SPLITS=num_splits,
         BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+        PREFETCH=_DECODE_PREFETCH,
         USE_PDL=pdl,
         launch_pdl=pdl,
         num_warps=num_warps,

@@ -11,6 +11,7 @@ import pytest
 import torch
 from tolerances import tol
 
+from igpt_fast.kernels import attention
 from igpt_fast.kernels.attention import (
     decode_attention,
     decode_num_splits,
@@ -149,8 +150,10 @@ DECODE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no_prefetch"])
 @pytest.mark.parametrize("batch,n_head,head_dim,max_len,dtype", DECODE_CASES)
-def test_decode_matches_reference(device, batch, n_head, head_dim, max_len, dtype):
+def test_decode_matches_reference(device, batch, n_head, head_dim, max_len, dtype, prefetch, monkeypatch):
+    monkeypatch.setattr(attention, "_DECODE_PREFETCH", prefetch)  # both loops: the sweep times both on a GPU
     torch.manual_seed(batch * 100 + n_head + head_dim + max_len)
     steps = sorted({0, 1, 16, 62, 63, 64, 65, 127, 200, max_len - 1} & set(range(max_len)))
     run_decode_steps(device, batch, n_head, head_dim, max_len, dtype, steps)
