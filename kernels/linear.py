@@ -69,6 +69,7 @@ def _epilogue(
     acc,  # [BLOCK_M, BLOCK_N] float32 x @ W
     rows,  # [BLOCK_M] int64 row indices
     offs_n,  # [BLOCK_N] column indices
+    n_start,  # offs_n[0]
     M,
     N,
     b_ptr,  # [N] bias (not read without HAS_BIAS)
@@ -84,6 +85,7 @@ def _epilogue(
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     EPILOGUE: tl.constexpr,
+    ONE_PART: tl.constexpr,  # "qkv": BLOCK_N divides d, so each tile's columns are all q, all k or all v
 ):
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -97,6 +99,26 @@ def _epilogue(
         ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
         residual = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         tl.store(ptrs, (residual + acc).to(out_ptr.dtype.element_ty), mask=mask)
+    elif ONE_PART:  # "qkv", one store of one pointer tile (three tiles of int64 pointers spill in a 128 x 64 tile)
+        d = N // 3
+        part = n_start // d
+        col = offs_n - part * d
+        head = col // head_dim
+        dim = col - head * head_dim
+        rows_tile, cols_tile = rows[:, None], col[None, :]
+        if part == 0:
+            tl.store(out_ptr + rows_tile * stride_om + cols_tile, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            t = tl.load(pos_ptr).to(tl.int64) + rows % seq_len
+            batch = rows // seq_len
+            if part == 1:
+                ptrs = (k_ptr + batch[:, None] * stride_kb + head[None, :] * stride_kh + t[:, None] * stride_kt
+                        + dim[None, :])
+                tl.store(ptrs, acc.to(k_ptr.dtype.element_ty), mask=mask)
+            else:
+                ptrs = (v_ptr + batch[:, None] * stride_vb + head[None, :] * stride_vh + t[:, None] * stride_vt
+                        + dim[None, :])
+                tl.store(ptrs, acc.to(v_ptr.dtype.element_ty), mask=mask)
     else:  # "qkv": column n belongs to part n // d (q, k, v), head (n % d) // head_dim
         d = N // 3
         part = offs_n // d
@@ -135,6 +157,7 @@ def _gemv_kernel(
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     EPILOGUE: tl.constexpr,
+    ONE_PART: tl.constexpr,
     USE_PDL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -175,9 +198,9 @@ def _gemv_kernel(
             x = x * rstd[:, None] * nw[None, :]
         # [BLOCK_M, BLOCK_K, BLOCK_N] products, summed over K
         acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
-    _epilogue(acc, rows, offs_n, M, N, b_ptr, out_ptr, stride_om, k_ptr, v_ptr, pos_ptr, seq_len, head_dim,
-              stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-              HAS_BIAS, ACTIVATION, EPILOGUE)
+    _epilogue(acc, rows, offs_n, tl.program_id(0) * BLOCK_N, M, N, b_ptr, out_ptr, stride_om, k_ptr, v_ptr, pos_ptr,
+              seq_len, head_dim, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+              HAS_BIAS, ACTIVATION, EPILOGUE, ONE_PART)
 
 
 @triton.jit
@@ -201,6 +224,7 @@ def _dot_kernel(
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     EPILOGUE: tl.constexpr,
+    ONE_PART: tl.constexpr,
     USE_PDL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -243,9 +267,9 @@ def _dot_kernel(
         )
         # "ieee": float32 stays exact fp32 (no TF32); ignored for 16-bit inputs, which use tensor cores.
         acc = tl.dot(x, w, acc, input_precision="ieee")
-    _epilogue(acc, rows, offs_n, M, N, b_ptr, out_ptr, stride_om, k_ptr, v_ptr, pos_ptr, seq_len, head_dim,
-              stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-              HAS_BIAS, ACTIVATION, EPILOGUE)
+    _epilogue(acc, rows, offs_n, pid_n * BLOCK_N, M, N, b_ptr, out_ptr, stride_om, k_ptr, v_ptr, pos_ptr, seq_len,
+              head_dim, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+              HAS_BIAS, ACTIVATION, EPILOGUE, ONE_PART)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -284,7 +308,7 @@ def _dot_config(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
     block_k = min(32 if dtype == torch.float32 else 64, max(triton.next_power_of_2(K), 16))
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=_GROUP_M,
-                num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3, grid=(tiles,))
+                num_warps=8 if block_m * block_n >= 128 * 64 else 4, num_stages=3, grid=(tiles,))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -389,7 +413,7 @@ def _launch(path, x, norm_weight, weight, bias, out, *, eps=0.0, activation=None
         pos if pos is not None else out,
         M, N, K, x.stride(0), out.stride(0), *weight.stride(), float(eps), seq_len, head_dim, *k_strides, *v_strides,
         HAS_NORM=norm_weight is not None, HAS_BIAS=bias is not None, ACTIVATION=activation, EPILOGUE=epilogue,
-        USE_PDL=pdl, launch_pdl=pdl, **config,
+        ONE_PART=epilogue == "qkv" and (N // 3) % config["BLOCK_N"] == 0, USE_PDL=pdl, launch_pdl=pdl, **config,
     )
 
 

@@ -4,17 +4,24 @@ The interpreter proves the kernels' math on the CPU but not that they compile. T
 (prefill, decode steps, sampling) at imagegpt-small shapes (with and without programmatic dependent launch), a
 96-wide-head config and the shipped demo model, with every launch recorded instead of run (JITFunction.run
 patched), then compiles each distinct launch (same constexprs, argument types, 16-byte alignment and unit ints as
-the launch would specialize on) with triton.compile for sm_90, and checks shared memory.
+the launch would specialize on) with triton.compile for sm_90, and checks shared memory and, from ptxas's log
+(a fresh Triton cache, so ptxas runs for every variant), that no variant spills registers to local memory.
 Run by tests/test_sm90_compile.py in a subprocess, because kernels must be imported with TRITON_INTERPRET=0.
 
     python tests/sm90_compile_check.py      # prints one line per variant, exits 1 on any failure
 """
 
+import contextlib
+import io
 import math
 import os
+import re
 import sys
+import tempfile
 
 os.environ["TRITON_INTERPRET"] = "0"  # real JITFunctions at import time
+os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # Triton prints ptxas -v's report (registers, spills) when it compiles
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="igpt-sm90-")  # a cache hit would skip ptxas
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -29,6 +36,9 @@ from igpt_fast.kernels import clusters  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 H100_SHARED_MEMORY = 227 * 1024
+# A few spilled registers are tolerated (ptxas spills 4-16 B in two prefill tiles); the check is for tiles too big
+# for their warps, like the 128 x 64 QKV tile whose three pointer tiles spilled 2 KB before its epilogue was fixed.
+TOLERATED_SPILL_BYTES = 64
 COMPILE_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion", "launch_pdl")
 POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64",
                  torch.int32: "*i32", torch.int16: "*i16", torch.uint8: "*u8", torch.bool: "*i1"}
@@ -111,11 +121,17 @@ def main() -> int:
     for fn, signature, constexprs, aligned, options in launches.values():
         shown = {k: v for k, v in constexprs.items() if v is not None}
         attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+        ptxas_log = io.StringIO()
         try:
-            compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs), target=H100,
-                                      options=options)
+            with contextlib.redirect_stdout(ptxas_log):
+                compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
+                                          target=H100, options=options)
             shared = compiled.metadata.shared
-            status = "ok" if shared <= H100_SHARED_MEMORY else f"TOO MUCH SHARED MEMORY ({shared} B)"
+            spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", ptxas_log.getvalue()))
+            status = ("ok" if shared <= H100_SHARED_MEMORY and spills <= TOLERATED_SPILL_BYTES
+                      and "spill stores" in ptxas_log.getvalue()
+                      else f"TOO MUCH SHARED MEMORY ({shared} B)" if shared > H100_SHARED_MEMORY
+                      else f"SPILLS {spills} B of registers" if spills else "NO PTXAS LOG (spills unchecked)")
         except Exception as e:  # noqa: BLE001 - report every variant, then fail
             status = f"FAILED: {type(e).__name__}: {' '.join(str(e).split())[:500]}"
         failures += status != "ok"

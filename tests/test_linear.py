@@ -202,7 +202,20 @@ QKV_CASES = [
     ("dot", 17, 1, 11, 1, 96),  # decode at batch 17: heuristic picks dot
     ("gemv", 2, 5, 0, 2, 48),  # prefill of 5 positions per sequence
     ("dot", 2, 17, 3, 1, 96),  # a 17-position chunk starting at position 3
+    # d = 12 and 20: column tiles of 8 (GEMV) and 16 (dot) straddle q | k | v (the per-column epilogue)
+    ("gemv", 2, 1, 3, 1, 12),
+    ("dot", 2, 9, 1, 2, 10),
 ]
+
+
+def test_qkv_cases_cover_both_epilogues():
+    """Tiles inside one of q | k | v take one store; tiles across them the per-column one: both are tested."""
+    one_part = set()
+    for path, batch, seq_len, _, n_head, head_dim in QKV_CASES:
+        d, M = n_head * head_dim, batch * seq_len
+        config = _gemv_config(M, 3 * d, d) if path == "gemv" else _dot_config(M, 3 * d, d, torch.float32)
+        one_part.add((path, d % config["BLOCK_N"] == 0))
+    assert one_part == {("gemv", True), ("gemv", False), ("dot", True), ("dot", False)}
 
 
 @pytest.mark.parametrize("path,batch,seq_len,pos,n_head,head_dim", QKV_CASES)

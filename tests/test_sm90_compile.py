@@ -20,6 +20,6 @@ def test_every_engine_kernel_variant_compiles_for_sm90():
     result = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env, timeout=900)
     lines = result.stdout.strip().splitlines()
     print("\n".join(lines[-1:]))
-    failed = [line for line in lines if " FAILED" in line or "TOO MUCH" in line]
+    failed = [line for line in lines if " ok " not in line][:-1]  # every line but the summary says ok
     assert result.returncode == 0, "\n".join(failed) or result.stderr[-3000:]
     assert lines and " 0 failed" in lines[-1]
