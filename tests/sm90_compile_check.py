@@ -121,13 +121,14 @@ def main() -> int:
     for fn, signature, constexprs, aligned, options in launches.values():
         shown = {k: v for k, v in constexprs.items() if v is not None}
         attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
-        ptxas_log = io.StringIO()
+        ptxas_log, registers = io.StringIO(), None
         try:
             with contextlib.redirect_stdout(ptxas_log):
                 compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
                                           target=H100, options=options)
             shared = compiled.metadata.shared
             spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", ptxas_log.getvalue()))
+            registers = max(map(int, re.findall(r"Used (\d+) registers", ptxas_log.getvalue())), default=None)
             status = ("ok" if shared <= H100_SHARED_MEMORY and spills <= TOLERATED_SPILL_BYTES
                       and "spill stores" in ptxas_log.getvalue()
                       else f"TOO MUCH SHARED MEMORY ({shared} B)" if shared > H100_SHARED_MEMORY
@@ -136,7 +137,7 @@ def main() -> int:
             status = f"FAILED: {type(e).__name__}: {' '.join(str(e).split())[:500]}"
         failures += status != "ok"
         pointers = ",".join(t for t in signature.values() if t.startswith("*"))
-        print(f"{fn.__name__:24s} {status:4s} {shown} {options} [{pointers}]", flush=True)
+        print(f"{fn.__name__:24s} {status:4s} {registers} regs {shown} {options} [{pointers}]", flush=True)
     print(f"{len(launches)} kernel variants compiled for sm_90 with triton {triton.__version__}: "
           f"{len(launches) - failures} ok, {failures} failed")
     return 1 if failures or not launches else 0
