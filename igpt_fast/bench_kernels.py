@@ -40,6 +40,7 @@ SWEEPS = (
     ("igpt_fast.kernels.linear", "_GEMV_MIN_BLOCK_N", (4, 8, 16, 32), _LINEAR_CASES),
     ("igpt_fast.kernels.linear", "_TARGET_PROGRAMS", (132, 264, 528), _LINEAR_CASES),
     ("igpt_fast.kernels.linear", "_GEMV_TILE", (4096, 8192, 16384), _LINEAR_CASES),
+    ("igpt_fast.kernels.linear", "_GEMV_NUM_WARPS", (4, 8), _LINEAR_CASES),
     ("igpt_fast.kernels.attention", "_DECODE_TARGET_PROGRAMS", (256, 512, 1024), ("decode_attention",)),
     ("igpt_fast.kernels.attention", "_DECODE_PREFETCH", (True, False), ("decode_attention",)),
 )

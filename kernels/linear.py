@@ -40,6 +40,7 @@ _GEMV_MAX_M = 16  # rows up to which the weight-streaming GEMV path is used
 _GEMV_MIN_BLOCK_N = 8  # narrowest column stripe: the fewest [out, in] rows of W one GEMV program streams
 _TARGET_PROGRAMS = 264  # about two programs per SM on an H100 (132 SMs)
 _GEMV_TILE = 8192  # BLOCK_M * BLOCK_K * BLOCK_N elements per GEMV step (64 per thread at 4 warps)
+_GEMV_NUM_WARPS = 4
 _GROUP_M = 8  # row tiles walked together in the dot path, so W tiles are reused from L2
 
 
@@ -288,7 +289,7 @@ def _gemv_config(M: int, N: int, K: int) -> dict:
     # Column stripes: enough of them that about _TARGET_PROGRAMS programs each stream a disjoint part of W.
     block_n = min(max(triton.next_power_of_2(triton.cdiv(N * row_blocks, _TARGET_PROGRAMS)), _GEMV_MIN_BLOCK_N), 128)
     block_k = min(max(_GEMV_TILE // (block_m * block_n), 16), max(triton.next_power_of_2(K), 16))
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_GEMV_NUM_WARPS,
                 grid=(triton.cdiv(N, block_n), row_blocks))
 
 
