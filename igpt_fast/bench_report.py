@@ -137,9 +137,11 @@ def kernel_table(rows: list[dict]) -> str:
             lines.append([r["system"], r["model"], r["dtype"], str(r["batch"]), r["status"], "", "", "", "",
                           r["note"][:60]])
             continue
+        baseline = r["baseline_ms"]  # None in sweep rows
         lines.append([r["system"], r["model"], r["dtype"], str(r["batch"]), f"{1e3 * r['ms']:.1f}",
                       _num(r["gb_per_s"], ".4g"), f"{100 * r['floor_ms'] / r['ms']:.0f}%",
-                      f"{1e3 * r['baseline_ms']:.1f}", f"{r['baseline_ms'] / r['ms']:.2f}x", r["baseline"]])
+                      "-" if baseline is None else f"{1e3 * baseline:.1f}",
+                      "-" if baseline is None else f"{baseline / r['ms']:.2f}x", r["baseline"] or "-"])
     return _table(["kernel", "model", "dtype", "batch", "us", "GB/s", "% of floor", "torch us", "speedup",
                    "torch equivalent"], lines, range(4, 9))
 

@@ -334,7 +334,8 @@ class Runner:
                         for case in [c for c in cases if c.name.startswith(case_names)]:
                             self.measure("kernel", f"{case.name} [{constant.strip('_')}={value}]", model_name,
                                          dtype_name, batch,
-                                         functools.partial(measure_kernel, case, device, self.copy_bytes_per_s))
+                                         functools.partial(measure_kernel, case, device, self.copy_bytes_per_s,
+                                                           with_baseline=False))
                         del cases
                         self.release()
 
