@@ -5,8 +5,8 @@
 #   benchmarks/gpu_check.sh OUT_DIR
 #
 # For a machine where torch, triton and transformers are installed and nothing can be downloaded. Everything
-# lands flat in OUT_DIR (9 files): env.txt, install.log, demo.log, demo_grid.png, gpu_tests.log, benchmark.log,
-# results.json, summary.txt, images_per_s.png. Budget, about 6 minutes on an H100: install <= 60 s (about 10 s in
+# lands in OUT_DIR: env.txt, install.log, demo.log, demo_grid.png, gpu_tests.log, benchmark.log, results.json,
+# summary.txt, images_per_s.png, and (time allowing) sweep.log and sweep/. Budget, about 6 minutes on an H100: install <= 60 s (about 10 s in
 # practice), the main job on the shipped demo model <= 40 s, tests <= 130 s (engine 60, kernels 70), benchmark
 # <= 170 s (it starts no measurement after 130 s and rewrites results.json after each one, so a cut-short run
 # still reports).
@@ -87,6 +87,16 @@ benchmark() {
     return $rc
 }
 stage benchmark - benchmark
+
+# With time left of the 6 minutes, the launch-heuristic sweep (fp16, batch 1 and 8; sweep/ in OUT_DIR): the kernels
+# under each alternative value of the constants that were chosen without a GPU, one at a time.
+sweep_budget=$((345 - SECONDS))
+if [ $sweep_budget -ge 45 ]; then
+    stage sweep sweep.log timeout -k 5 $sweep_budget python3 -m igpt_fast.benchmark --tasks sweep \
+        --dtypes float16 --batches 1,8 --systems igpt-fast --out "$OUT/sweep" --time-limit $((sweep_budget - 20))
+else
+    echo "== sweep skipped: ${sweep_budget} s left of the 6 minutes"
+fi
 
 if [ ${#failed[@]} -ne 0 ]; then
     echo "== failed stages: ${failed[*]}"
