@@ -350,3 +350,25 @@ def test_a_decode_step_allocates_nothing_and_never_reads_the_device(weights, mon
     monkeypatch.undo()
     assert calls == []
     assert int(state.pos[0]) == 3  # the step ran: SOS at 0, tokens at 1 and 2 sampled, now feeding position 3
+
+
+def test_a_decode_step_is_five_launches_per_layer(monkeypatch):
+    """Launch gaps decide small-batch speed (shared/docs/performance.md): a decode step launches embed, five kernels
+    per layer (QKV, attention with its merge, two projections, the MLP), lm_head and sampling, nothing else."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from igpt_fast.kernels.attention import decode_num_splits
+
+    config = TINY.replace(n_positions=128)  # long enough for split-K decode, whose merge needs no launch of its own
+    assert decode_num_splits(2, config.n_head, config.n_positions) == 2
+    model = ImageGPT(config, random_state_dict(config), backend="triton")
+    context = torch.full((2, 1), config.sos_token_id)
+    model.generate(context, max_new_tokens=2, do_sample=True, seed=1)
+    state = model.decoder.states[2]
+    launched = []
+    run = InterpretedFunction.run
+    monkeypatch.setattr(InterpretedFunction, "run",
+                        lambda self, *args, **kwargs: launched.append(self.fn.__name__) or run(self, *args, **kwargs))
+    model.decoder.step(state, greedy=False)
+    per_layer = ["_gemv_kernel", "_decode_kernel", "_gemv_kernel", "_gemv_kernel", "_gemv_kernel"]
+    assert launched == ["_embed_kernel", *per_layer * config.n_layer, "_gemv_kernel", "_sample_kernel"], launched
