@@ -100,41 +100,28 @@ def _epilogue(
         ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
         residual = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         tl.store(ptrs, (residual + acc).to(out_ptr.dtype.element_ty), mask=mask)
-    elif ONE_PART:  # "qkv", one store of one pointer tile (three tiles of int64 pointers spill in a 128 x 64 tile)
-        d = N // 3
-        part = n_start // d
-        col = offs_n - part * d
-        head = col // head_dim
-        dim = col - head * head_dim
-        rows_tile, cols_tile = rows[:, None], col[None, :]
-        if part == 0:
-            tl.store(out_ptr + rows_tile * stride_om + cols_tile, acc.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            t = tl.load(pos_ptr).to(tl.int64) + rows % seq_len
-            batch = rows // seq_len
-            if part == 1:
-                ptrs = (k_ptr + batch[:, None] * stride_kb + head[None, :] * stride_kh + t[:, None] * stride_kt
-                        + dim[None, :])
-                tl.store(ptrs, acc.to(k_ptr.dtype.element_ty), mask=mask)
-            else:
-                ptrs = (v_ptr + batch[:, None] * stride_vb + head[None, :] * stride_vh + t[:, None] * stride_vt
-                        + dim[None, :])
-                tl.store(ptrs, acc.to(v_ptr.dtype.element_ty), mask=mask)
     else:  # "qkv": column n belongs to part n // d (q, k, v), head (n % d) // head_dim
         d = N // 3
-        part = offs_n // d
+        part = n_start // d if ONE_PART else offs_n // d  # one part for the whole tile, or one per column
         col = offs_n - part * d
         head = col // head_dim
         dim = col - head * head_dim
-        pos = tl.load(pos_ptr).to(tl.int64)
         batch = rows // seq_len
-        t = pos + rows % seq_len
+        t = tl.load(pos_ptr).to(tl.int64) + rows % seq_len
         q_ptrs = out_ptr + rows[:, None] * stride_om + col[None, :]
-        tl.store(q_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask & (part == 0)[None, :])
-        k_ptrs = k_ptr + batch[:, None] * stride_kb + head[None, :] * stride_kh + t[:, None] * stride_kt
-        tl.store(k_ptrs + dim[None, :], acc.to(k_ptr.dtype.element_ty), mask=mask & (part == 1)[None, :])
-        v_ptrs = v_ptr + batch[:, None] * stride_vb + head[None, :] * stride_vh + t[:, None] * stride_vt
-        tl.store(v_ptrs + dim[None, :], acc.to(v_ptr.dtype.element_ty), mask=mask & (part == 2)[None, :])
+        k_ptrs = k_ptr + batch[:, None] * stride_kb + head[None, :] * stride_kh + t[:, None] * stride_kt + dim[None, :]
+        v_ptrs = v_ptr + batch[:, None] * stride_vb + head[None, :] * stride_vh + t[:, None] * stride_vt + dim[None, :]
+        if ONE_PART:  # one store of one pointer tile: three live int64 pointer tiles spill in a 128 x 64 tile
+            if part == 0:
+                tl.store(q_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            elif part == 1:
+                tl.store(k_ptrs, acc.to(k_ptr.dtype.element_ty), mask=mask)
+            else:
+                tl.store(v_ptrs, acc.to(v_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(q_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask & (part == 0)[None, :])
+            tl.store(k_ptrs, acc.to(k_ptr.dtype.element_ty), mask=mask & (part == 1)[None, :])
+            tl.store(v_ptrs, acc.to(v_ptr.dtype.element_ty), mask=mask & (part == 2)[None, :])
 
 
 @triton.jit

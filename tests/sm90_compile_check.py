@@ -121,7 +121,7 @@ def main() -> int:
     for fn, signature, constexprs, aligned, options in launches.values():
         shown = {k: v for k, v in constexprs.items() if v is not None}
         attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
-        ptxas_log, registers = io.StringIO(), None
+        ptxas_log, registers, spills = io.StringIO(), None, None
         try:
             with contextlib.redirect_stdout(ptxas_log):
                 compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
@@ -137,7 +137,8 @@ def main() -> int:
             status = f"FAILED: {type(e).__name__}: {' '.join(str(e).split())[:500]}"
         failures += status != "ok"
         pointers = ",".join(t for t in signature.values() if t.startswith("*"))
-        print(f"{fn.__name__:24s} {status:4s} {registers} regs {shown} {options} [{pointers}]", flush=True)
+        print(f"{fn.__name__:24s} {status:4s} {registers} regs {spills} B spilled {shown} {options} [{pointers}]",
+              flush=True)
     print(f"{len(launches)} kernel variants compiled for sm_90 with triton {triton.__version__}: "
           f"{len(launches) - failures} ok, {failures} failed")
     return 1 if failures or not launches else 0
