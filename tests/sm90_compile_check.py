@@ -21,7 +21,8 @@ import tempfile
 
 os.environ["TRITON_INTERPRET"] = "0"  # real JITFunctions at import time
 os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # Triton prints ptxas -v's report (registers, spills) when it compiles
-os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="igpt-sm90-")  # a cache hit would skip ptxas
+CACHE = tempfile.TemporaryDirectory(prefix="igpt-sm90-")  # removed at exit (about 50 MB)
+os.environ["TRITON_CACHE_DIR"] = CACHE.name  # fresh: a cache hit would skip ptxas and its report
 
 import torch  # noqa: E402
 import triton  # noqa: E402
