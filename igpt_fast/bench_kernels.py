@@ -43,6 +43,7 @@ SWEEPS = (
     ("igpt_fast.kernels.linear", "_GEMV_NUM_WARPS", (4, 8), _LINEAR_CASES),
     ("igpt_fast.kernels.attention", "_DECODE_TARGET_PROGRAMS", (256, 512, 1024), ("decode_attention",)),
     ("igpt_fast.kernels.attention", "_DECODE_PREFETCH", (True, False), ("decode_attention",)),
+    ("igpt_fast.kernels.attention", "_DECODE_PER_LANE_SOFTMAX", (True, False), ("decode_attention",)),
 )
 
 

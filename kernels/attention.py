@@ -35,6 +35,10 @@ _DECODE_TARGET_PROGRAMS = 512
 # Load the next key/value block while computing this one. Chosen without a GPU (for batches >= 64, where a program
 # walks its whole cache row, it keeps twice the bytes in flight); `benchmark --tasks sweep` measures both.
 _DECODE_PREFETCH = True
+# Keep one online softmax per key lane of a block and merge the lanes once at the end, instead of reducing every
+# block's scores and values across warps (three reductions, each through shared memory with barriers). Chosen
+# without a GPU; the sweep measures both.
+_DECODE_PER_LANE_SOFTMAX = True
 
 
 @triton.jit
@@ -168,6 +172,7 @@ def _decode_kernel(
     NUM_SPLITS: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
     PREFETCH: tl.constexpr,
+    PER_LANE: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     if USE_PDL:  # everything read here (q, the cache, pos) is written by earlier kernels of the step
@@ -190,9 +195,14 @@ def _decode_kernel(
     d_mask = offs_d < HEAD_DIM
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0).to(tl.float32)
 
-    m_i = tl.full([], float("-inf"), tl.float32)  # running max of scaled scores (base 2)
-    l_i = tl.full([], 0.0, tl.float32)  # running sum of 2^(score - m_i)
-    acc = tl.zeros([BLOCK_D], tl.float32)
+    if PER_LANE:  # each of the BLOCK_N key lanes keeps its own online softmax, merged once after the loop
+        m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_N], tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    else:
+        m_i = tl.full([], float("-inf"), tl.float32)  # running max of scaled scores (base 2)
+        l_i = tl.full([], 0.0, tl.float32)  # running sum of 2^(score - m_i)
+        acc = tl.zeros([BLOCK_D], tl.float32)
     if PREFETCH:
         k_next, v_next = _kv_block(k_ptr, v_ptr, start, end, offs_d, d_mask, stride_ks, stride_vs, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
@@ -205,12 +215,26 @@ def _decode_kernel(
             k, v = _kv_block(k_ptr, v_ptr, start_n, end, offs_d, d_mask, stride_ks, stride_vs, BLOCK_N)
         scores = tl.sum(q[None, :] * k.to(tl.float32), axis=1) * qk_scale_log2
         scores = tl.where(n_mask, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        if PER_LANE:  # elementwise over the lanes: no reduction across warps inside the loop
+            m_new = tl.maximum(m_i, scores)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane with no key yet: 2^(-inf - 0) = 0
+            alpha = tl.exp2(m_i - m_ref)
+            p = tl.exp2(scores - m_ref)
+            l_i = l_i * alpha + p
+            acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
+        else:  # one running softmax: three reductions over the keys (across warps) per block
+            m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(scores - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         m_i = m_new
+    if PER_LANE:  # merge the lanes into the single running softmax the rest of the kernel expects
+        m_max = tl.max(m_i, axis=0)
+        weight = tl.exp2(m_i - tl.where(m_max == float("-inf"), 0.0, m_max))  # 0 for lanes that saw no key
+        l_i = tl.sum(l_i * weight, axis=0)
+        acc = tl.sum(acc * weight[:, None], axis=0)
+        m_i = m_max
 
     out_ptr += b * stride_ob + h * stride_oh
     if NUM_SPLITS == 1:
@@ -472,6 +496,7 @@ def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace) 
         NUM_SPLITS=num_splits,
         BLOCK_SPLITS=triton.next_power_of_2(num_splits),
         PREFETCH=_DECODE_PREFETCH,
+        PER_LANE=_DECODE_PER_LANE_SOFTMAX,
         USE_PDL=pdl,
         launch_pdl=pdl,
         num_warps=num_warps,

@@ -150,10 +150,13 @@ DECODE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no_prefetch"])
+@pytest.mark.parametrize("prefetch,per_lane", [(True, True), (False, True), (True, False)],
+                         ids=["default", "no_prefetch", "one_softmax"])
 @pytest.mark.parametrize("batch,n_head,head_dim,max_len,dtype", DECODE_CASES)
-def test_decode_matches_reference(device, batch, n_head, head_dim, max_len, dtype, prefetch, monkeypatch):
-    monkeypatch.setattr(attention, "_DECODE_PREFETCH", prefetch)  # both loops: the sweep times both on a GPU
+def test_decode_matches_reference(device, batch, n_head, head_dim, max_len, dtype, prefetch, per_lane, monkeypatch):
+    # every loop variant: the sweep times them on a GPU
+    monkeypatch.setattr(attention, "_DECODE_PREFETCH", prefetch)
+    monkeypatch.setattr(attention, "_DECODE_PER_LANE_SOFTMAX", per_lane)
     torch.manual_seed(batch * 100 + n_head + head_dim + max_len)
     steps = sorted({0, 1, 16, 62, 63, 64, 65, 127, 200, max_len - 1} & set(range(max_len)))
     run_decode_steps(device, batch, n_head, head_dim, max_len, dtype, steps)
