@@ -30,7 +30,7 @@ def _capability_major(index: int) -> int:
 def use_pdl(device: torch.device) -> bool:
     """Launch the decode step's kernels with programmatic dependent launch (Hopper, sm_90, and later).
 
-    A decode step is ~150 small kernels, and at small batch the gaps between them cost more than their bytes
+    A decode step is over a hundred small kernels, and at small batch the gaps between them cost more than their bytes
     (../shared/docs/performance.md). With PDL a kernel's programs are scheduled while its predecessor still runs;
     each waits (griddepcontrol.wait) for the predecessor's writes before reading any activation, after fetching
     the first block of its weights, which no kernel writes. Read when a kernel is launched: a captured CUDA graph
