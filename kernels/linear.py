@@ -6,9 +6,11 @@ W is [in=K, out=N] (GPT-2 Conv1D's shape), dense in either order: row-major [K, 
 a row-major [N, K] (nn.Linear's layout, rows contiguous along K: what the engine packs, so that a GEMV program
 reads whole rows of W). The kernels take W's two strides; Triton specializes the unit one, so loads are
 vectorized along whichever dimension is contiguous. Accumulation is float32; float32 inputs are
-computed exactly in IEEE fp32 (no TF32). The norm is optional; its row statistic is computed in a prologue
-pass over each program's rows, then the main K loop normalizes x on the fly (HF's order: x * rstd * weight),
-so a layer never writes the normalized activations out. Epilogues, chosen at compile time:
+computed exactly in IEEE fp32 (no TF32). The norm is optional and never writes the normalized activations out.
+The dot path computes each row's statistic in a prologue pass, then normalizes x on the fly in HF's order
+(x * rstd * weight, rounded to the weights' dtype like the reference's input to its matmul); the GEMV path, whose
+products are float32, reads x once: it sums x^2 alongside x * weight @ W and scales the row by rstd at the end.
+Epilogues, chosen at compile time:
     "store"    out = act(y)                     norm_linear: ln_2 -> c_fc -> quick_gelu, ln_f -> lm_head
     "residual" residual += y (in place)         linear_residual: attn.c_proj, mlp.c_proj
     "qkv"      y split q | k | v, k and v       norm_qkv: ln_1 -> c_attn, straight into the KV cache
@@ -170,9 +172,8 @@ def _gemv_kernel(
     if USE_PDL:
         tl.extra.cuda.gdc_wait()  # the previous kernel's writes (x, the residual, the cache) are visible after this
         tl.extra.cuda.gdc_launch_dependents()
-    if HAS_NORM:
-        rstd = _row_rstd(x_ptr, rows, row_mask, stride_xm, K, eps, BLOCK_M, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
@@ -185,10 +186,12 @@ def _gemv_kernel(
             mask=row_mask[:, None] & k_mask[None, :], other=0.0,
         ).to(tl.float32)
         if HAS_NORM:
-            nw = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            x = x * rstd[:, None] * nw[None, :]
+            sumsq += tl.sum(x * x, axis=1)
+            x = x * tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
         # [BLOCK_M, BLOCK_K, BLOCK_N] products, summed over K
         acc += tl.sum(x[:, :, None] * w, axis=1)
+    if HAS_NORM:  # rmsnorm's per-row factor, applied after the sum: x is read once, in the same pass
+        acc = acc * tl.div_rn(1.0, tl.sqrt_rn(sumsq / K + eps))[:, None]
     _epilogue(acc, rows, offs_n, tl.program_id(0) * BLOCK_N, M, N, b_ptr, out_ptr, stride_om, k_ptr, v_ptr, pos_ptr,
               seq_len, head_dim, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
               HAS_BIAS, ACTIVATION, EPILOGUE, ONE_PART)
