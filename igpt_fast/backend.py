@@ -6,6 +6,7 @@ so CI exercises the kernels). Everywhere else (a plain CPU install) PyTorch ops 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -39,3 +40,10 @@ def use_pdl(device: torch.device) -> bool:
     if device.type != "cuda" or triton_interpreter_on() or os.environ.get(PDL_ENV, "1") == "0":
         return False
     return _capability_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+
+
+def on_device(device: torch.device):
+    """A context in which `device` is the current CUDA device (nothing to do elsewhere). Triton launches on the current
+    device's current stream, not on the device of its tensors, and a CUDA graph captures on the current device: a model
+    on cuda:1 must make cuda:1 current around its launches and captures."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -8,12 +8,13 @@ TRITON_INTERPRET=1 (the tests use it).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
-from igpt_fast.backend import triton_interpreter_on
+from igpt_fast.backend import on_device, triton_interpreter_on
 from igpt_fast.checkpoint import check_state_dict, is_legacy_buffer, load_checkpoint
 from igpt_fast.config import ImageGPTConfig
 from igpt_fast.decoder import BATCH_BUCKETS, SUPPORTED_DTYPES, PackedWeights, StaticDecoder, bucket_for
@@ -38,6 +39,16 @@ class GenerateOutput:
 class LogLikelihood:
     nll: torch.Tensor  # [B] mean negative log-likelihood per token, in nats
     bits_per_dim: torch.Tensor  # [B] the same in bits; a dimension is one token (a pixel's color cluster)
+
+
+def _on_model_device(method):
+    """Run a method with the model's CUDA device current (see backend.on_device), and without autograd."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with on_device(self.device), torch.no_grad():
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 class ImageGPT:
@@ -137,7 +148,7 @@ class ImageGPT:
         scratch = torch.empty(2, B, c.n_head, S, c.head_dim, device=self.device, dtype=self.dtype)
         return self.decoder.prefill(ids, lambda i: (scratch[0], scratch[1]), keep_hidden=keep_hidden)
 
-    @torch.no_grad()
+    @_on_model_device
     def __call__(self, input_ids) -> CausalLMOutput:
         """Logits of every position, float32 [B, S, n_clusters] (transformers' `model(ids).logits`)."""
         ids = self._prompt(input_ids)
@@ -146,7 +157,7 @@ class ImageGPT:
 
     forward = __call__
 
-    @torch.no_grad()
+    @_on_model_device
     def features(self, input_ids, *, layer: int | None = None, pool: str | None = "mean") -> torch.Tensor:
         """Linear-probe features: the hidden state after block `layer` (transformers' hidden_states[layer]:
         0 = embeddings, n_layer = the final output after ln_f; default the middle block, where the paper's best
@@ -164,7 +175,7 @@ class ImageGPT:
         x = x.view(*ids.shape, -1)
         return x.float().mean(dim=1) if pool == "mean" else x
 
-    @torch.no_grad()
+    @_on_model_device
     def log_likelihood(self, input_ids) -> LogLikelihood:
         """Per-image likelihood of pixel tokens [B, L] (no SOS, as the image processor returns them): the SOS
         is prepended and every one of the L tokens is scored given those before it."""
@@ -179,7 +190,7 @@ class ImageGPT:
         return LogLikelihood(nll=nll, bits_per_dim=nll / math.log(2))
 
     # ---- generation ----
-    @torch.no_grad()
+    @_on_model_device
     def generate(self, input_ids=None, *, pixel_values=None, max_length: int | None = None,
                  max_new_tokens: int | None = None, do_sample: bool = False, temperature=1.0, top_k=None,
                  top_p=None, seed: int | None = None, generator: torch.Generator | None = None,

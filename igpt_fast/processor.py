@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from igpt_fast import torch_ops
-from igpt_fast.backend import use_triton
+from igpt_fast.backend import on_device, use_triton
 from igpt_fast.checkpoint import PREPROCESSOR_NAME, preprocessor_config, resolve_folder
 
 PIL_BILINEAR = 2  # PIL.Image.Resampling.BILINEAR, the value transformers writes as "resample"
@@ -110,7 +110,8 @@ class ImageProcessor:
         pixels = torch.from_numpy(resize_images(images, int(self.size), self.resample))
         if device is not None:
             pixels = pixels.to(device)
-        ids = cluster_ops(pixels.device).quantize(pixels, torch.from_numpy(self.clusters).to(pixels.device))
+        with on_device(pixels.device):
+            ids = cluster_ops(pixels.device).quantize(pixels, torch.from_numpy(self.clusters).to(pixels.device))
         return ProcessorOutput(input_ids=ids.cpu().numpy() if return_tensors == "np" else ids)
 
     preprocess = __call__
@@ -131,7 +132,8 @@ class ImageProcessor:
             raise ValueError(
                 f"ids must be [N, {side * side}] (size {side} x {side}), got shape {tuple(ids.shape)}"
             )
-        pixels = cluster_ops(ids.device).dequantize(ids.long(), torch.from_numpy(self.clusters).to(ids.device))
+        with on_device(ids.device):
+            pixels = cluster_ops(ids.device).dequantize(ids.long(), torch.from_numpy(self.clusters).to(ids.device))
         return pixels.cpu().numpy().reshape(ids.shape[0], side, side, 3)
 
     def __repr__(self) -> str:

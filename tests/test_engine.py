@@ -327,6 +327,22 @@ def test_gpu_batch_that_does_not_fit_is_refused_before_allocating(small_weights,
     assert model.generate(context, max_new_tokens=4).shape == (64, 5)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_a_model_on_another_device_than_the_current_one(small_weights):
+    """Triton launches on the current device, not the tensors' one: the model makes its own device current."""
+    kwargs = dict(max_new_tokens=32, do_sample=True, seed=3, top_k=40)
+    context = torch.full((2, 1), SMALL.sos_token_id)
+    on_first = ImageGPT(SMALL, small_weights, device="cuda:0", dtype=torch.float16)
+    on_second = ImageGPT(SMALL, small_weights, device="cuda:1", dtype=torch.float16)
+    torch.cuda.set_device(0)
+    out = on_second.generate(context.to("cuda:1"), **kwargs)
+    assert out.device == torch.device("cuda:1") and torch.cuda.current_device() == 0
+    assert torch.equal(out.cpu(), on_first.generate(context.to("cuda:0"), **kwargs).cpu())
+    ids = context.expand(2, 64).to("cuda:1")
+    torch.testing.assert_close(on_second(ids).logits.cpu(), on_first(ids.to("cuda:0")).logits.cpu())
+
+
 def test_a_decode_step_allocates_nothing_and_never_reads_the_device(weights, monkeypatch):
     """What CUDA-graph replay needs, checked on the CPU with the real kernels (interpreter): one decode step
     calls no tensor factory and reads no device value on the host."""
