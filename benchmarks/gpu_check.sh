@@ -8,8 +8,8 @@
 # lands in OUT_DIR: env.txt, install.log, demo.log, demo_grid.png, gpu_tests.log, benchmark.log, results.json,
 # summary.txt, images_per_s.png, and (time allowing) sweep.log and sweep/. Budget, about 6 minutes on an H100: install <= 60 s (about 10 s in
 # practice), the main job on the shipped demo model <= 40 s, tests <= 130 s (engine 60, kernels 70), benchmark
-# <= 170 s (it starts no measurement after 130 s and rewrites results.json after each one, so a cut-short run
-# still reports).
+# <= 190 s (it starts no measurement after 150 s and rewrites results.json after each one, so a cut-short run
+# still reports; its startup row times the first call in fresh processes, cold and warm Triton cache, ~25 s).
 # The demo job is also the probe of programmatic dependent launch (on by default from sm_90): if it fails with PDL
 # and passes without, the rest runs with IGPT_FAST_PDL=0 (said loudly, and the check fails).
 # A failing stage does not stop the later ones; the exit status says whether any failed.
@@ -80,7 +80,7 @@ gpu_tests() {  # the engine's tests first (60 s), then the kernels' (70 s): a sl
 stage gpu-tests - gpu_tests
 
 benchmark() {
-    timeout -k 10 170 python3 -m igpt_fast.benchmark --sizes core --out "$OUT" --time-limit 130 \
+    timeout -k 10 190 python3 -m igpt_fast.benchmark --sizes core --out "$OUT" --time-limit 150 \
         >"$OUT/benchmark.log" 2>&1
     local rc=$?
     grep -E "failed|Traceback" "$OUT/benchmark.log" | head -n 20

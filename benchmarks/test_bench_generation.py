@@ -11,6 +11,7 @@ import torch
 
 from igpt_fast import bench_measure as measure
 from igpt_fast.anchors import StaticCacheAnchor, TransformersAnchor
+from igpt_fast.bench_startup import measure_startup
 from igpt_fast.model import ImageGPT
 from igpt_fast.reference import ReferenceImageGPT
 
@@ -46,6 +47,15 @@ def test_igpt_fast_decode_steps(benchmark, synchronized, small, weights, device,
     benchmark.pedantic(synchronized(steps), setup=synchronized(lambda: decoder.start(state, prompt, greedy=False)),
                        rounds=5)
     record_ms_per_step(benchmark, STEPS)
+
+
+def test_igpt_fast_first_call_in_fresh_processes(benchmark, device):
+    """The time is two child processes' whole runs; extra_info has what counts: the first generate() call (fp16,
+    batch 8) with an empty Triton cache (cold_s) and with the cache that filled (warm_s)."""
+    result = {}
+    benchmark.group = "first call"
+    benchmark.pedantic(lambda: result.update(measure_startup("small", "float16", 8, device, None, 0)), rounds=1)
+    benchmark.extra_info.update(cold_s=result["first_call_s"], warm_s=result["warm_first_call_s"])
 
 
 @pytest.mark.parametrize("batch", BATCHES)

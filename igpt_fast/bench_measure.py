@@ -41,7 +41,7 @@ MODELS = {
 
 @dataclass
 class Result:
-    task: str  # generate | complete | features | likelihood | kernel
+    task: str  # generate | complete | features | likelihood | startup | kernel | quantize
     system: str  # igpt-fast or an anchor; for task "kernel" the kernel's name
     model: str
     dtype: str
@@ -50,7 +50,8 @@ class Result:
     note: str = ""
     ms: float | None = None  # generate/complete: per decode step; features/likelihood: per call; kernel: per launch
     images_per_s: float | None = None
-    first_call_s: float | None = None  # compile, capture and warm-up, apart from ms
+    first_call_s: float | None = None  # compile, capture and warm-up, apart from ms (startup: fresh process, cold)
+    warm_first_call_s: float | None = None  # startup: the same with the Triton cache the cold run filled
     extrapolated: bool = False  # ms from a window of steps_timed steps; images/s = batch / (tokens x ms)
     steps_timed: int | None = None
     bytes_per_step: int | None = None  # bytes a step (a kernel launch) must move

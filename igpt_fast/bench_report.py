@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 # shared/docs/performance.md: fp16 on an H100, imagegpt-small, whole images, top_k=40.
 TARGET_MS_PER_STEP = {1: 0.20, 8: 0.25, 64: 0.90, 256: 3.0}
 TARGET_FP32_SPEEDUP = (8, 20.0)  # at batch 8 in float32, >= 20x transformers' float32 generate
+TARGET_FIRST_CALL_S = {"cold": 15.0, "warm": 3.0}  # kernel compile + graph capture, empty / filled Triton cache
 
 
 def write_json(path: Path, results: list[Result], plan: Plan) -> None:
@@ -146,6 +147,23 @@ def kernel_table(rows: list[dict]) -> str:
                    "torch equivalent"], lines, range(4, 9))
 
 
+def startup_table(rows: list[dict]) -> str:
+    lines = []
+    for r in rows:
+        if r["task"] != "startup":
+            continue
+        if r["status"] != "ok":
+            lines.append([r["system"], r["model"], r["dtype"], str(r["batch"]), r["status"], "", "", r["note"][:80]])
+            continue
+        seconds = {"cold": r["first_call_s"], "warm": r["warm_first_call_s"]}
+        verdict = ", ".join(f"{cache} {'met' if seconds[cache] <= limit else 'NOT met'} (<= {limit:.0f} s)"
+                            for cache, limit in TARGET_FIRST_CALL_S.items())
+        lines.append([r["system"], r["model"], r["dtype"], str(r["batch"]), f"{seconds['cold']:.2f} s",
+                      f"{seconds['warm']:.2f} s", verdict if r["model"] == "small" else "", r["note"][:80]])
+    return _table(["system", "model", "dtype", "batch", "cold cache", "warm cache", "target", "note"], lines,
+                  range(4, 6))
+
+
 def quantize_table(rows: list[dict]) -> str:
     quantize = [r for r in rows if r["task"] == "quantize"]
     processor = [r for r in quantize if r["system"].startswith("transformers") and r["status"] == "ok"]
@@ -167,7 +185,8 @@ def summary(rows: list[dict]) -> str:
     header = (f"card: {env.get('card')} (driver {env.get('driver')}), copy bandwidth {env.get('copy_gb_per_s')} "
               f"GB/s; torch {env.get('torch')}, triton {env.get('triton')}, transformers {env.get('transformers')}; "
               f"commit {env.get('git_commit')}; {env.get('date')}")
-    notes = ("ms/step: one decode step, compile and capture excluded (first call: apart); * timed over a window of "
+    notes = ("ms/step: one decode step, compile and capture excluded (first call: apart, in this process, so it "
+             "reuses kernels that earlier rows compiled); * timed over a window of "
              "steps in the middle of the image, images/s extrapolated; vs best anchor: the fastest anchor's "
              "ms/step over this row's; % of floor: the bytes a step must move at the copy bandwidth over the "
              "time; targets are set for an H100.")
@@ -179,6 +198,9 @@ def summary(rows: list[dict]) -> str:
         parts += ["", f"Quantization throughput (uint8 {QUANTIZE_SIDE}x{QUANTIZE_SIDE} images to ids over "
                       f"{QUANTIZE_CLUSTERS} random clusters; the processor on the host CPU, the others on the card)",
                   quantize_table(rows)]
+    if any(r["task"] == "startup" for r in rows):
+        parts += ["", "First call in a fresh process (kernel compile, graph capture, first tokens; cold: an empty "
+                      "Triton cache, warm: the cache the cold run filled)", startup_table(rows)]
     if any(r["task"] in ("features", "likelihood") for r in rows):
         parts += ["", "Whole-image forwards (features, likelihood)", forward_table(rows)]
     parts += ["", "Generation (top_k=40 sampling; complete: the second half of each image)", generation_table(rows),

@@ -7,6 +7,8 @@ What is measured, per model size, dtype and batch:
   complete    the same for the second half of an image given its first half (a prefix of n_positions / 2 pixels)
   features    model.features over whole images (anchor: the reference forward), images/s
   likelihood  model.log_likelihood over whole images (anchor: the reference forward), images/s
+  startup     the engine's first generate() in a fresh process, with an empty Triton cache and again with the
+              cache that filled (igpt_fast.bench_startup), at the plan's first dtype and batch 8 (else its first)
   kernels     each Triton kernel of a decode step against its unfused PyTorch equivalent: ms, GB/s, ratio;
               and quantizing 32x32 images to cluster ids in pixels/s: the kernel, the unfused equivalent and
               transformers' image processor (on the host CPU, its ids checked against the kernel's)
@@ -67,12 +69,13 @@ from igpt_fast.bench_measure import (
     reference_log_likelihood,
 )
 from igpt_fast.bench_report import report, write_json
+from igpt_fast.bench_startup import measure_startup
 from igpt_fast.config import ImageGPTConfig
 from igpt_fast.decoder import BATCH_BUCKETS
 from igpt_fast.model import ImageGPT
 from igpt_fast.reference import ReferenceImageGPT
 
-TASKS = ("generate", "complete", "features", "likelihood", "kernels", "sweep")
+TASKS = ("generate", "complete", "features", "likelihood", "startup", "kernels", "sweep")
 PRESET_TASKS = TASKS[:-1]  # the sweep runs on request only (--tasks sweep): about a minute on a GPU
 ENGINES = (ENGINE, ENGINE_NO_PDL)
 SYSTEM_TASKS = {
@@ -85,8 +88,9 @@ SYSTEM_TASKS = {
 }
 NO_TRITON = "Triton kernels need CUDA (or TRITON_INTERPRET=1 set before the import)"
 # Cheapest and most important first, so a time limit cuts the compiled anchors, not the engine's numbers.
-STAGES = (ENGINE, "reference-eager", "transformers", "kernels", "reference-compiled", "transformers-static",
-          ENGINE_NO_PDL)
+STAGES = (ENGINE, "startup", "reference-eager", "transformers", "kernels", "reference-compiled",
+          "transformers-static", ENGINE_NO_PDL)
+STARTUP_BATCH = 8  # the model card's
 
 
 @dataclass(frozen=True)
@@ -214,7 +218,10 @@ class Runner:
             config = MODELS[model_name]
             weights = random_weights(config, self.plan.seed, self.plan.device)
             for stage in STAGES:
-                if stage == "kernels":
+                if stage == "startup":
+                    if "startup" in self.plan.tasks:
+                        self.run_startup(model_name)
+                elif stage == "kernels":
                     if "kernels" in self.plan.tasks:
                         self.run_kernels(config, model_name)
                     if "sweep" in self.plan.tasks:
@@ -290,6 +297,13 @@ class Runner:
                   else (lambda: reference_log_likelihood(reference, pixels)))
         with torch.no_grad():
             return measure_forward(fn, batch, device, base)
+
+    def run_startup(self, model_name: str) -> None:
+        plan = self.plan
+        dtype = plan.dtypes[0]
+        batch = STARTUP_BATCH if STARTUP_BATCH in plan.batches else plan.batches[0]
+        self.measure("startup", ENGINE, model_name, dtype, batch, functools.partial(
+            measure_startup, model_name, dtype, batch, plan.device, plan.backend, plan.seed))
 
     def run_kernels(self, config: ImageGPTConfig, model_name: str) -> None:
         device = self.plan.device

@@ -5,6 +5,7 @@ whose ids are unlike the kernel's is a failure. No timing is asserted.
 """
 
 import contextlib
+import dataclasses
 import functools
 import io
 import json
@@ -45,11 +46,13 @@ def test_smoke_run_measures_every_system_and_task(smoke_run):
                               f"prefill_attention (S={smoke_model.n_positions})", "norm_qkv",
                               "linear_residual (attn c_proj)", "sample_tokens (top_k=40)",
                               "quantize (pixels to clusters)")]
+    expected += [("startup", bench_measure.ENGINE, SMOKE_BATCHES[0])]  # smoke has no batch 8: its first
     missing = [key for key in expected if key not in by_key]
     assert not missing, missing
     for r in rows:
         assert r["status"] == "ok", r
-        assert r["ms"] > 0 and r["model"] == "tiny", r
+        assert (r["ms"] is None) == (r["task"] == "startup") and r["model"] == "tiny", r
+        assert r["ms"] is None or r["ms"] > 0, r
         for name in ("card", "driver", "torch", "triton", "transformers", "git_commit"):
             assert name in r["environment"], (name, r)
     for task, system, batch in expected:
@@ -62,6 +65,9 @@ def test_smoke_run_measures_every_system_and_task(smoke_run):
             assert r["images_per_s"] > 0 and r["first_call_s"] > 0 and r["bytes_per_step"] > 0, r
         if task == "kernel":
             assert r["baseline_ms"] > 0 and r["gb_per_s"] > 0, r
+        if task == "startup":  # from two child processes, each timing its first generate() call
+            assert r["first_call_s"] > 0 and r["warm_first_call_s"] > 0, r
+            assert r["note"].startswith("whole child process:"), r
     assert data["settings"]["top_k"] == bench_measure.TOP_K
 
 
@@ -190,6 +196,19 @@ def test_targets_and_ratios_to_the_best_anchor():
     table = bench_report.generation_table(rows)
     line = next(x for x in table.splitlines() if x.startswith("generate | igpt-fast") and " 0.300 |" in x)
     assert " 8.00x |" in line and " 33% |" in line and "NOT met (<= 0.25 ms)" in line
+
+
+def test_startup_verdicts_against_the_first_call_targets():
+    rows = [dataclasses.asdict(bench_measure.Result("startup", "igpt-fast", model, "float16", 8, first_call_s=cold,
+                                                    warm_first_call_s=warm, note="whole child process: ..."))
+            for model, cold, warm in (("small", 12.0, 4.0), ("small", 16.0, 1.0), ("tiny", 99.0, 99.0))]
+    rows.append(dataclasses.asdict(bench_measure.Result("startup", "igpt-fast", "small", "float16", 8,
+                                                        status="failed", note="RuntimeError: the child failed")))
+    lines = bench_report.startup_table(rows).splitlines()[2:]
+    assert "cold met (<= 15 s), warm NOT met (<= 3 s)" in lines[0] and "12.00 s |" in lines[0]
+    assert "cold NOT met (<= 15 s), warm met (<= 3 s)" in lines[1]
+    assert "met" not in lines[2]  # the targets speak of imagegpt-small
+    assert "failed" in lines[3] and "the child failed" in lines[3]
 
 
 def test_cli_help_and_bad_arguments(capsys):
