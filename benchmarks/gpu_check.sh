@@ -69,13 +69,15 @@ if ! demo 40 >"$OUT/demo.log" 2>&1; then
 fi
 
 gpu_tests() {  # the engine's tests first (60 s), then the kernels' (70 s): a slow compile cannot starve the engine
+    # -v: each test's outcome is logged as it ends, so a timeout still shows which passed (the log comes back)
     {
-        timeout -k 10 60 python3 -m pytest -m gpu tests/test_engine.py -q --durations=8
+        timeout -k 10 60 python3 -m pytest -m gpu tests/test_engine.py -v --durations=8
         local engine=$?
-        timeout -k 10 70 python3 -m pytest -m gpu tests -q --ignore=tests/test_engine.py --durations=8
+        timeout -k 10 70 python3 -m pytest -m gpu tests -v --ignore=tests/test_engine.py --durations=8
         local rest=$?
         [ $engine -eq 0 ] && [ $rest -eq 0 ]
-    } 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|skipped|error|FAILED|ERROR|s (call|setup) " | tail -n 40
+    } 2>&1 | tee "$OUT/gpu_tests.log" | grep -E " passed| failed| skipped|error|FAILED|ERROR|s (call|setup) " \
+        | tail -n 40
 }
 stage gpu-tests - gpu_tests
 
