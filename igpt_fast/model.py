@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -217,15 +218,12 @@ class ImageGPT:
             top_k = min(DEFAULT_TOP_K, vocab)
         check_sampling_args(do_sample, temperature, top_k, top_p, vocab)
         temperature, top_k, top_p = sampling_tensors(temperature, top_k, top_p, batch=batch, vocab=vocab)
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        elif isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if seed is None else _check_seed(seed)
 
         chunks, step_logits = [], []
         for start in range(0, batch, self.max_batch):
             rows = slice(start, min(start + self.max_batch, batch))
-            chunk = self._generate_chunk(ids[rows], new_tokens, greedy=not do_sample, seed=seed + start,
+            chunk = self._generate_chunk(ids[rows], new_tokens, greedy=not do_sample, seed=_wrap_int64(seed + start),
                                          params=(temperature[rows], top_k[rows], top_p[rows]),
                                          logits_out=step_logits if output_logits else None)
             chunks.append(chunk.to(out_device))
@@ -258,6 +256,25 @@ class ImageGPT:
                 logits_out.append(state.logits[:batch].clone())
         # The graph overwrites its buffers on the next call: hand back a copy.
         return state.sequences[:batch, :prefix + new_tokens].clone()
+
+
+def _check_seed(seed) -> int:
+    """An int (Python or numpy) in int64's range: the kernels read the seed from an int64 tensor."""
+    if not isinstance(seed, bool):
+        try:
+            seed = operator.index(seed)
+        except TypeError:
+            pass
+        else:
+            if -2**63 <= seed < 2**63:
+                return seed
+    raise ValueError(f"seed must be an int in [-2**63, 2**63), got {seed!r}")
+
+
+def _wrap_int64(value: int) -> int:
+    """value as int64 arithmetic leaves it (two's complement): row b of a chunk draws from seed + b computed on the
+    device in int64, so a chunk starting at row `start` takes seed + start wrapped the same way."""
+    return (value + 2**63) % 2**64 - 2**63
 
 
 # transformers' class name, so the model card's import line is the only change.

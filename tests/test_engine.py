@@ -116,11 +116,12 @@ def test_odd_batches_are_padded_to_a_bucket_and_sliced_back(batch, weights, refe
                                                uniforms=philox(99)))
 
 
-def test_image_of_a_seed_does_not_depend_on_the_batch(weights):
+@pytest.mark.parametrize("seed", [7, 2**63 - 2])  # the latter: row b's seed + b wraps past int64's top, as on device
+def test_image_of_a_seed_does_not_depend_on_the_batch(weights, seed):
     model = ImageGPT(TINY, weights, backend="torch", max_batch=2)
     context = torch.full((5, 1), TINY.sos_token_id)
-    together = model.generate(context, do_sample=True, seed=7)  # buckets 2, 2, 1 (padded)
-    alone = model.generate(context[:1], do_sample=True, seed=7 + 3)
+    together = model.generate(context, do_sample=True, seed=seed)  # buckets 2, 2, 1 (padded)
+    alone = model.generate(context[:1], do_sample=True, seed=seed + 3 - (2**64 if seed + 3 >= 2**63 else 0))
     assert together.shape == (5, TINY.n_positions + 1)
     assert torch.equal(together[3], alone[0])
 
@@ -188,6 +189,9 @@ def test_generate_does_not_mutate_its_input(weights):
     (dict(), ValueError, "exactly one"),
     (dict(input_ids=torch.zeros(1, 1, dtype=torch.long), seed=1, generator=torch.Generator()), ValueError,
      "not both"),
+    (dict(input_ids=torch.zeros(1, 1, dtype=torch.long), do_sample=True, seed=2**63), ValueError,
+     r"seed must be an int in \[-2\*\*63, 2\*\*63\), got 9223372036854775808"),
+    (dict(input_ids=torch.zeros(1, 1, dtype=torch.long), do_sample=True, seed=1.5), ValueError, "got 1.5"),
 ])
 def test_bad_input_is_refused_and_the_next_call_works(weights, kwargs, error, match):
     model = ImageGPT(TINY, weights, backend="torch")
