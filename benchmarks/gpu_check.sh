@@ -21,6 +21,10 @@ if [ $# -ne 1 ]; then
     echo "usage: $0 OUT_DIR" >&2
     exit 2
 fi
+if ! python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    echo "$0: no CUDA GPU is visible to torch here; this check is for a GPU machine" >&2
+    exit 2
+fi
 mkdir -p "$1" || exit 2
 OUT=$(cd "$1" && pwd)
 cd "$(dirname "$0")/.." || exit 2

@@ -421,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.from_json is not None:
+        if not args.from_json.is_file():
+            print(f"no results at {args.from_json}: the benchmark recorded no measurement there", file=sys.stderr)
+            return 1
         rows = json.loads(args.from_json.read_text())["results"]
         print(report(rows, args.out))
         return 0

@@ -211,7 +211,7 @@ def test_startup_verdicts_against_the_first_call_targets():
     assert "failed" in lines[3] and "the child failed" in lines[3]
 
 
-def test_cli_help_and_bad_arguments(capsys):
+def test_cli_help_and_bad_arguments(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         benchmark.main(["--help"])
     assert exit_info.value.code == 0
@@ -219,6 +219,10 @@ def test_cli_help_and_bad_arguments(capsys):
     with pytest.raises(SystemExit) as exit_info:
         benchmark.main(["--batches", "3"])  # not a batch bucket
     assert exit_info.value.code == 2
+    capsys.readouterr()
+    missing = tmp_path / "results.json"  # a run cut short before its first measurement
+    assert benchmark.main(["--from-json", str(missing), "--out", str(tmp_path)]) == 1
+    assert f"no results at {missing}" in capsys.readouterr().err
 
 
 def test_sweep_measures_each_heuristic_value_and_restores_the_default(tmp_path):
