@@ -21,8 +21,9 @@ Two code paths, chosen by the number of rows M (or forced with path="gemv" | "do
         rows, so W streams from memory exactly once; BLOCK_N is the power of two that gives about
         _TARGET_PROGRAMS stripes (clamped to _GEMV_MIN_BLOCK_N..128), so batch 1 still spreads over all SMs.
     dot (M > 16, large decode batches and prefill): tiled tl.dot with grouped tile order for L2 reuse;
-        tiles start at min(next_pow2(M), 128) x 128 and shrink (N to 32, then M to 16, then N to 16)
-        until about _TARGET_PROGRAMS tiles exist, so decode batches of 17..256 rows still fill the GPU.
+        tiles start at min(next_pow2(M), 128) x 128 (x 64 for "qkv", whose 128 x 128 tile spills registers on
+        sm_90) and shrink (N to 32, then M to 16, then N to 16) until about _TARGET_PROGRAMS tiles exist, so
+        decode batches of 17..256 rows still fill the GPU.
 No split-K: quick_gelu, the in-place residual and the cache scatter all need the full sum, and a split-K
 reduction would need a workspace. Launchers allocate nothing when outputs are passed and never sync. On sm_90+
 both paths are launched with programmatic dependent launch (igpt_fast.backend.use_pdl).
@@ -44,6 +45,10 @@ _TARGET_PROGRAMS = 264  # about two programs per SM on an H100 (132 SMs)
 _GEMV_TILE = 8192  # BLOCK_M * BLOCK_K * BLOCK_N elements per GEMV step (64 per thread at 4 warps)
 _GEMV_NUM_WARPS = 4
 _GROUP_M = 8  # row tiles walked together in the dot path, so W tiles are reused from L2
+# The "qkv" epilogue stores through per-element int64 cache pointers (head_dim is a runtime value, so no contiguity
+# is provable): compiled for sm_90, its 128 x 128 dot tile spills 0.9-3 KB of registers per thread (every dtype);
+# 128 x 64 spills none in 16-bit and 24 B in float32. Large prefills (M >= 1024 at imagegpt-large) would get 128 x 128.
+_QKV_MAX_BLOCK_N = 64
 
 
 @triton.jit
@@ -286,9 +291,9 @@ def _gemv_config(M: int, N: int, K: int) -> dict:
                 grid=(triton.cdiv(N, block_n), row_blocks))
 
 
-def _dot_config(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
+def _dot_config(M: int, N: int, K: int, dtype: torch.dtype, max_block_n: int = 128) -> dict:
     block_m = min(max(triton.next_power_of_2(M), 16), 128)
-    block_n = 128
+    block_n = max_block_n
     # Shrink tiles until about _TARGET_PROGRAMS exist: N first (down to 32), then M, then N to 16.
     while triton.cdiv(M, block_m) * triton.cdiv(N, block_n) < _TARGET_PROGRAMS:
         if block_n > 32:
@@ -394,7 +399,7 @@ def _launch(path, x, norm_weight, weight, bias, out, *, eps=0.0, activation=None
         config = _gemv_config(M, N, K)
         kernel = _gemv_kernel
     else:
-        config = _dot_config(M, N, K, x.dtype)
+        config = _dot_config(M, N, K, x.dtype, max_block_n=_QKV_MAX_BLOCK_N if epilogue == "qkv" else 128)
         kernel = _dot_kernel
     grid = config.pop("grid")
     pdl = backend.use_pdl(x.device)

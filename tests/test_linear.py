@@ -7,6 +7,7 @@ import pytest
 import torch
 from tolerances import tol
 
+from igpt_fast.kernels import linear
 from igpt_fast.kernels.embedding import embed
 from igpt_fast.kernels.linear import (
     _TARGET_PROGRAMS,
@@ -213,7 +214,8 @@ def test_qkv_cases_cover_both_epilogues():
     one_part = set()
     for path, batch, seq_len, _, n_head, head_dim in QKV_CASES:
         d, M = n_head * head_dim, batch * seq_len
-        config = _gemv_config(M, 3 * d, d) if path == "gemv" else _dot_config(M, 3 * d, d, torch.float32)
+        config = (_gemv_config(M, 3 * d, d) if path == "gemv"
+                  else _dot_config(M, 3 * d, d, torch.float32, max_block_n=linear._QKV_MAX_BLOCK_N))
         one_part.add((path, d % config["BLOCK_N"] == 0))
     assert one_part == {("gemv", True), ("gemv", False), ("dot", True), ("dot", False)}
 
@@ -268,6 +270,31 @@ def test_dot_tiles_fill_the_gpu_at_decode_batches(M):
     """imagegpt-small c_proj (N = 512): tiles shrink until enough programs exist."""
     config = _dot_config(M, 512, 512, torch.float16)
     assert config["grid"][0] >= _TARGET_PROGRAMS or config["BLOCK_M"] == config["BLOCK_N"] == 16
+
+
+def test_large_prefill_dot_tiles(monkeypatch):
+    """A prefill of 4 images at imagegpt-small's width, launches recorded instead of run: the "qkv" epilogue's tile
+    is at most 64 columns wide (its 128 x 128 tile spills 0.9-3 KB of registers per thread on sm_90, which only a
+    compile for the GPU shows), the other epilogues keep 128 x 128."""
+    launched = {}
+
+    class Record:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched[kwargs["EPILOGUE"]] = (kwargs["BLOCK_M"], kwargs["BLOCK_N"], grid[0])
+            return launch
+
+    monkeypatch.setattr(linear, "_dot_kernel", Record())
+    B, S, n_head, head_dim = 4, 1024, 8, 64
+    M, d = B * S, n_head * head_dim
+    x, norm_weight, weight, bias = (torch.zeros(M, d), torch.ones(d), torch.zeros(d, 3 * d), torch.zeros(3 * d))
+    cache = torch.zeros(B, n_head, S, head_dim)
+    norm_qkv(x, norm_weight, weight, bias, eps=EPS, q_out=torch.zeros(M, d), k_cache=cache, v_cache=cache,
+             pos=torch.zeros(1, dtype=torch.int32), seq_len=S)
+    norm_linear(x, norm_weight, weight, bias, eps=EPS, activation="quick_gelu")
+    linear_residual(x, weight, None, torch.zeros(M, 3 * d))
+    tiles = M // 128 * 3 * d // 128
+    assert launched == {"qkv": (128, 64, 2 * tiles), "store": (128, 128, tiles), "residual": (128, 128, tiles)}
 
 
 # ---- validation: ValueError naming what was passed --------------------------------------------------------
