@@ -108,6 +108,7 @@ def record_engine_launches() -> dict:
                 model.generate(context, max_new_tokens=2, do_sample=True, top_k=min(40, config.n_clusters), top_p=0.9)
                 model.generate(context, max_new_tokens=2)  # greedy
                 model(torch.zeros(batch, 40, dtype=torch.long))  # prefill of a longer prompt
+            model(torch.zeros(4, config.n_positions, dtype=torch.long))  # whole images: the largest dot tiles
             side = math.isqrt(config.n_positions)
             pixels, centers = torch.zeros(2, side, side, 3, dtype=torch.uint8), torch.zeros(config.n_clusters, 3)
             clusters.quantize(pixels, centers)
