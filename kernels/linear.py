@@ -40,6 +40,7 @@ _ACTIVATIONS = (None, "quick_gelu")
 _PATHS = (None, "gemv", "dot")
 
 _GEMV_MAX_M = 16  # rows up to which the weight-streaming GEMV path is used
+_MAX_GRID_Y = 65535
 _GEMV_MIN_BLOCK_N = 8  # narrowest column stripe: the fewest [out, in] rows of W one GEMV program streams
 _TARGET_PROGRAMS = 264  # about two programs per SM on an H100 (132 SMs)
 _GEMV_TILE = 8192  # BLOCK_M * BLOCK_K * BLOCK_N elements per GEMV step (64 per thread at 4 warps)
@@ -69,7 +70,7 @@ def _row_rstd(
         mask = row_mask[:, None] & (offs_k < K)[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
         sumsq += tl.sum(x * x, axis=1)
-    return tl.div_rn(1.0, tl.sqrt_rn(sumsq / K + eps))
+    return tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(sumsq, K * 1.0) + eps))
 
 
 @triton.jit
@@ -196,7 +197,7 @@ def _gemv_kernel(
         # [BLOCK_M, BLOCK_K, BLOCK_N] products, summed over K
         acc += tl.sum(x[:, :, None] * w, axis=1)
     if HAS_NORM:  # rmsnorm's per-row factor, applied after the sum: x is read once, in the same pass
-        acc = acc * tl.div_rn(1.0, tl.sqrt_rn(sumsq / K + eps))[:, None]
+        acc = acc * tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(sumsq, K * 1.0) + eps))[:, None]
     _epilogue(acc, rows, offs_n, tl.program_id(0) * BLOCK_N, M, N, b_ptr, out_ptr, stride_om, k_ptr, v_ptr, pos_ptr,
               seq_len, head_dim, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
               HAS_BIAS, ACTIVATION, EPILOGUE, ONE_PART)
@@ -368,9 +369,12 @@ def _check_eps(eps):
         _fail(f"eps must be a non-negative float, got {eps!r}")
 
 
-def _check_path(path):
+def _check_path(path, M: int):
     if path not in _PATHS:
         _fail(f"path must be one of {_PATHS}, got {path!r}")
+    if path == "gemv" and triton.cdiv(M, _GEMV_MAX_M) > _MAX_GRID_Y:  # the GEMV grid's rows are its y axis
+        _fail(f"path='gemv' takes at most {_GEMV_MAX_M * _MAX_GRID_Y} rows (CUDA's grid y limit), got M={M}; "
+              f"use path='dot' or None")
 
 
 def _check_pos(pos, device):
@@ -428,7 +432,7 @@ def norm_linear(x, norm_weight, weight, bias, *, eps: float, activation: str | N
     """
     M, N, K = _check_linear(x, norm_weight, weight, bias)
     _check_eps(eps)
-    _check_path(path)
+    _check_path(path, M)
     if activation not in _ACTIVATIONS:
         _fail(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
     if out_dtype is not None and out_dtype not in _FLOAT_DTYPES:
@@ -449,7 +453,7 @@ def linear_residual(x, weight, bias, residual, *, path: str | None = None) -> to
     dtype (the sum is formed in float32 and rounded once). path: None (by M), "gemv" or "dot".
     """
     M, N, K = _check_linear(x, None, weight, bias)
-    _check_path(path)
+    _check_path(path, M)
     _check_tensor("residual", residual, ndim=2, device=x.device)
     _check_shape("residual", residual, (M, N))
     _launch(_choose_path(M, path), x, None, weight, bias, residual, epilogue="residual")
@@ -469,7 +473,7 @@ def norm_qkv(x, norm_weight, weight, bias, *, eps: float, q_out, k_cache, v_cach
     """
     M, N, K = _check_linear(x, norm_weight, weight, bias)
     _check_eps(eps)
-    _check_path(path)
+    _check_path(path, M)
     if norm_weight is None:
         _fail("norm_weight must be a tensor [d] (ln_1 weight), got None")
     d = K

@@ -255,6 +255,17 @@ def test_path_heuristic():
     assert _choose_path(1, "dot") == "dot"
 
 
+def test_forced_gemv_beyond_the_grid_limit_is_refused_before_allocating(device):
+    too_many = 16 * 65535 + 1  # GEMV row blocks of 16 on the grid's y axis, at most 65535 of them
+    x = torch.zeros(too_many, 16, device=device)
+    weight, residual = torch.zeros(16, 8, device=device), torch.full((too_many, 8), 7.0, device=device)
+    with pytest.raises(ValueError, match=f"at most {16 * 65535} rows .* got M={too_many}"):
+        norm_linear(x, None, weight, None, eps=1e-5, path="gemv")
+    with pytest.raises(ValueError, match=f"got M={too_many}"):
+        linear_residual(x, weight, None, residual, path="gemv")
+    assert (residual == 7.0).all()
+
+
 @pytest.mark.parametrize("N", [512, 1536, 2048, 6144])
 def test_gemv_streams_each_column_once(N):
     """At batch 1..16, one row block: each column stripe of W is read by exactly one program."""
