@@ -42,6 +42,11 @@ class LogLikelihood:
     bits_per_dim: torch.Tensor  # [B] the same in bits; a dimension is one token (a pixel's color cluster)
 
 
+# Whole-image forwards (logits, features, likelihood) run this many tokens at a time: 64 images of 1024 pixels,
+# enough rows to keep an H100 busy, and at imagegpt-large about 1.6 GB of activations in 16-bit.
+FORWARD_CHUNK_TOKENS = 65536
+
+
 def _on_model_device(method):
     """Run a method with the model's CUDA device current (see backend.on_device), and without autograd."""
     @functools.wraps(method)
@@ -149,12 +154,19 @@ class ImageGPT:
         scratch = torch.empty(2, B, c.n_head, S, c.head_dim, device=self.device, dtype=self.dtype)
         return self.decoder.prefill(ids, lambda i: (scratch[0], scratch[1]), keep_hidden=keep_hidden)
 
+    def _by_chunks(self, ids: torch.Tensor, forward) -> torch.Tensor:
+        """forward(ids[rows]) over chunks of at most FORWARD_CHUNK_TOKENS tokens, concatenated: a dataset's batch
+        needs the activations of one chunk at a time (imagegpt-large's MLP: 6144 values a token), not of all."""
+        rows = max(1, FORWARD_CHUNK_TOKENS // ids.shape[1])
+        parts = [forward(ids[start:start + rows]) for start in range(0, ids.shape[0], rows)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     @_on_model_device
     def __call__(self, input_ids) -> CausalLMOutput:
         """Logits of every position, float32 [B, S, n_clusters] (transformers' `model(ids).logits`)."""
         ids = self._prompt(input_ids)
-        x = self._prefill_scratch(ids)
-        return CausalLMOutput(self.decoder.lm_head(x).view(*ids.shape, -1))
+        return CausalLMOutput(self._by_chunks(
+            ids, lambda chunk: self.decoder.lm_head(self._prefill_scratch(chunk)).view(*chunk.shape, -1)))
 
     forward = __call__
 
@@ -170,11 +182,15 @@ class ImageGPT:
         if pool not in ("mean", None):
             raise ValueError(f"pool must be 'mean' or None, got {pool!r}")
         ids = self._prompt(input_ids)
-        x = self._prefill_scratch(ids, keep_hidden=layer)
-        if layer == n_layer:
-            x = self.decoder.final_norm(x)
-        x = x.view(*ids.shape, -1)
-        return x.float().mean(dim=1) if pool == "mean" else x
+
+        def features_of(chunk):
+            x = self._prefill_scratch(chunk, keep_hidden=layer)
+            if layer == n_layer:
+                x = self.decoder.final_norm(x)
+            x = x.view(*chunk.shape, -1)
+            return x.float().mean(dim=1) if pool == "mean" else x
+
+        return self._by_chunks(ids, features_of)
 
     @_on_model_device
     def log_likelihood(self, input_ids) -> LogLikelihood:
@@ -185,9 +201,13 @@ class ImageGPT:
             raise ValueError(f"pixel tokens must lie in [0, {self.config.n_clusters}); the SOS "
                              f"({self.config.sos_token_id}) is prepended here, do not pass it")
         sos = torch.full_like(ids[:, :1], self.config.sos_token_id)
-        inputs = torch.cat([sos, ids[:, :-1]], dim=1)
-        logits = self.decoder.lm_head(self._prefill_scratch(inputs)).view(*ids.shape, -1)
-        nll = -torch.log_softmax(logits, dim=-1).gather(-1, ids[..., None])[..., 0].mean(dim=1)
+
+        def nll_of(chunk):
+            inputs = torch.cat([sos[:len(chunk)], chunk[:, :-1]], dim=1)
+            logits = self.decoder.lm_head(self._prefill_scratch(inputs)).view(*chunk.shape, -1)
+            return -torch.log_softmax(logits, dim=-1).gather(-1, chunk[..., None])[..., 0].mean(dim=1)
+
+        nll = self._by_chunks(ids, nll_of)
         return LogLikelihood(nll=nll, bits_per_dim=nll / math.log(2))
 
     # ---- generation ----

@@ -10,6 +10,7 @@ import torch
 from helpers import TINY, random_state_dict
 from tolerances import tol
 
+import igpt_fast.model
 from igpt_fast import ImageGPT, ImageGPTConfig, ReferenceImageGPT, backend
 from igpt_fast.philox import philox_uniforms
 
@@ -233,6 +234,27 @@ def test_features_and_likelihood_match_reference(weights, reference):
         model.features(ids, layer=TINY.n_layer + 1)
     with pytest.raises(ValueError, match="SOS"):
         model.log_likelihood(ids)
+
+
+@pytest.mark.parametrize("images_per_chunk", [1, 2])
+def test_whole_image_forwards_in_chunks_equal_one_pass(weights, monkeypatch, images_per_chunk):
+    model = ImageGPT(TINY, weights, backend="torch")
+    pixels = torch.randint(0, TINY.n_clusters, (3, TINY.n_positions))
+    ids = torch.cat([torch.full((3, 1), TINY.sos_token_id), pixels[:, :-1]], 1)
+    whole = model(ids).logits, model.features(ids), model.features(ids, pool=None), model.log_likelihood(pixels).nll
+    monkeypatch.setattr(igpt_fast.model, "FORWARD_CHUNK_TOKENS", images_per_chunk * TINY.n_positions + 1)
+    prefill, batches = model.decoder.prefill, []
+
+    def recording_prefill(ids, *args, **kwargs):
+        batches.append(len(ids))
+        return prefill(ids, *args, **kwargs)
+
+    monkeypatch.setattr(model.decoder, "prefill", recording_prefill)
+    chunked = model(ids).logits, model.features(ids), model.features(ids, pool=None), model.log_likelihood(pixels).nll
+    per_call = {1: [1, 1, 1], 2: [2, 1]}[images_per_chunk]  # images in each prefill of a 3-image call
+    assert batches == per_call * 4
+    for a, b in zip(whole, chunked, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
 
 
 # ---- GPU: imagegpt-small shapes, CUDA graphs ----
