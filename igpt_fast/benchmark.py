@@ -373,9 +373,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Benchmark igpt-fast against its anchors (reference eager and torch.compile'd, transformers "
                     "generate plain and static-cache) on random weights; print tables (generation last), write "
                     "results.json, summary.txt and images_per_s.png to --out.")
-    p.add_argument("--sizes", choices=sorted(PRESETS), default="core",
+    p.add_argument("--sizes", choices=sorted(PRESETS),
                    help="preset: smoke (tiny model on the CPU, seconds), core (small; batch 1, 8, 64; fp16, fp32), "
-                        "full (small, medium, large; batch 1..256; fp16, bf16, fp32)")
+                        "full (small, medium, large; batch 1..256; fp16, bf16, fp32); default: core with a CUDA "
+                        "GPU, smoke without one (core on a CPU takes hours)")
     p.add_argument("--models", type=_list(str, MODELS), help="override the preset's models: " + ",".join(MODELS))
     p.add_argument("--dtypes", type=_list(str, DTYPES), help="override the preset's dtypes: " + ",".join(DTYPES))
     p.add_argument("--batches", type=_list(int, BATCH_BUCKETS), help="override the preset's batch sizes "
@@ -397,6 +398,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
+    if args.sizes is None:
+        args.sizes = "core" if torch.cuda.is_available() else "smoke"
+        if args.sizes == "smoke":
+            print("no CUDA GPU: running the smoke preset (a tiny model; --sizes core to insist)", file=sys.stderr)
     preset = PRESETS[args.sizes]
     if args.device:
         device = torch.device(args.device)

@@ -211,6 +211,16 @@ def test_startup_verdicts_against_the_first_call_targets():
     assert "failed" in lines[3] and "the child failed" in lines[3]
 
 
+def test_default_preset_is_core_on_a_gpu_and_smoke_without(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    plan = benchmark.make_plan(benchmark.parse_args([]))
+    assert plan.models == ("tiny",) and plan.device == torch.device("cpu")
+    assert "no CUDA GPU: running the smoke preset" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    plan = benchmark.make_plan(benchmark.parse_args([]))
+    assert plan.models == ("small",) and plan.batches == (1, 8, 64) and plan.device == torch.device("cuda")
+
+
 def test_cli_help_and_bad_arguments(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         benchmark.main(["--help"])
