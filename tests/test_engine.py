@@ -296,7 +296,9 @@ def test_gpu_low_precision_next_token_distributions_are_close(small_weights, dty
     q = torch.log_softmax(model(ids).logits.double(), -1)
     kl = (p.exp() * (p - q)).sum(-1).mean().item()
     print(f"{dtype}: mean KL(reference fp32 || engine) over 1024 next-token distributions = {kl:.2e}")
-    assert kl < (2e-3 if dtype == torch.float16 else 1e-2)
+    # PyTorch ops in the same storage dtypes on a CPU give 1.1e-6 (fp16) and 6.7e-5 (bf16) on these inputs: the
+    # bounds leave 100x and 30x for the kernels' different summation orders, and catch a real error (KL ~ 0.1).
+    assert kl < (1e-4 if dtype == torch.float16 else 2e-3)
     # the graphed decode path too: sampled images have valid tokens and the SOS kept
     out = model.generate(torch.full((3, 1), SMALL.sos_token_id, device="cuda"), do_sample=True, top_k=40, seed=1)
     assert out.shape == (3, SMALL.n_positions + 1) and (out[:, 1:] < SMALL.n_clusters).all()
