@@ -208,6 +208,54 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(parts)
 
 
+README_START, README_END = "<!-- measured:start -->", "<!-- measured:end -->"
+
+
+def markdown_summary(rows: list[dict]) -> str:
+    """The README's measured block: igpt-fast's generation rows against the best anchor and the targets, and the
+    first call, under the run's card, date and versions."""
+    env = next((r["environment"] for r in rows if r.get("environment")), {})
+    best = best_anchor_ms(rows)
+    out = [f"Measured {env.get('date')} on {env.get('card')} (driver {env.get('driver')}; torch {env.get('torch')}, "
+           f"triton {env.get('triton')}, transformers {env.get('transformers')}; commit "
+           f"{str(env.get('git_commit'))[:12]}), random weights, top_k={TOP_K}; * = timed over a window of steps:",
+           "", "| task | model | dtype | batch | ms/step | images/s | best anchor, ms/step | speedup | target |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["task"] not in ("generate", "complete") or r["system"] != ENGINE or r["status"] != "ok":
+            continue
+        anchor = best.get(_key(r))
+        star = "*" if r["extrapolated"] else ""
+        anchor_ms = f"{anchor[0]} {anchor[1]:.2f}" if anchor else "-"
+        speedup = f"{anchor[1] / r['ms']:.1f}x" if anchor else "-"
+        out.append(f"| {r['task']} | {r['model']} | {r['dtype']} | {r['batch']} | {r['ms']:.3f}{star} | "
+                   f"{r['images_per_s']:.3g}{star} | {anchor_ms} | {speedup} | {target_verdict(r, rows) or '-'} |")
+    for r in rows:
+        if r["task"] == "startup" and r["status"] == "ok":
+            out += ["", f"First call in a fresh process ({r['model']}, {r['dtype']}, batch {r['batch']}): "
+                        f"{r['first_call_s']:.1f} s with an empty Triton cache, {r['warm_first_call_s']:.1f} s "
+                        f"with a filled one (targets {TARGET_FIRST_CALL_S['cold']:.0f} s and "
+                        f"{TARGET_FIRST_CALL_S['warm']:.0f} s)."]
+    return "\n".join(out)
+
+
+def readme_parts(readme: Path) -> tuple[str, str]:
+    """The README's text before its measured block and after it; a ValueError unless both markers are there once,
+    in order."""
+    text = readme.read_text()
+    if text.count(README_START) != 1 or text.count(README_END) != 1 or text.index(README_START) > text.index(
+            README_END):
+        raise ValueError(f"{readme} needs a line {README_START} and, after it, a line {README_END}, once each, "
+                         f"around the measured table")
+    head, rest = text.split(README_START)
+    return head, rest.split(README_END)[1]
+
+
+def replace_readme_block(readme: Path, block: str) -> None:
+    head, tail = readme_parts(readme)
+    readme.write_text(f"{head}{README_START}\n{block}\n{README_END}{tail}")
+
+
 def write_plot(rows: list[dict], path: Path) -> None:
     """images/s against batch, one line per (system, dtype), one panel per model; hollow markers are
     extrapolated."""

@@ -68,7 +68,7 @@ from igpt_fast.bench_measure import (
     reference_features,
     reference_log_likelihood,
 )
-from igpt_fast.bench_report import report, write_json
+from igpt_fast.bench_report import markdown_summary, readme_parts, replace_readme_block, report, write_json
 from igpt_fast.bench_startup import measure_startup
 from igpt_fast.config import ImageGPTConfig
 from igpt_fast.decoder import BATCH_BUCKETS
@@ -394,6 +394,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "as skipped (results.json is rewritten after every measurement)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (default bench-results)")
     p.add_argument("--from-json", type=Path, help="only re-render the tables and plot of an earlier results.json")
+    p.add_argument("--readme", type=Path, help="also write the measured table into this README, between its "
+                   "'<!-- measured:start -->' and '<!-- measured:end -->' lines")
     return p.parse_args(argv)
 
 
@@ -424,19 +426,25 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.readme is not None:
+        try:
+            readme_parts(args.readme)  # before a long run, not after it
+        except (OSError, ValueError) as e:
+            print(f"--readme: {e}", file=sys.stderr)
+            return 2
     args.out.mkdir(parents=True, exist_ok=True)
     if args.from_json is not None:
         if not args.from_json.is_file():
             print(f"no results at {args.from_json}: the benchmark recorded no measurement there", file=sys.stderr)
             return 1
         rows = json.loads(args.from_json.read_text())["results"]
-        print(report(rows, args.out))
-        return 0
-    plan = make_plan(args)
-    results = Runner(plan, args.out).run()
-    rows = [dataclasses.asdict(r) for r in results]
+    else:
+        rows = [dataclasses.asdict(r) for r in Runner(make_plan(args), args.out).run()]
     print(report(rows, args.out))
-    return 1 if any(r["status"] == "failed" for r in rows) else 0
+    if args.readme is not None:
+        replace_readme_block(args.readme, markdown_summary(rows))
+        print(f"wrote the measured table into {args.readme}", file=sys.stderr)
+    return 1 if args.from_json is None and any(r["status"] == "failed" for r in rows) else 0
 
 
 if __name__ == "__main__":

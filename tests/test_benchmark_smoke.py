@@ -141,6 +141,26 @@ def test_from_json_renders_the_same_summary(smoke_run, tmp_path):
     assert (tmp_path / "summary.txt").read_text() == (out / "summary.txt").read_text()
 
 
+def test_readme_gets_the_measured_table_between_its_markers(smoke_run, tmp_path, capsys):
+    out, _, _ = smoke_run
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\nbefore\n<!-- measured:start -->\nold table\n<!-- measured:end -->\nafter\n")
+    assert benchmark.main(["--from-json", str(out / "results.json"), "--out", str(tmp_path),
+                           "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# x\n\nbefore\n<!-- measured:start -->\nMeasured ") and "old table" not in text
+    assert text.endswith("\n<!-- measured:end -->\nafter\n")
+    table = [line for line in text.splitlines() if line.startswith("| generate | tiny | float32 |")]
+    assert len(table) == len(SMOKE_BATCHES) and "x |" in table[0]  # a speedup over the best anchor
+    assert "First call in a fresh process (tiny, float32, batch 1)" in text
+    readme.write_text("no markers\n")
+    capsys.readouterr()
+    assert benchmark.main(["--from-json", str(out / "results.json"), "--out", str(tmp_path),
+                           "--readme", str(readme)]) == 2
+    assert "needs a line <!-- measured:start -->" in capsys.readouterr().err
+    assert readme.read_text() == "no markers\n"
+
+
 @pytest.mark.parametrize("compile_options", [None, {"backend": "eager", "fullgraph": True}],
                          ids=["eager", "dynamo-fullgraph"])
 def test_static_cache_anchor_generates_what_the_reference_generates(compile_options):
