@@ -13,6 +13,8 @@
 # The demo job is also the probe of programmatic dependent launch (on by default from sm_90): if it fails with PDL
 # and passes without, the rest runs with IGPT_FAST_PDL=0 (said loudly, and the check fails).
 # A failing stage does not stop the later ones; the exit status says whether any failed.
+# Then, wherever OUT_DIR came back to: python -m igpt_fast.benchmark --from-json OUT_DIR/results.json --out OUT_DIR
+# --readme README.md puts the measured table into README's Performance section.
 
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
