@@ -144,11 +144,11 @@ class StaticDecoder:
         workspace = batch * c.n_head * (64 * (c.head_dim + 1) + 1) * 4  # bound of split-K partials + counters
         return cache + activations + sequences + workspace
 
-    def check_fits(self, batch: int, extra_bytes: int = 0) -> None:
+    def check_fits(self, batch: int) -> None:
         """Raise before allocating if a bucket's state would not fit in free GPU memory."""
         if self.device.type != "cuda":
             return
-        needed = self.bucket_bytes(batch) + extra_bytes
+        needed = self.bucket_bytes(batch)
         free, _ = torch.cuda.mem_get_info(self.device)
         if needed > 0.9 * free:
             raise MemoryError(

@@ -257,6 +257,21 @@ def test_whole_image_forwards_in_chunks_equal_one_pass(weights, monkeypatch, ima
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
 
 
+def test_bucket_memory_estimate_covers_what_a_bucket_allocates():
+    """The estimate the out-of-memory refusal compares with free GPU memory, against the bytes a bucket's state
+    really holds (KV cache, activations, split-K workspace, ...), allocated here on the CPU."""
+    from igpt_fast.checkpoint import expected_shapes
+
+    for config, batches in ((TINY, (1, 4)), (ImageGPTConfig.small(), (1, 8))):
+        weights = {name: torch.zeros(shape) for name, shape in expected_shapes(config).items()}
+        decoder = ImageGPT(config, weights, backend="triton", dtype=torch.float16).decoder
+        for batch in batches:
+            state = decoder.state(batch)
+            allocated = sum(v.nbytes for v in vars(state).values() if isinstance(v, torch.Tensor))
+            assert allocated <= decoder.bucket_bytes(batch) <= 1.01 * allocated + 2**16, (config, batch)
+            decoder.release_caches()
+
+
 # ---- GPU: imagegpt-small shapes, CUDA graphs ----
 
 SMALL = ImageGPTConfig.small()
