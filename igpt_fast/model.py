@@ -12,6 +12,7 @@ import functools
 import math
 import operator
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 
@@ -20,7 +21,7 @@ from igpt_fast.checkpoint import check_state_dict, is_legacy_buffer, load_checkp
 from igpt_fast.config import ImageGPTConfig
 from igpt_fast.decoder import BATCH_BUCKETS, SUPPORTED_DTYPES, PackedWeights, StaticDecoder, bucket_for
 from igpt_fast.reference import DEFAULT_TOP_K, check_input_ids, resolve_length
-from igpt_fast.sampling import check_sampling_args, sampling_tensors
+from igpt_fast.sampling import _as_list, check_sampling_args, sampling_tensors
 
 
 @dataclass
@@ -219,8 +220,9 @@ class ImageGPT:
         """transformers' call: ids [B, P] (the SOS column, or SOS + pixels to complete) -> LongTensor
         [B, max_length] on the input's device. `pixel_values=` is the older model card's name for input_ids.
         max_length defaults to a whole image (n_positions + 1). Sampling: temperature, then top-k (default 50
-        like transformers), then top-p; `seed=` or `generator=` (else torch's global RNG) picks the stream, and
-        image b of a seed is the same whatever the batch it is generated in."""
+        like transformers; 0 or more than the colors keeps them all, as there), then top-p; `seed=` or
+        `generator=` (else torch's global RNG) picks the stream, and image b of a seed is the same whatever the
+        batch it is generated in."""
         if unused:
             raise ValueError(f"generate() got arguments it does not use: {sorted(unused)}")
         if (input_ids is None) == (pixel_values is None):
@@ -236,6 +238,7 @@ class ImageGPT:
         vocab = self.config.n_clusters
         if do_sample and top_k is None:
             top_k = min(DEFAULT_TOP_K, vocab)
+        top_k = _transformers_top_k(top_k, vocab)
         check_sampling_args(do_sample, temperature, top_k, top_p, vocab)
         temperature, top_k, top_p = sampling_tensors(temperature, top_k, top_p, batch=batch, vocab=vocab)
         seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if seed is None else _check_seed(seed)
@@ -276,6 +279,19 @@ class ImageGPT:
                 logits_out.append(state.logits[:batch].clone())
         # The graph overwrites its buffers on the next call: hand back a copy.
         return state.sequences[:batch, :prefix + new_tokens].clone()
+
+
+def _transformers_top_k(top_k, vocab: int):
+    """top_k as transformers reads it: 0 turns top-k off, and a k above the vocabulary keeps every token (the model
+    card's top_k=40 on the 16-color demo model); both are k = vocab here. None and other values (per row too) are
+    left to check_sampling_args."""
+    if top_k is None:
+        return None
+
+    def read(k):
+        return vocab if isinstance(k, Integral) and not isinstance(k, bool) and (k == 0 or k > vocab) else k
+
+    return [read(k) for k in _as_list(top_k)]
 
 
 def _check_seed(seed) -> int:

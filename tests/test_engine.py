@@ -152,6 +152,19 @@ def test_model_card_call_forms(weights):
     assert model.generate(context, max_new_tokens=3, do_sample=True, seed=1).shape == (2, 4)
 
 
+def test_top_k_zero_or_above_the_vocabulary_keeps_every_color_as_in_transformers(weights):
+    model = ImageGPT(TINY, weights, backend="torch")
+    context = torch.full((2, 1), TINY.sos_token_id)
+    every_color = model.generate(context, max_new_tokens=5, do_sample=True, top_k=TINY.n_clusters, seed=4)
+    for top_k in (0, 40, [0, 40], torch.tensor([40, TINY.n_clusters])):
+        assert torch.equal(model.generate(context, max_new_tokens=5, do_sample=True, top_k=top_k, seed=4),
+                           every_color)
+    greedy = model.generate(context, max_new_tokens=5)
+    assert torch.equal(model.generate(context, max_new_tokens=5, top_k=0), greedy)  # ignored, as in transformers
+    assert not torch.equal(model.generate(context, max_new_tokens=5, do_sample=True, top_k=1, seed=4),
+                           every_color)  # a top_k within the vocabulary still filters
+
+
 def test_global_rng_and_generator_pick_the_stream(weights):
     model = ImageGPT(TINY, weights, backend="torch")
     context = torch.full((1, 1), TINY.sos_token_id)
@@ -181,8 +194,7 @@ def test_generate_does_not_mutate_its_input(weights):
      "exceeds n_positions"),
     (dict(input_ids=torch.zeros(1, 1, dtype=torch.long), do_sample=True, temperature=0.0), ValueError,
      "temperature"),
-    (dict(input_ids=torch.zeros(1, 1, dtype=torch.long), do_sample=True, top_k=TINY.n_clusters + 1), ValueError,
-     "top_k"),
+    (dict(input_ids=torch.zeros(1, 1, dtype=torch.long), do_sample=True, top_k=-1), ValueError, "got -1"),
     (dict(input_ids=torch.zeros(1, 1, dtype=torch.long), do_sample=True, top_p=1.5), ValueError, "top_p"),
     (dict(input_ids=torch.zeros(2, 1, dtype=torch.long), do_sample=True, top_k=[1, 2, 3]), ValueError,
      "one per row"),

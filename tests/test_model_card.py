@@ -5,7 +5,7 @@ import pytest
 import torch
 from helpers import random_clusters, random_state_dict
 
-from igpt_fast import ImageGPT, ImageGPTConfig, save_pretrained
+from igpt_fast import ImageGPT, ImageGPTConfig, demo_model_path, save_pretrained
 
 CARD_CONFIG = ImageGPTConfig(vocab_size=65, n_positions=36, n_embd=32, n_layer=2, n_head=2)  # 6x6 images
 
@@ -37,6 +37,19 @@ def test_model_card_snippet(tmp_path):
     assert feature_extractor.size["height"] == 6 and feature_extractor.size["width"] == 6
     # the card's numpy decoding equals the processor's
     np.testing.assert_array_equal(np.stack(samples_img), feature_extractor.decode(output[:, 1:].cpu()))
+
+
+def test_model_card_call_on_the_shipped_demo_model():
+    """The card's top_k=40 on the demo model's 16 colors keeps them all, as transformers clamps it (not an error)."""
+    from igpt_fast import ImageGPTFeatureExtractor, ImageGPTForCausalImageModeling
+    feature_extractor = ImageGPTFeatureExtractor.from_pretrained(demo_model_path())
+    model = ImageGPTForCausalImageModeling.from_pretrained(demo_model_path())
+    assert model.config.n_clusters < 40
+    context = torch.full((2, 1), model.config.vocab_size - 1)
+    output = model.generate(input_ids=context, max_length=model.config.n_positions + 1, temperature=1.0,
+                            do_sample=True, top_k=40, seed=0)
+    assert output.shape == (2, model.config.n_positions + 1)
+    assert feature_extractor.decode(output[:, 1:]).shape == (2, *[int(feature_extractor.size)] * 2, 3)
 
 
 def test_from_pretrained_takes_transformers_dtype_names(tmp_path):
