@@ -241,7 +241,11 @@ class ImageGPT:
         top_k = _transformers_top_k(top_k, vocab)
         check_sampling_args(do_sample, temperature, top_k, top_p, vocab)
         temperature, top_k, top_p = sampling_tensors(temperature, top_k, top_p, batch=batch, vocab=vocab)
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if seed is None else _check_seed(seed)
+        if seed is None:  # drawn on the generator's device: torch refuses a CUDA generator for a CPU draw
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator,
+                                     device=generator.device if generator is not None else None))
+        else:
+            seed = _check_seed(seed)
 
         chunks, step_logits = [], []
         for start in range(0, batch, self.max_batch):

@@ -362,6 +362,16 @@ def test_gpu_eager_switch_gives_the_same_tokens(small_weights):
 
 
 @pytest.mark.gpu
+def test_gpu_a_cuda_generator_picks_the_stream(small_weights):
+    """generate(generator=) draws the seed on the generator's device: torch refuses a CUDA generator on the CPU."""
+    model = ImageGPT(SMALL, small_weights, device="cuda", dtype=torch.float16)
+    context = torch.full((2, 1), SMALL.sos_token_id, device="cuda")
+    a, b = (model.generate(context, max_new_tokens=4, do_sample=True, generator=torch.Generator("cuda").manual_seed(5))
+            for _ in range(2))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
 def test_gpu_programmatic_dependent_launch_gives_the_same_tokens(small_weights, monkeypatch):
     """PDL (on by default from sm_90) lets kernels overlap their predecessor's tail: a missing wait would race."""
     context = torch.full((8, 1), SMALL.sos_token_id, device="cuda")
