@@ -9,6 +9,7 @@ TRITON_INTERPRET=1 (the tests use it).
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import operator
 from dataclasses import dataclass
@@ -97,13 +98,30 @@ class ImageGPT:
 
     # ---- construction, transformers-style ----
     @classmethod
-    def from_pretrained(cls, path_or_hub_id, *, dtype=None, device=None, torch_dtype=None, **kwargs) -> ImageGPT:
-        """From a local Hugging Face folder or a hub id (resolved through the local cache first). `torch_dtype` is
-        transformers' older name for `dtype`."""
+    def from_pretrained(cls, path_or_hub_id, *, dtype=None, device=None, torch_dtype=None, device_map=None,
+                        **kwargs) -> ImageGPT:
+        """From a local Hugging Face folder or a hub id (resolved through the local cache first). As in transformers,
+        `torch_dtype` is the older name for `dtype`, a dtype may be named ("float16"; "auto": the dtype the weights
+        are stored in), and `device_map` may name the one device the model runs on ("cuda", 0, {"": "cuda:1"};
+        "auto": the GPU when there is one). Other arguments are the constructor's (backend, ...)."""
+        # Every argument is checked before the weights are read (imagegpt-large's are 1.6 GB).
+        options = {name for name, p in inspect.signature(cls.__init__).parameters.items()
+                   if p.kind is p.KEYWORD_ONLY} - {"dtype", "device"}
+        if set(kwargs) - options:
+            raise ValueError(f"from_pretrained() got arguments it does not use: {sorted(set(kwargs) - options)}")
+        dtype, torch_dtype = _named_dtype(dtype, "dtype"), _named_dtype(torch_dtype, "torch_dtype")
         if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
             raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass one of them")
+        dtype = dtype or torch_dtype
+        if device_map is not None:
+            mapped = _device_of_map(device_map)
+            if device is not None and torch.device(device) != mapped:
+                raise ValueError(f"device={device} and device_map={device_map!r} disagree; pass one of them")
+            device = mapped
         checkpoint = load_checkpoint(path_or_hub_id)
-        return cls(checkpoint.config, checkpoint.state_dict, dtype=dtype or torch_dtype, device=device, **kwargs)
+        if dtype == "auto":  # transformers' "auto": the dtype of the stored weights (float32 for openai's)
+            dtype = next(iter(checkpoint.state_dict.values())).dtype
+        return cls(checkpoint.config, checkpoint.state_dict, dtype=dtype, device=device, **kwargs)
 
     @classmethod
     def from_hf(cls, hf_model, **kwargs) -> ImageGPT:
@@ -131,6 +149,22 @@ class ImageGPT:
             return self  # already there: keep the caches and graphs
         self._build(torch.device(device) if device is not None else self.device, dtype or self.dtype)
         return self
+
+    # nn.Module's shorthands for .to(), which transformers users call on a model
+    def cuda(self, device=None) -> ImageGPT:
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else device or "cuda")
+
+    def cpu(self) -> ImageGPT:
+        return self.to("cpu")
+
+    def half(self) -> ImageGPT:
+        return self.to(dtype=torch.float16)
+
+    def bfloat16(self) -> ImageGPT:
+        return self.to(dtype=torch.bfloat16)
+
+    def float(self) -> ImageGPT:
+        return self.to(dtype=torch.float32)
 
     def eval(self) -> ImageGPT:
         return self  # inference only: there is no dropout to switch off
@@ -283,6 +317,30 @@ class ImageGPT:
                 logits_out.append(state.logits[:batch].clone())
         # The graph overwrites its buffers on the next call: hand back a copy.
         return state.sequences[:batch, :prefix + new_tokens].clone()
+
+
+def _named_dtype(dtype, name: str):
+    """None, "auto", or a supported torch dtype, also by name ("float16", "torch.bfloat16") as transformers takes it."""
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype.removeprefix("torch."), None), torch.dtype):
+        dtype = getattr(torch, dtype.removeprefix("torch."))
+    if dtype is None or dtype == "auto" or dtype in SUPPORTED_DTYPES:
+        return dtype
+    raise ValueError(f"{name} must be one of {SUPPORTED_DTYPES}, their names or 'auto', got {dtype!r}")
+
+
+def _device_of_map(device_map) -> torch.device:
+    """transformers' device_map where it names one device (a model runs on one here): "cpu", "cuda:1", a GPU index,
+    {"": device}; "auto" is the GPU when there is one, else the CPU. A map that splits the model is refused."""
+    device = device_map[""] if isinstance(device_map, dict) and set(device_map) == {""} else device_map
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(device, int) and not isinstance(device, bool):
+        device = torch.device("cuda", device)
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device_map must name one device ('cuda', 'cpu', a GPU index, {{'': device}} or 'auto'): "
+                         f"igpt-fast runs a model on one device; got {device_map!r}") from None
 
 
 def _transformers_top_k(top_k, vocab: int):

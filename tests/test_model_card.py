@@ -5,6 +5,7 @@ import pytest
 import torch
 from helpers import random_clusters, random_state_dict
 
+import igpt_fast.model
 from igpt_fast import ImageGPT, ImageGPTConfig, demo_model_path, save_pretrained
 
 CARD_CONFIG = ImageGPTConfig(vocab_size=65, n_positions=36, n_embd=32, n_layer=2, n_head=2)  # 6x6 images
@@ -58,3 +59,43 @@ def test_from_pretrained_takes_transformers_dtype_names(tmp_path):
     assert ImageGPT.from_pretrained(tmp_path, dtype=torch.bfloat16).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="disagree"):
         ImageGPT.from_pretrained(tmp_path, dtype=torch.float16, torch_dtype=torch.float32)
+    # transformers also names dtypes, and "auto" is the dtype the weights are stored in (float32 here)
+    assert ImageGPT.from_pretrained(tmp_path, torch_dtype="float16").dtype == torch.float16
+    assert ImageGPT.from_pretrained(tmp_path, dtype="torch.bfloat16").dtype == torch.bfloat16
+    assert ImageGPT.from_pretrained(tmp_path, torch_dtype="auto").dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype must be one of .* got 'fp16'"):
+        ImageGPT.from_pretrained(tmp_path, dtype="fp16")
+
+
+def test_from_pretrained_takes_a_one_device_map_and_checks_arguments_before_loading(tmp_path, monkeypatch):
+    save_pretrained(tmp_path, CARD_CONFIG, random_state_dict(CARD_CONFIG, seed=3))
+    for device_map in ("cpu", {"": "cpu"}, torch.device("cpu")):
+        assert ImageGPT.from_pretrained(tmp_path, device_map=device_map).device == torch.device("cpu")
+    expected = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    assert ImageGPT.from_pretrained(tmp_path, device_map="auto").device.type == expected.type
+
+    def no_loading(path):
+        raise AssertionError("the weights were read before the arguments were checked")
+
+    monkeypatch.setattr(igpt_fast.model, "load_checkpoint", no_loading)
+    for kwargs, match in [(dict(device_map={"transformer": 0, "lm_head": "cpu"}), "one device"),
+                          (dict(device_map="balanced"), "one device"),
+                          (dict(device="cpu", device_map="cuda"), "disagree"),
+                          (dict(low_cpu_mem_usage=True), r"does not use: \['low_cpu_mem_usage'\]"),
+                          (dict(dtype=torch.float64), "dtype must be one of")]:
+        with pytest.raises(ValueError, match=match):
+            ImageGPT.from_pretrained(tmp_path, **kwargs)
+
+
+def test_module_shorthands_for_to(tmp_path):
+    save_pretrained(tmp_path, CARD_CONFIG, random_state_dict(CARD_CONFIG, seed=4))
+    model = ImageGPT.from_pretrained(tmp_path)
+    ids = torch.randint(0, CARD_CONFIG.vocab_size, (1, 5))
+    logits = model(ids).logits
+    assert model.half() is model and model.dtype == torch.float16
+    assert model.bfloat16().dtype == torch.bfloat16
+    assert model.float().dtype == torch.float32 and model.cpu().device == torch.device("cpu")
+    torch.testing.assert_close(model(ids).logits, logits)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            model.cuda()
