@@ -25,6 +25,12 @@ from igpt_fast.checkpoint import PREPROCESSOR_NAME, preprocessor_config, resolve
 PIL_BILINEAR = 2  # PIL.Image.Resampling.BILINEAR, the value transformers writes as "resample"
 
 
+# What every ImageGPT preprocessor_config.json sets (or leaves to these defaults) for the steps this processor
+# always runs; a file with other values would get other ids from transformers, so it is refused, not ignored.
+FIXED_SETTINGS = {"do_resize": True, "do_normalize": True, "do_color_quantize": True, "do_rescale": True,
+                  "rescale_factor": 1 / 255, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+
+
 class ImageSize(int):
     """The side length as an int (`np.reshape(x, [size, size, 3])` works) that also reads like the
     `{"height": h, "width": w}` dict transformers 5 stores (`size["height"]`)."""
@@ -51,7 +57,17 @@ class ProcessorOutput(dict):
         try:
             return self[name]
         except KeyError:
-            raise AttributeError(name) from None
+            raise AttributeError(f"{name!r} (the processor's output holds {sorted(self)})") from None
+
+    def to(self, *args, **kwargs) -> ProcessorOutput:
+        """In place, like BatchFeature.to (`processor(images, return_tensors="pt").to(model.device)`): tensors move
+        to the device named; a dtype is ignored, as transformers ignores it for integer tensors like the ids."""
+        device = kwargs.get("device", next((a for a in args if not isinstance(a, torch.dtype)), None))
+        if device is not None:
+            for key in list(self):
+                if isinstance(self[key], torch.Tensor):
+                    self[key] = self[key].to(device)
+        return self
 
 
 class ImageProcessor:
@@ -87,6 +103,10 @@ class ImageProcessor:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(data, dict) or data.get("clusters") is None:
             raise ValueError(f'{path} has no "clusters": an ImageGPT processor needs the color cluster table')
+        unimplemented = _unimplemented_settings(data)
+        if unimplemented:
+            raise ValueError(f"{path} sets {', '.join(unimplemented)}; this processor always resizes, scales to "
+                             f"[-1, 1] as x / 127.5 - 1 and quantizes (transformers would give other ids)")
         return cls(data["clusters"], size=data.get("size", 32), resample=data.get("resample", PIL_BILINEAR))
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
@@ -102,8 +122,8 @@ class ImageProcessor:
     def __call__(
         self, images, return_tensors: str | None = "pt", device: torch.device | str | None = None
     ) -> ProcessorOutput:
-        """One image or a list (PIL images, or uint8 [H, W, 3] numpy arrays / tensors) ->
-        {"input_ids": int64 [N, size * size]}. `device` is where ids are computed and returned (CPU by
+        """One image, a list (PIL images, or uint8 [H, W, 3] numpy arrays / tensors) or a uint8 [N, H, W, 3]
+        batch -> {"input_ids": int64 [N, size * size]}. `device` is where ids are computed and returned (CPU by
         default); return_tensors "pt" gives a torch tensor, "np" a numpy array."""
         if return_tensors not in ("pt", "np", None):
             raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
@@ -152,8 +172,11 @@ def cluster_ops(device: torch.device):
 
 
 def resize_images(images, size: int, resample: int = PIL_BILINEAR) -> np.ndarray:
-    """One image or a list -> uint8 [N, size, size, 3], resized with PIL as transformers' PIL backend does."""
+    """One image, a list or an [N, H, W, 3] batch -> uint8 [N, size, size, 3], resized with PIL as transformers'
+    PIL backend does."""
     from PIL import Image
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        images = list(images)  # [N, H, W, 3]: a batch, as transformers reads a 4-d array
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError("images is an empty list; pass at least one image")
@@ -189,6 +212,25 @@ def _hwc_uint8(image, index: int) -> np.ndarray:
     if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"image {index} has shape {image.shape}; expected [H, W, 3] (channels last, RGB)")
     return np.ascontiguousarray(image)
+
+
+def _unimplemented_settings(data: dict) -> list[str]:
+    """The FIXED_SETTINGS that a preprocessor_config.json sets to something else, as "key=value"."""
+    unimplemented = []
+    for key, expected in FIXED_SETTINGS.items():
+        value = data.get(key)
+        if value is None:
+            continue
+        if isinstance(expected, bool):
+            same = value is expected
+        else:
+            try:
+                same = bool(np.allclose(np.asarray(value, dtype=np.float64), expected, rtol=1e-6, atol=0))
+            except (TypeError, ValueError):  # not numbers, or not 3 of them
+                same = False
+        if not same:
+            unimplemented.append(f"{key}={value!r}")
+    return unimplemented
 
 
 def _side_length(size) -> int:

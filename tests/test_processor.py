@@ -77,6 +77,39 @@ def test_input_kinds_give_the_same_ids(quantize_path):
     np.testing.assert_array_equal(as_numpy, np.concatenate([from_numpy.numpy()] * 2))
 
 
+def test_a_4d_batch_and_moving_the_output_as_transformers_does(quantize_path):
+    clusters = random_clusters(17, seed=5)
+    images = random_images([(20, 12)] * 3, seed=6)
+    processor = ImageProcessor(clusters, size=8)
+    one_by_one = processor(images)["input_ids"]
+    for batch in (np.stack(images), torch.from_numpy(np.stack(images))):  # [N, H, W, 3], not "image 0"
+        torch.testing.assert_close(processor(batch)["input_ids"], one_by_one, rtol=0, atol=0)
+    expected = hf_processor(clusters, 8)(np.stack(images), return_tensors="pt")["input_ids"]
+    resized = np.stack([np.asarray(PIL.fromarray(im).resize((8, 8), PIL.BILINEAR)) for im in images])
+    assert_ids_match_up_to_near_ties(one_by_one.numpy(), expected.numpy(), resized, clusters)
+    # BatchFeature.to: in place, returns the output; a dtype leaves the integer ids alone
+    output = processor(images, return_tensors="pt")
+    assert output.to("cpu") is output and output.to(torch.device("cpu"), torch.float16).input_ids.dtype == torch.int64
+    assert output.to(device="cpu").input_ids.device == torch.device("cpu")
+    with pytest.raises(AttributeError, match=r"'pixel_values' \(the processor's output holds \['input_ids'\]\)"):
+        _ = output.pixel_values
+
+
+def test_settings_it_does_not_implement_are_refused(tmp_path):
+    ImageProcessor(random_clusters(5), size=4).save_pretrained(tmp_path)
+    path = tmp_path / PREPROCESSOR_NAME
+    saved = json.loads(path.read_text())
+    # what transformers 5 writes for its defaults is read as the same processor
+    path.write_text(json.dumps({**saved, "do_rescale": True, "rescale_factor": 1 / 255, "image_mean": [0.5] * 3,
+                                "image_std": 0.5, "do_color_quantize": True}))
+    assert ImageProcessor.from_pretrained(tmp_path).size == 4
+    for key, value in [("do_normalize", False), ("do_resize", False), ("do_color_quantize", False),
+                       ("image_mean", [0.485, 0.456, 0.406]), ("rescale_factor", 1.0)]:
+        path.write_text(json.dumps({**saved, key: value}))
+        with pytest.raises(ValueError, match=f"sets {key}="):
+            ImageProcessor.from_pretrained(tmp_path)
+
+
 def test_size_is_an_int_and_a_dict():
     image = np.arange(16 * 16 * 3).reshape(16 * 16 * 3) % 256
     for size in (16, {"height": 16, "width": 16}):
