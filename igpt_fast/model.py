@@ -268,7 +268,8 @@ class ImageGPT:
         ids = torch.as_tensor(given)
         check_input_ids(ids, self.config)
         batch, prefix = ids.shape
-        new_tokens = resolve_length(prefix, max_length, max_new_tokens, self.config)
+        new_tokens = resolve_length(prefix, _check_length(max_length, "max_length"),
+                                    _check_length(max_new_tokens, "max_new_tokens"), self.config)
         vocab = self.config.n_clusters
         if do_sample and top_k is None:
             top_k = min(DEFAULT_TOP_K, vocab)
@@ -354,6 +355,22 @@ def _transformers_top_k(top_k, vocab: int):
         return vocab if isinstance(k, Integral) and not isinstance(k, bool) and (k == 0 or k > vocab) else k
 
     return [read(k) for k in _as_list(top_k)]
+
+
+def _check_length(value, name: str) -> int | None:
+    """None or an int >= 1 (Python, numpy or a 0-d integer tensor): a float length used to fail inside the decode
+    loop, after the cache was allocated, with "'float' object cannot be interpreted as an integer"."""
+    if value is None:
+        return None
+    if not isinstance(value, bool):
+        try:
+            value = operator.index(value)
+        except TypeError:
+            pass
+        else:
+            if value >= 1:
+                return value
+    raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def _check_seed(seed) -> int:
