@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import math
 import operator
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from numbers import Integral
 import torch
 
 from igpt_fast.backend import on_device, triton_interpreter_on
-from igpt_fast.checkpoint import check_state_dict, is_legacy_buffer, load_checkpoint
+from igpt_fast.checkpoint import CONFIG_NAME, check_state_dict, is_legacy_buffer, load_checkpoint
 from igpt_fast.config import ImageGPTConfig
 from igpt_fast.decoder import BATCH_BUCKETS, SUPPORTED_DTYPES, PackedWeights, StaticDecoder, bucket_for
 from igpt_fast.reference import DEFAULT_TOP_K, check_input_ids, resolve_length
@@ -101,9 +102,10 @@ class ImageGPT:
     def from_pretrained(cls, path_or_hub_id, *, dtype=None, device=None, torch_dtype=None, device_map=None,
                         **kwargs) -> ImageGPT:
         """From a local Hugging Face folder or a hub id (resolved through the local cache first). As in transformers,
-        `torch_dtype` is the older name for `dtype`, a dtype may be named ("float16"; "auto": the dtype the weights
-        are stored in), and `device_map` may name the one device the model runs on ("cuda", 0, {"": "cuda:1"};
-        "auto": the GPU when there is one). Other arguments are the constructor's (backend, ...)."""
+        `torch_dtype` is the older name for `dtype`, a dtype may be named ("float16"; "auto": the dtype config.json
+        names, else that of the stored weights), and `device_map` may name the one device the model runs on ("cuda",
+        0, {"": "cuda:1"}; "auto": the GPU when there is one). Other arguments are the constructor's (backend, ...).
+        Without a dtype the model runs in float32 (transformers 5 defaults to "auto")."""
         # Every argument is checked before the weights are read (imagegpt-large's are 1.6 GB).
         options = {name for name, p in inspect.signature(cls.__init__).parameters.items()
                    if p.kind is p.KEYWORD_ONLY} - {"dtype", "device"}
@@ -119,8 +121,11 @@ class ImageGPT:
                 raise ValueError(f"device={device} and device_map={device_map!r} disagree; pass one of them")
             device = mapped
         checkpoint = load_checkpoint(path_or_hub_id)
-        if dtype == "auto":  # transformers' "auto": the dtype of the stored weights (float32 for openai's)
-            dtype = next(iter(checkpoint.state_dict.values())).dtype
+        if dtype == "auto":  # transformers' "auto": config.json's dtype, else the stored weights' (openai's: float32)
+            saved = json.loads((checkpoint.folder / CONFIG_NAME).read_text(encoding="utf-8"))
+            named = saved.get("dtype") or saved.get("torch_dtype")
+            dtype = (_named_dtype(named, "config.json's dtype") if named
+                     else next(iter(checkpoint.state_dict.values())).dtype)
         return cls(checkpoint.config, checkpoint.state_dict, dtype=dtype, device=device, **kwargs)
 
     @classmethod

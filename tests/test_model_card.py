@@ -1,5 +1,7 @@
 """The public model card's generation code runs with only its import line changed."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -63,6 +65,9 @@ def test_from_pretrained_takes_transformers_dtype_names(tmp_path):
     assert ImageGPT.from_pretrained(tmp_path, torch_dtype="float16").dtype == torch.float16
     assert ImageGPT.from_pretrained(tmp_path, dtype="torch.bfloat16").dtype == torch.bfloat16
     assert ImageGPT.from_pretrained(tmp_path, torch_dtype="auto").dtype == torch.float32
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))  # as transformers 5 writes it
+    assert ImageGPT.from_pretrained(tmp_path, dtype="auto").dtype == torch.bfloat16  # config.json's first
     with pytest.raises(ValueError, match="dtype must be one of .* got 'fp16'"):
         ImageGPT.from_pretrained(tmp_path, dtype="fp16")
 
