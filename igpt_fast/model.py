@@ -23,7 +23,7 @@ from igpt_fast.checkpoint import CONFIG_NAME, check_state_dict, is_legacy_buffer
 from igpt_fast.config import ImageGPTConfig
 from igpt_fast.decoder import BATCH_BUCKETS, SUPPORTED_DTYPES, PackedWeights, StaticDecoder, bucket_for
 from igpt_fast.reference import DEFAULT_TOP_K, check_input_ids, resolve_length
-from igpt_fast.sampling import _as_list, check_sampling_args, sampling_tensors
+from igpt_fast.sampling import as_list, check_sampling_args, sampling_tensors
 
 
 @dataclass
@@ -359,7 +359,7 @@ def _transformers_top_k(top_k, vocab: int):
     def read(k):
         return vocab if isinstance(k, Integral) and not isinstance(k, bool) and (k == 0 or k > vocab) else k
 
-    return [read(k) for k in _as_list(top_k)]
+    return [read(k) for k in as_list(top_k)]
 
 
 def _check_length(value, name: str) -> int | None:

@@ -17,7 +17,7 @@ from numbers import Integral, Real
 import torch
 
 
-def _as_list(value) -> list:
+def as_list(value) -> list:
     """One value or per-row values (a sequence, numpy array or tensor) as a flat python list."""
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().flatten()
@@ -36,13 +36,13 @@ def check_sampling_args(do_sample, temperature, top_k, top_p, vocab: int) -> Non
     """
     if not isinstance(do_sample, bool):
         raise TypeError(f"do_sample must be a bool, got {do_sample!r}")
-    for t in _as_list(1.0 if temperature is None else temperature):
+    for t in as_list(1.0 if temperature is None else temperature):
         if isinstance(t, bool) or not isinstance(t, Real) or not (math.isfinite(t) and t > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {t!r}")
-    for k in _as_list(vocab if top_k is None else top_k):
+    for k in as_list(vocab if top_k is None else top_k):
         if isinstance(k, bool) or not isinstance(k, Integral) or not 1 <= k <= vocab:
             raise ValueError(f"top_k must be an integer in [1, {vocab}] (the vocabulary size), got {k!r}")
-    for p in _as_list(1.0 if top_p is None else top_p):
+    for p in as_list(1.0 if top_p is None else top_p):
         if isinstance(p, bool) or not isinstance(p, Real) or not 0 < p <= 1:
             raise ValueError(f"top_p must be a number in (0, 1], got {p!r}")
 
@@ -58,7 +58,7 @@ def sampling_tensors(temperature, top_k, top_p, *, batch: int, vocab: int, devic
     dtypes = {"temperature": torch.float32, "top_k": torch.int32, "top_p": torch.float32}
     rows = {}
     for name, value in given.items():
-        values = _as_list(defaults[name] if value is None else value)
+        values = as_list(defaults[name] if value is None else value)
         if len(values) == 1:
             values = values * batch
         if len(values) != batch:
