@@ -36,7 +36,7 @@ _LEGACY_BUFFER = re.compile(r"^transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
 class Checkpoint:
     config: ImageGPTConfig
     state_dict: dict[str, torch.Tensor]
-    clusters: np.ndarray | None  # [n_clusters, 3] float32 in [-1, 1], from preprocessor_config.json
+    clusters: np.ndarray | None  # [n_clusters, 3] float64 in [-1, 1], from preprocessor_config.json
     folder: Path
 
 
@@ -184,7 +184,7 @@ def load_clusters(folder: Path) -> np.ndarray | None:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     if clusters is None:
         return None
-    clusters = np.asarray(clusters, dtype=np.float32)
+    clusters = np.asarray(clusters, dtype=np.float64)
     if clusters.ndim != 2 or clusters.shape[1] != 3:
         raise ValueError(f"{path}: clusters must be [n_clusters, 3], got shape {clusters.shape}")
     return clusters

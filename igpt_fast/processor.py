@@ -74,8 +74,10 @@ class ImageProcessor:
     """Turns images into ImageGPT token ids and ids back into images (see the module docstring)."""
 
     def __init__(self, clusters, size: int | dict = 32, resample: int = PIL_BILINEAR):
+        # float64, as transformers keeps the table: the model card decodes with numpy from `.clusters`, and in
+        # float32 about 1 value in 150,000 would round to another intensity. The kernels take a float32 copy.
         clusters = np.asarray(
-            clusters.detach().cpu() if isinstance(clusters, torch.Tensor) else clusters, dtype=np.float32
+            clusters.detach().cpu() if isinstance(clusters, torch.Tensor) else clusters, dtype=np.float64
         )
         if clusters.ndim != 2 or clusters.shape[1] != 3 or clusters.shape[0] < 1:
             raise ValueError(f"clusters must be [n_clusters, 3] (RGB in [-1, 1]), got shape {clusters.shape}")
@@ -88,6 +90,9 @@ class ImageProcessor:
     @property
     def n_clusters(self) -> int:
         return self.clusters.shape[0]
+
+    def _kernel_clusters(self, device: torch.device) -> torch.Tensor:
+        return torch.from_numpy(self.clusters).to(device, torch.float32)
 
     # ---- preprocessor_config.json ----
     @classmethod
@@ -131,7 +136,7 @@ class ImageProcessor:
         if device is not None:
             pixels = pixels.to(device)
         with on_device(pixels.device):
-            ids = cluster_ops(pixels.device).quantize(pixels, torch.from_numpy(self.clusters).to(pixels.device))
+            ids = cluster_ops(pixels.device).quantize(pixels, self._kernel_clusters(pixels.device))
         return ProcessorOutput(input_ids=ids.cpu().numpy() if return_tensors == "np" else ids)
 
     preprocess = __call__
@@ -153,7 +158,7 @@ class ImageProcessor:
                 f"ids must be [N, {side * side}] (size {side} x {side}), got shape {tuple(ids.shape)}"
             )
         with on_device(ids.device):
-            pixels = cluster_ops(ids.device).dequantize(ids.long(), torch.from_numpy(self.clusters).to(ids.device))
+            pixels = cluster_ops(ids.device).dequantize(ids.long(), self._kernel_clusters(ids.device))
         return pixels.cpu().numpy().reshape(ids.shape[0], side, side, 3)
 
     def __repr__(self) -> str:

@@ -134,12 +134,15 @@ def test_save_and_load_round_trip(tmp_path, quantize_path):
     processor.save_pretrained(tmp_path)
     loaded = ImageProcessor.from_pretrained(tmp_path)
     np.testing.assert_array_equal(loaded.clusters, clusters)
-    assert loaded.clusters.dtype == np.float32 and loaded.size == 12 and loaded.resample == 3
+    assert loaded.clusters.dtype == np.float64 and loaded.size == 12 and loaded.resample == 3
     np.testing.assert_array_equal(load_clusters(tmp_path), clusters)  # what load_checkpoint reads
     saved = json.loads((tmp_path / PREPROCESSOR_NAME).read_text())
     assert saved["size"] == {"height": 12, "width": 12} and saved["resample"] == 3
     # transformers reads the same file and gets the same ids.
     hf = transformers.ImageGPTImageProcessorPil.from_pretrained(tmp_path)
+    # The model card decodes with numpy from `.clusters`: the same table, to the bit and dtype, as transformers'.
+    np.testing.assert_array_equal(np.asarray(hf.clusters), loaded.clusters)
+    assert np.asarray(hf.clusters).dtype == loaded.clusters.dtype
     images = random_images([(30, 25), (12, 12)], seed=8)
     resized = np.stack([np.asarray(PIL.fromarray(im).resize((12, 12), PIL.BICUBIC)) for im in images])
     assert_ids_match_up_to_near_ties(
