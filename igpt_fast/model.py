@@ -26,13 +26,25 @@ from igpt_fast.reference import DEFAULT_TOP_K, check_input_ids, resolve_length
 from igpt_fast.sampling import as_list, check_sampling_args, sampling_tensors
 
 
+class _ModelOutputAccess:
+    """transformers' ModelOutput access on a dataclass: out.logits, out["logits"], and out[0] (the fields that are
+    not None, in order)."""
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            if key not in self.__dataclass_fields__ or getattr(self, key) is None:
+                raise KeyError(key)
+            return getattr(self, key)
+        return tuple(v for v in (getattr(self, f) for f in self.__dataclass_fields__) if v is not None)[key]
+
+
 @dataclass
-class CausalLMOutput:
+class CausalLMOutput(_ModelOutputAccess):
     logits: torch.Tensor  # float32 [B, S, n_clusters]
 
 
 @dataclass
-class GenerateOutput:
+class GenerateOutput(_ModelOutputAccess):
     """What generate(return_dict_in_generate=True) returns, named as transformers names it."""
 
     sequences: torch.Tensor  # [B, prefix + new]

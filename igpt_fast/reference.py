@@ -241,14 +241,18 @@ def _drop_legacy_buffers(state_dict: dict) -> dict:
     return {k: v for k, v in state_dict.items() if not is_legacy_buffer(k)}
 
 
+ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
+
+
 def check_input_ids(input_ids, config: ImageGPTConfig) -> None:
     """Shape, dtype and range of token ids; raises before any work is done. (Range check syncs: API boundary.)"""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, sequence], got shape {tuple(input_ids.shape)}")
-    if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.dtype not in ID_DTYPES:  # int8 is refused: it cannot hold ids up to 512
+        raise ValueError(f"input_ids must hold integer token ids of dtype {', '.join(map(str, ID_DTYPES))}, got "
+                         f"dtype {input_ids.dtype}")
     if input_ids.numel() == 0:
         raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}); pass at least the SOS token "
                          f"{config.sos_token_id}")

@@ -189,6 +189,8 @@ def test_generate_does_not_mutate_its_input(weights):
     (dict(input_ids=torch.tensor([[TINY.vocab_size]])), ValueError, f"token id {TINY.vocab_size}"),
     (dict(input_ids=torch.tensor([[-3]])), ValueError, "token id -3"),
     (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), ValueError, "empty"),
+    (dict(input_ids=torch.zeros(1, 1, dtype=torch.int8)), ValueError, r"of dtype torch.int64, .*got dtype torch.int8"),
+    (dict(input_ids=torch.zeros(1, 1)), ValueError, "got dtype torch.float32"),
     (dict(input_ids=torch.zeros(1, TINY.n_positions + 1, dtype=torch.long)), ValueError, "exceeds"),
     (dict(input_ids=torch.zeros(1, 1, dtype=torch.long), max_length=TINY.n_positions + 2), ValueError,
      "exceeds n_positions"),

@@ -104,3 +104,16 @@ def test_module_shorthands_for_to(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             model.cuda()
+
+
+def test_outputs_index_like_transformers_model_outputs():
+    model = ImageGPT.from_pretrained(demo_model_path())
+    ids = torch.full((2, 3), model.config.sos_token_id)
+    out = model(ids)
+    assert out[0] is out["logits"] is out.logits and len(out[:]) == 1
+    generated = model.generate(ids[:, :1], max_new_tokens=2, return_dict_in_generate=True)
+    assert generated["sequences"] is generated[0] is generated.sequences and len(generated[:]) == 1  # logits None
+    with pytest.raises(KeyError, match="logits"):
+        generated["logits"]  # not asked for (output_logits=False), as transformers leaves it out
+    with pytest.raises(KeyError, match="loss"):
+        out["loss"]

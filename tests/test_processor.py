@@ -205,3 +205,9 @@ def test_bad_inputs_raise_clear_errors(quantize_path, tmp_path):
         ImageProcessor(random_clusters(8), resample=9)
     with pytest.raises(FileNotFoundError, match=PREPROCESSOR_NAME):
         ImageProcessor.from_pretrained(tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error():
+    with pytest.raises(ValueError, match="device 'cuda' requested but CUDA is not available"):
+        ImageProcessor(random_clusters(4), size=4)(np.zeros((4, 4, 3), dtype=np.uint8), device="cuda")
