@@ -39,8 +39,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="images generated together (default 16)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0): same seed, same images")
-    p.add_argument("--top-k", type=int, default=40, help="keep the k most likely colors (default 40, or all "
-                   "colors if the model has fewer)")
+    p.add_argument("--top-k", type=int, default=40, help="keep the k most likely colors (default 40; all colors "
+                   "if the model has fewer, or with 0)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature > 0 (default 1.0)")
     p.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
@@ -111,9 +111,10 @@ def _sampling_kwargs(args, model) -> dict:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.greedy:
         return {"do_sample": False}
-    kwargs = {"do_sample": True, "top_k": min(args.top_k, model.config.n_clusters), "top_p": args.top_p,
-              "temperature": args.temperature}
-    check_sampling_args(vocab=model.config.n_clusters, **kwargs)  # before any progress bar starts
+    colors = model.config.n_clusters
+    top_k = colors if args.top_k == 0 else min(args.top_k, colors)  # 0: off, as generate() reads it
+    kwargs = {"do_sample": True, "top_k": top_k, "top_p": args.top_p, "temperature": args.temperature}
+    check_sampling_args(vocab=colors, **kwargs)  # before any progress bar starts
     return kwargs
 
 

@@ -37,6 +37,10 @@ def test_generate_with_no_checkpoint_uses_the_demo_model(tmp_path, capsys):
     assert main(["generate", "-n", "3", "--batch-size", "3", "-o", str(tmp_path / "g2.png"), "--save-ids",
                  str(again), "--device", "cpu"]) == 0
     np.testing.assert_array_equal(np.load(again), ids)
+    # --top-k 0 is off, like 40 on the demo model's 16 colors: every color kept, the same images
+    assert main(["generate", "-n", "3", "--top-k", "0", "-o", str(tmp_path / "g3.png"), "--save-ids", str(again),
+                 "--device", "cpu"]) == 0
+    np.testing.assert_array_equal(np.load(again), ids)
 
 
 def test_complete_keeps_the_top_rows_exactly(tmp_path, capsys):
@@ -93,6 +97,7 @@ def test_info_describes_the_demo_model(capsys):
     (["generate", "-n", "0", "--device", "cpu"], "--num-images must be >= 1"),
     (["generate", "--top-p", "1.5", "-n", "1", "--device", "cpu"], "top_p must be a number in (0, 1]"),
     (["generate", "--temperature", "0", "-n", "1", "--device", "cpu"], "temperature must be"),
+    (["generate", "--top-k", "-1", "-n", "1", "--device", "cpu"], "top_k"),
     (["complete", "/nonexistent.png", "--device", "cpu"], "no such image file: /nonexistent.png"),
     (["convert", "/nonexistent", "/tmp/x"], "no checkpoint folder"),
 ])
