@@ -172,9 +172,13 @@ def test_global_rng_and_generator_pick_the_stream(weights):
     a = model.generate(context, do_sample=True)
     torch.manual_seed(0)
     assert torch.equal(a, model.generate(context, do_sample=True))
+    torch.manual_seed(1)
+    assert not torch.equal(a, model.generate(context, do_sample=True))  # another global seed, another image
     g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
-    assert torch.equal(model.generate(context, do_sample=True, generator=g1),
-                       model.generate(context, do_sample=True, generator=g2))
+    b = model.generate(context, do_sample=True, generator=g1)
+    torch.manual_seed(0)  # with a generator the global RNG does not matter: reseeding it changes nothing
+    assert torch.equal(b, model.generate(context, do_sample=True, generator=g2))
+    assert not torch.equal(b, model.generate(context, do_sample=True, generator=torch.Generator().manual_seed(10)))
 
 
 def test_generate_does_not_mutate_its_input(weights):
