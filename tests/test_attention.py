@@ -185,11 +185,23 @@ def test_decode_scale_is_honoured(device):
     run_decode_steps(device, 1, 2, 64, 128, torch.float32, [0, 70, 127], scale=0.125 / 24)
 
 
-def test_decode_workspace_from_larger_batch(device):
-    """One workspace sized for batch 3 serves batch 1, which uses more splits per (batch, head)."""
-    workspace = decode_workspace(3, 1, 64, 256, device)
+def test_decode_workspace_from_larger_batch(device, monkeypatch):
+    """One workspace sized for batch B serves every batch below it, including one that uses more splits per
+    (batch, head) and so more partials than B itself: batch 5 of imagegpt-small's 8 heads x 1024 positions takes
+    16 splits where batch 8 takes 8."""
+    assert decode_num_splits(5, 8, 1024) == 16 and decode_num_splits(8, 8, 1024) == 8
+    assert attention._workspace_floats(5, 8, 64, 1024) > attention._workspace_floats(8, 8, 64, 1024)
+    assert decode_workspace(8, 8, 64, 1024, device).numel() >= attention._workspace_floats(5, 8, 64, 1024)
+    # Run: batch 1 in batch 4's workspace (its counters at the tail, past fewer partials); then the case above at
+    # interpreter size: with a program target of 8, batch 3 of one head takes 4 splits where batch 4 takes 2.
+    workspace = decode_workspace(4, 1, 64, 256, device)
     torch.manual_seed(5)
     run_decode_steps(device, 1, 1, 64, 256, torch.float32, [5, 255], workspace=workspace)
+    monkeypatch.setattr(attention, "_DECODE_TARGET_PROGRAMS", 8)
+    assert decode_num_splits(3, 1, 256) == 4 and decode_num_splits(4, 1, 256) == 2
+    assert attention._workspace_floats(3, 1, 64, 256) > attention._workspace_floats(4, 1, 64, 256)
+    workspace = decode_workspace(4, 1, 64, 256, device)
+    run_decode_steps(device, 3, 1, 64, 256, torch.float32, [5, 255], workspace=workspace)
 
 
 def test_decode_engine_layout(device):
