@@ -255,14 +255,28 @@ def test_path_heuristic():
     assert _choose_path(1, "dot") == "dot"
 
 
-def test_forced_gemv_beyond_the_grid_limit_is_refused_before_allocating(device):
+def test_forced_gemv_beyond_the_grid_limit_is_refused_before_allocating(device, monkeypatch):
     too_many = 16 * 65535 + 1  # GEMV row blocks of 16 on the grid's y axis, at most 65535 of them
     x = torch.zeros(too_many, 16, device=device)
     weight, residual = torch.zeros(16, 8, device=device), torch.full((too_many, 8), 7.0, device=device)
+    # Launches and allocations are recorded: a launch before the refusal would leave this residual at 7 + 0 (and
+    # take the interpreter minutes), so only the record shows one.
+    launched, allocated = [], []
+
+    class Record:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(grid)
+
+    monkeypatch.setattr(linear, "_gemv_kernel", Record())
+    monkeypatch.setattr(linear, "_dot_kernel", Record())
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: allocated.append(args) or empty(*args, **kwargs))
     with pytest.raises(ValueError, match=f"at most {16 * 65535} rows .* got M={too_many}"):
         norm_linear(x, None, weight, None, eps=1e-5, path="gemv")
     with pytest.raises(ValueError, match=f"got M={too_many}"):
         linear_residual(x, weight, None, residual, path="gemv")
+    monkeypatch.undo()
+    assert launched == [] and allocated == [], (launched, allocated)
     assert (residual == 7.0).all()
 
 
