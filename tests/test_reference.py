@@ -1,6 +1,8 @@
 """The reference model against transformers: same logits (float32, <= 1e-5), same hidden states, same greedy
 generation token for token."""
 
+import zlib
+
 import pytest
 import torch
 from helpers import TINY, hf_twin, random_state_dict
@@ -26,7 +28,7 @@ CONFIGS = {
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_logits_match_transformers(name):
     config = CONFIGS[name]
-    state = random_state_dict(config, seed=hash(name) % 1000)
+    state = random_state_dict(config, seed=zlib.crc32(name.encode()))  # hash() of a str changes per process
     hf, ref = hf_twin(config, state), ReferenceImageGPT.from_state_dict(config, state)
     ids = torch.randint(0, config.vocab_size, (2, config.n_positions), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
