@@ -376,9 +376,11 @@ def test_gpu_a_cuda_generator_picks_the_stream(small_weights):
     """generate(generator=) draws the seed on the generator's device: torch refuses a CUDA generator on the CPU."""
     model = ImageGPT(SMALL, small_weights, device="cuda", dtype=torch.float16)
     context = torch.full((2, 1), SMALL.sos_token_id, device="cuda")
-    a, b = (model.generate(context, max_new_tokens=4, do_sample=True, generator=torch.Generator("cuda").manual_seed(5))
-            for _ in range(2))
-    assert torch.equal(a, b)
+    def sample(generator_seed):
+        generator = torch.Generator("cuda").manual_seed(generator_seed)
+        return model.generate(context, max_new_tokens=16, do_sample=True, generator=generator)
+
+    assert torch.equal(sample(5), sample(5)) and not torch.equal(sample(5), sample(6))
 
 
 @pytest.mark.gpu
