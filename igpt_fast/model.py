@@ -374,33 +374,27 @@ def _transformers_top_k(top_k, vocab: int):
     return [read(k) for k in as_list(top_k)]
 
 
-def _check_length(value, name: str) -> int | None:
-    """None or an int >= 1 (Python, numpy or a 0-d integer tensor): a float length used to fail inside the decode
-    loop, after the cache was allocated, with "'float' object cannot be interpreted as an integer"."""
-    if value is None:
-        return None
+def _check_int(value, name: str, low: float, high: float, expected: str) -> int:
+    """value as an int (Python, numpy or a 0-d integer tensor; not a bool) in [low, high), else a ValueError naming
+    it, raised before anything runs (a float length used to fail inside the decode loop, after the cache was
+    allocated)."""
     if not isinstance(value, bool):
         try:
-            value = operator.index(value)
+            number = operator.index(value)
         except TypeError:
             pass
         else:
-            if value >= 1:
-                return value
-    raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            if low <= number < high:
+                return number
+    raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
-def _check_seed(seed) -> int:
-    """An int (Python or numpy) in int64's range: the kernels read the seed from an int64 tensor."""
-    if not isinstance(seed, bool):
-        try:
-            seed = operator.index(seed)
-        except TypeError:
-            pass
-        else:
-            if -2**63 <= seed < 2**63:
-                return seed
-    raise ValueError(f"seed must be an int in [-2**63, 2**63), got {seed!r}")
+def _check_length(value, name: str) -> int | None:
+    return None if value is None else _check_int(value, name, 1, math.inf, "an int >= 1")
+
+
+def _check_seed(seed) -> int:  # the kernels read the seed from an int64 tensor
+    return _check_int(seed, "seed", -2**63, 2**63, "an int in [-2**63, 2**63)")
 
 
 def _wrap_int64(value: int) -> int:
