@@ -266,14 +266,16 @@ class ImageGPT:
     @_on_model_device
     def generate(self, input_ids=None, *, pixel_values=None, max_length: int | None = None,
                  max_new_tokens: int | None = None, do_sample: bool = False, temperature=1.0, top_k=None,
-                 top_p=None, seed: int | None = None, generator: torch.Generator | None = None,
-                 return_dict_in_generate: bool = False, output_logits: bool = False, **unused):
+                 top_p=None, num_return_sequences: int = 1, seed: int | None = None,
+                 generator: torch.Generator | None = None, return_dict_in_generate: bool = False,
+                 output_logits: bool = False, **unused):
         """transformers' call: ids [B, P] (the SOS column, or SOS + pixels to complete) -> LongTensor
         [B, max_length] on the input's device. `pixel_values=` is the older model card's name for input_ids.
         max_length defaults to a whole image (n_positions + 1). Sampling: temperature, then top-k (default 50
         like transformers; 0 or more than the colors keeps them all, as there), then top-p; `seed=` or
         `generator=` (else torch's global RNG) picks the stream, and image b of a seed is the same whatever the
-        batch it is generated in."""
+        batch it is generated in. num_return_sequences=n samples n sequences per prompt row, as transformers
+        does: rows b*n .. b*n + n - 1 of the output continue row b (per-row sampling values follow their row)."""
         if unused:
             raise ValueError(f"generate() got arguments it does not use: {sorted(unused)}")
         if (input_ids is None) == (pixel_values is None):
@@ -284,6 +286,10 @@ class ImageGPT:
         out_device = given.device if isinstance(given, torch.Tensor) else torch.device("cpu")
         ids = torch.as_tensor(given)
         check_input_ids(ids, self.config)
+        copies = _check_int(num_return_sequences, "num_return_sequences", 1, math.inf, "an int >= 1")
+        if copies > 1 and not do_sample:  # transformers refuses it too: greedy copies would all be the same
+            raise ValueError(f"num_return_sequences={copies} needs do_sample=True: greedy decoding returns one "
+                             f"sequence per prompt")
         batch, prefix = ids.shape
         new_tokens = resolve_length(prefix, _check_length(max_length, "max_length"),
                                     _check_length(max_new_tokens, "max_new_tokens"), self.config)
@@ -292,7 +298,9 @@ class ImageGPT:
             top_k = min(DEFAULT_TOP_K, vocab)
         top_k = _transformers_top_k(top_k, vocab)
         check_sampling_args(do_sample, temperature, top_k, top_p, vocab)
-        temperature, top_k, top_p = sampling_tensors(temperature, top_k, top_p, batch=batch, vocab=vocab)
+        temperature, top_k, top_p = (values.repeat_interleave(copies) for values in
+                                     sampling_tensors(temperature, top_k, top_p, batch=batch, vocab=vocab))
+        ids, batch = ids.repeat_interleave(copies, dim=0), batch * copies
         if seed is None:  # drawn on the generator's device: torch refuses a CUDA generator for a CPU draw
             seed = int(torch.randint(0, 2**62, (1,), generator=generator,
                                      device=generator.device if generator is not None else None))

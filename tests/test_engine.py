@@ -138,6 +138,17 @@ def test_completion_keeps_the_prefix(backend, weights, reference):
     assert torch.equal(out, expected)
 
 
+def test_num_return_sequences_samples_each_prompt_row_n_times_as_transformers_does(weights, reference):
+    model = ImageGPT(TINY, weights, backend="torch")
+    prefix = torch.cat([torch.full((2, 1), TINY.sos_token_id), torch.randint(0, TINY.n_clusters, (2, 5))], 1)
+    out = model.generate(prefix, max_new_tokens=8, do_sample=True, top_k=[2, 5], num_return_sequences=3, seed=6)
+    assert out.shape == (6, 14) and torch.equal(out[:, :6], prefix.repeat_interleave(3, dim=0))
+    assert len({tuple(row) for row in out[:3, 6:].tolist()}) > 1  # copies of a row draw different pixels
+    expected = reference.generate(prefix.repeat_interleave(3, dim=0), max_new_tokens=8, do_sample=True,
+                                  top_k=[2, 2, 2, 5, 5, 5], uniforms=philox(6))
+    assert torch.equal(out, expected)
+
+
 def test_model_card_call_forms(weights):
     model = ImageGPT(TINY, weights, backend="torch")
     context = torch.full((2, 1), TINY.vocab_size - 1)
@@ -209,6 +220,10 @@ def test_generate_does_not_mutate_its_input(weights):
     (dict(input_ids=torch.zeros(2, 1, dtype=torch.long), do_sample=True, top_k=[1, 2, 3]), ValueError,
      "one per row"),
     (dict(input_ids=torch.zeros(1, 1, dtype=torch.long), num_beams=4), ValueError, "num_beams"),
+    (dict(input_ids=torch.zeros(1, 1, dtype=torch.long), do_sample=True, num_return_sequences=0), ValueError,
+     "num_return_sequences must be an int >= 1, got 0"),
+    (dict(input_ids=torch.zeros(1, 1, dtype=torch.long), num_return_sequences=2), ValueError,
+     "num_return_sequences=2 needs do_sample=True"),
     (dict(), ValueError, "exactly one"),
     (dict(input_ids=torch.zeros(1, 1, dtype=torch.long), seed=1, generator=torch.Generator()), ValueError,
      "not both"),
