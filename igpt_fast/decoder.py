@@ -189,16 +189,21 @@ class StaticDecoder:
             torch.cuda.empty_cache()
 
     # ---- prefill: a whole prompt through every layer ----
-    def prefill(self, ids: torch.Tensor, layer_caches, *, keep_hidden: int | None = None) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, layer_caches, *, keep_hidden: int | None = None,
+                hidden_states: list | None = None) -> torch.Tensor:
         """Run ids [B, S] (positions 0..S-1) through the layers, writing K, V into layer_caches(l) -> (k, v)
         ([B, H, >=S, D] each). Returns the residual stream [B*S, d] after the last block (before ln_f), or
-        after block `keep_hidden` (1-based; 0 = the embeddings) if given, stopping there."""
+        after block `keep_hidden` (1-based; 0 = the embeddings) if given, stopping there. A `hidden_states`
+        list receives a copy of the stream after the embeddings and after every block (the stream itself is
+        updated in place)."""
         c, w, ops = self.config, self.weights, self.ops
         B, S = ids.shape
         M, H, D = B * S, c.n_head, c.head_dim
         zero = torch.zeros(1, device=self.device, dtype=torch.int32)
         x = torch.empty(M, c.n_embd, device=self.device, dtype=self.dtype)
         ops.embed(ids.reshape(M), w.wte, w.wpe, zero, seq_len=S, out=x)
+        if hidden_states is not None:
+            hidden_states.append(x.clone())
         if keep_hidden == 0:
             return x
         q, attn = torch.empty_like(x), torch.empty_like(x)
@@ -213,6 +218,8 @@ class StaticDecoder:
             ops.norm_linear(x, layer.ln_2, layer.c_fc_w, layer.c_fc_b, eps=c.layer_norm_epsilon,
                             activation="quick_gelu", out=hidden)
             ops.linear_residual(hidden, layer.mlp_proj_w, layer.mlp_proj_b, x)
+            if hidden_states is not None:
+                hidden_states.append(x.clone())
             if keep_hidden == i + 1:
                 break
         return x

@@ -38,9 +38,16 @@ class _ModelOutputAccess:
         return tuple(v for v in (getattr(self, f) for f in self.__dataclass_fields__) if v is not None)[key]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CausalLMOutput(_ModelOutputAccess):
+    """What model(ids) returns, in transformers' field order: loss only with labels, hidden_states only when
+    asked."""
+
+    loss: torch.Tensor | None = None  # float32 scalar: mean next-token cross-entropy over the labels, in nats
     logits: torch.Tensor  # float32 [B, S, n_clusters]
+    # (embeddings, block 1 out, ..., block n_layer-1 out, ln_f(block n_layer out)), each [B, S, d] in the model's
+    # dtype: transformers' hidden_states
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -56,6 +63,8 @@ class LogLikelihood:
     nll: torch.Tensor  # [B] mean negative log-likelihood per token, in nats
     bits_per_dim: torch.Tensor  # [B] the same in bits; a dimension is one token (a pixel's color cluster)
 
+
+IGNORE_INDEX = -100  # labels that the loss skips, as in transformers (torch's cross_entropy default)
 
 # Whole-image forwards (logits, features, likelihood) run this many tokens at a time: 64 images of 1024 pixels,
 # enough rows to keep an H100 busy, and at imagegpt-large about 1.6 GB of activations in 16-bit.
@@ -199,26 +208,72 @@ class ImageGPT:
                              f"{self.config.n_positions}")
         return ids.to(device=self.device, dtype=torch.int64)
 
-    def _prefill_scratch(self, ids: torch.Tensor, keep_hidden: int | None = None) -> torch.Tensor:
+    def _prefill_scratch(self, ids: torch.Tensor, keep_hidden: int | None = None,
+                         hidden_states: list | None = None) -> torch.Tensor:
         """Prefill without keeping a cache: every layer reuses one [2, B, H, S, D] scratch buffer."""
         c = self.config
         B, S = ids.shape
         scratch = torch.empty(2, B, c.n_head, S, c.head_dim, device=self.device, dtype=self.dtype)
-        return self.decoder.prefill(ids, lambda i: (scratch[0], scratch[1]), keep_hidden=keep_hidden)
+        return self.decoder.prefill(ids, lambda i: (scratch[0], scratch[1]), keep_hidden=keep_hidden,
+                                    hidden_states=hidden_states)
 
-    def _by_chunks(self, ids: torch.Tensor, forward) -> torch.Tensor:
-        """forward(ids[rows]) over chunks of at most FORWARD_CHUNK_TOKENS tokens, concatenated: a dataset's batch
-        needs the activations of one chunk at a time (imagegpt-large's MLP: 6144 values a token), not of all."""
+    def _by_chunks(self, ids: torch.Tensor, forward):
+        """forward(ids[rows]) over chunks of at most FORWARD_CHUNK_TOKENS tokens, concatenated (element by element
+        when forward returns a tuple of tensors): a dataset's batch needs the activations of one chunk at a time
+        (imagegpt-large's MLP: 6144 values a token), not of all."""
         rows = max(1, FORWARD_CHUNK_TOKENS // ids.shape[1])
         parts = [forward(ids[start:start + rows]) for start in range(0, ids.shape[0], rows)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        if len(parts) == 1:
+            return parts[0]
+        if isinstance(parts[0], tuple):
+            return tuple(torch.cat(same) for same in zip(*parts, strict=True))
+        return torch.cat(parts)
+
+    def _labels(self, labels, shape: torch.Size) -> torch.Tensor:
+        """labels as transformers' loss reads them: integers shaped like input_ids, each a pixel token or -100
+        (ignored) from position 1 on (position 0 is never a target: any value)."""
+        labels = torch.as_tensor(labels)
+        if labels.shape != shape or labels.dtype.is_floating_point or labels.dtype.is_complex or \
+                labels.dtype == torch.bool:
+            raise ValueError(f"labels must be an integer tensor shaped like input_ids {list(shape)}, got "
+                             f"{labels.dtype} {list(labels.shape)}")
+        targets = labels[:, 1:]
+        bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= self.config.n_clusters))
+        if bad.any():
+            raise ValueError(f"labels[:, 1:] must be pixel tokens in [0, {self.config.n_clusters}) or "
+                             f"{IGNORE_INDEX} (ignored), got {int(targets[bad][0])}")
+        return labels.to(device=self.device, dtype=torch.int64)
 
     @_on_model_device
-    def __call__(self, input_ids) -> CausalLMOutput:
-        """Logits of every position, float32 [B, S, n_clusters] (transformers' `model(ids).logits`)."""
+    def __call__(self, input_ids, *, labels=None, output_hidden_states: bool = False,
+                 return_dict: bool = True) -> CausalLMOutput | tuple:
+        """transformers' forward: float32 logits of every position [B, S, n_clusters]; with labels [B, S] the loss
+        (cross-entropy of labels[:, 1:] given the logits before them, mean over labels other than -100);
+        with output_hidden_states the hidden states; return_dict=False gives the fields that are set as a tuple."""
+        for flag, name in ((output_hidden_states, "output_hidden_states"), (return_dict, "return_dict")):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
         ids = self._prompt(input_ids)
-        return CausalLMOutput(self._by_chunks(
-            ids, lambda chunk: self.decoder.lm_head(self._prefill_scratch(chunk)).view(*chunk.shape, -1)))
+        if labels is not None:
+            labels = self._labels(labels, ids.shape)
+
+        def forward(chunk):
+            hidden = [] if output_hidden_states else None
+            x = self._prefill_scratch(chunk, hidden_states=hidden)
+            logits = self.decoder.lm_head(x).view(*chunk.shape, -1)
+            if hidden is not None:
+                hidden[-1] = self.decoder.final_norm(hidden[-1])
+                return logits, *(h.view(*chunk.shape, -1) for h in hidden)
+            return logits
+
+        parts = self._by_chunks(ids, forward)
+        logits, hidden_states = (parts[0], parts[1:]) if output_hidden_states else (parts, None)
+        loss = None
+        if labels is not None:
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                     labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+        out = CausalLMOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+        return out if return_dict else tuple(out[:])
 
     forward = __call__
 

@@ -42,6 +42,48 @@ def test_logits_match_reference(backend, weights, reference):
     torch.testing.assert_close(model(ids).logits, expected, **tol("model", torch.float32))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_with_labels_and_hidden_states_matches_transformers(backend, weights):
+    pytest.importorskip("transformers")
+    from helpers import hf_twin
+
+    model = ImageGPT(TINY, weights, backend=backend)
+    ids = torch.cat([torch.full((3, 1), TINY.sos_token_id), torch.randint(0, TINY.n_clusters, (3, 12))], 1)
+    labels = ids.clone()
+    labels[1, 5], labels[2, 1:4] = -100, -100  # skipped by the loss, as in transformers
+    with torch.no_grad():
+        expected = hf_twin(TINY, weights)(ids, labels=labels, output_hidden_states=True)
+    out = model(ids, labels=labels, output_hidden_states=True)
+    torch.testing.assert_close(out.logits, expected.logits, **tol("model", torch.float32))
+    torch.testing.assert_close(out.loss, expected.loss, **tol("model", torch.float32))
+    assert len(out.hidden_states) == TINY.n_layer + 1
+    torch.testing.assert_close(out.hidden_states, expected.hidden_states, **tol("model", torch.float32))
+    loss, logits, hidden_states = model(ids, labels=labels, output_hidden_states=True, return_dict=False)
+    assert torch.equal(loss, out.loss) and torch.equal(logits, out.logits)
+    assert len(hidden_states) == TINY.n_layer + 1
+    plain, as_tuple = model(ids), model(ids, return_dict=False)
+    assert plain.loss is None and plain.hidden_states is None
+    assert len(as_tuple) == 1 and torch.equal(as_tuple[0], plain.logits)
+
+
+@pytest.mark.parametrize("labels, match", [
+    (torch.zeros(3, 4, dtype=torch.long), r"shaped like input_ids \[3, 5\], got torch.int64 \[3, 4\]"),
+    (torch.zeros(3, 5), "integer tensor"),
+    (torch.full((3, 5), TINY.sos_token_id), f"got {TINY.sos_token_id}"),
+    (torch.full((3, 5), -1), "got -1"),
+])
+def test_bad_labels_are_refused(weights, labels, match):
+    model = ImageGPT(TINY, weights, backend="torch")
+    ids = torch.full((3, 5), TINY.sos_token_id)
+    with pytest.raises(ValueError, match=match):
+        model(ids, labels=labels)
+    first_is_never_a_target = torch.cat([torch.full((3, 1), TINY.sos_token_id), torch.zeros(3, 4, dtype=torch.long)],
+                                        dim=1)
+    assert model(ids, labels=first_is_never_a_target).loss.isfinite()
+    with pytest.raises(TypeError, match="output_hidden_states must be a bool"):
+        model(ids, output_hidden_states="yes")
+
+
 # Every attention option a config.json may set, and imagegpt-large's 96-wide heads, through the engine.
 ODD_CONFIGS = {
     "96-wide heads": ImageGPTConfig(vocab_size=21, n_positions=19, n_embd=192, n_layer=1, n_head=2),
@@ -278,7 +320,12 @@ def test_whole_image_forwards_in_chunks_equal_one_pass(weights, monkeypatch, ima
     model = ImageGPT(TINY, weights, backend="torch")
     pixels = torch.randint(0, TINY.n_clusters, (3, TINY.n_positions))
     ids = torch.cat([torch.full((3, 1), TINY.sos_token_id), pixels[:, :-1]], 1)
-    whole = model(ids).logits, model.features(ids), model.features(ids, pool=None), model.log_likelihood(pixels).nll
+    def every_forward():
+        out = model(ids, labels=ids, output_hidden_states=True)
+        return (out.logits, out.loss, out.hidden_states, model.features(ids), model.features(ids, pool=None),
+                model.log_likelihood(pixels).nll)
+
+    whole = every_forward()
     monkeypatch.setattr(igpt_fast.model, "FORWARD_CHUNK_TOKENS", images_per_chunk * TINY.n_positions + 1)
     prefill, batches = model.decoder.prefill, []
 
@@ -287,7 +334,7 @@ def test_whole_image_forwards_in_chunks_equal_one_pass(weights, monkeypatch, ima
         return prefill(ids, *args, **kwargs)
 
     monkeypatch.setattr(model.decoder, "prefill", recording_prefill)
-    chunked = model(ids).logits, model.features(ids), model.features(ids, pool=None), model.log_likelihood(pixels).nll
+    chunked = every_forward()
     per_call = {1: [1, 1, 1], 2: [2, 1]}[images_per_chunk]  # images in each prefill of a 3-image call
     assert batches == per_call * 4
     for a, b in zip(whole, chunked, strict=True):
