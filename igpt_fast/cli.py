@@ -1,4 +1,4 @@
-"""The `igpt-fast` command: generate, complete, bench, convert, info.
+"""The `igpt-fast` command: generate, complete, features, likelihood, bench, convert, info.
 
 Without --checkpoint every command uses the demo model that ships with the package. User errors (a missing
 file, an unreadable image, a bad argument) print one line and exit with status 2; no traceback.
@@ -18,6 +18,7 @@ import torch
 from igpt_fast.sampling import check_sampling_args
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+IMAGES_HELP = "image files (any format PIL reads) and .npy files of uint8 [N, H, W, 3] pixels (a dataset)"
 
 
 class UserError(Exception):
@@ -62,12 +63,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("complete", help="complete the bottom of images from their top rows",
                             description="Keep the top rows of each image, sample completions of the rest, and "
                                         "write one PNG: each row is original, the kept part, then completions.")
-    p.add_argument("images", nargs="+", help="image files (any format PIL reads)")
+    p.add_argument("images", nargs="+", help=IMAGES_HELP)
     _add_model_args(p)
     _add_sampling_args(p)
     p.add_argument("--rows", type=int, default=None, help="image rows to keep (default: the top half)")
     p.add_argument("--samples", type=int, default=4, help="completions per image (default 4)")
     p.add_argument("-o", "--out", default="completions.png", help="PNG to write (default completions.png)")
+
+    p = commands.add_parser("features", help="linear-probe features of images, to a .npy file",
+                            description="Mean-pooled hidden states of one block for each image (what a linear "
+                                        "probe trains on), as float32 [N, n_embd] in a .npy file, in input order. "
+                                        "The model reads each image's color-cluster ids as the image processor "
+                                        "gives them (no SOS token), as a transformers ImageGPT model does.")
+    p.add_argument("images", nargs="+", help=IMAGES_HELP)
+    _add_model_args(p)
+    p.add_argument("--layer", type=int, default=None,
+                   help="hidden state after this block: 0 the embeddings, n_layer the final output after ln_f "
+                        "(default: the middle block, where the paper's best probes sit)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("-o", "--out", default="features.npy", help="file to write (default features.npy)")
+
+    p = commands.add_parser("likelihood", help="bits per pixel token of each image",
+                            description="Score each image under the model: the mean negative log-likelihood of "
+                                        "its color-cluster tokens given the SOS and the tokens before them, in "
+                                        "bits per token. Prints one line per image (bits, then the image), and "
+                                        "the mean last.")
+    p.add_argument("images", nargs="+", help=IMAGES_HELP)
+    _add_model_args(p)
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
 
     commands.add_parser("bench", help="run the benchmark summary (see `igpt-fast bench --help`)", add_help=False,
                         prefix_chars="\0")  # every argument goes to the benchmark's own parser
@@ -150,19 +173,49 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _read_images(paths: list[str]) -> list:
+def _read_images(paths: list[str]) -> tuple[list[str], list]:
+    """Image files and .npy arrays of uint8 [N, H, W, 3] (or one [H, W, 3]) pixels -> names and images, in order.
+    An array is memory-mapped: its rows are read when they are quantized, so a dataset need not fit in memory."""
     from PIL import Image, UnidentifiedImageError
 
-    images = []
+    names, images = [], []
     for path in paths:
         if not Path(path).is_file():
             raise UserError(f"no such image file: {path}")
+        if path.endswith(".npy"):
+            try:
+                array = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError) as e:
+                raise UserError(f"cannot read pixel array {path}: {e}") from None
+            if array.dtype != np.uint8 or array.ndim not in (3, 4) or array.shape[-1] != 3 or 0 in array.shape:
+                raise UserError(f"{path}: expected uint8 pixels [N, H, W, 3] or [H, W, 3], got {array.dtype} "
+                                f"{list(array.shape)}")
+            array = array[None] if array.ndim == 3 else array
+            names.extend(f"{path}[{i}]" for i in range(len(array)))
+            images.extend(array)
+            continue
         try:
             with Image.open(path) as image:
                 images.append(image.convert("RGB"))
         except (UnidentifiedImageError, OSError) as e:
             raise UserError(f"cannot read image {path}: {e}") from None
-    return images
+        names.append(path)
+    return names, images
+
+
+def _in_batches(model, processor, images: list, batch_size: int, desc: str, compute) -> torch.Tensor:
+    """compute(ids) over batches of images quantized on the model's device, concatenated on the CPU."""
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    results = []
+    with tqdm(total=len(images), unit="img", desc=desc, file=sys.stderr) as bar:
+        for first in range(0, len(images), batch_size):
+            batch = images[first:first + batch_size]
+            results.append(compute(processor(batch, device=model.device)["input_ids"]).cpu())
+            bar.update(len(batch))
+    return torch.cat(results)
 
 
 def cmd_complete(args) -> int:
@@ -172,7 +225,7 @@ def cmd_complete(args) -> int:
 
     if args.samples < 1:
         raise UserError(f"--samples must be >= 1, got {args.samples}")
-    images = _read_images(args.images)
+    _, images = _read_images(args.images)
     model, processor = _load(args)
     side = int(processor.size)
     rows = side // 2 if args.rows is None else args.rows
@@ -197,6 +250,35 @@ def cmd_complete(args) -> int:
     save_png(image_grid(tiles.reshape(-1, side, side, 3), columns=args.samples + 2, scale=default_scale(side)),
              args.out)
     print(f"wrote {len(images)} x {args.samples} completions (top {rows} of {side} rows kept) to {args.out}")
+    return 0
+
+
+def cmd_features(args) -> int:
+    names, images = _read_images(args.images)
+    model, processor = _load(args)
+    n_layer = model.config.n_layer
+    layer = n_layer // 2 if args.layer is None else args.layer
+    if not 0 <= layer <= n_layer:
+        raise UserError(f"--layer must be in [0, {n_layer}] for this {n_layer}-layer model, got {layer}")
+    start = time.perf_counter()
+    features = _in_batches(model, processor, images, args.batch_size, "features",
+                           lambda ids: model.features(ids, layer=layer))
+    elapsed = time.perf_counter() - start
+    np.save(args.out, features.float().numpy())
+    print(f"wrote features [{len(names)}, {features.shape[1]}] of layer {layer} to {args.out} in {elapsed:.2f} s "
+          f"({len(names) / elapsed:.1f} images/s, {model.device}, {model.dtype})")
+    return 0
+
+
+def cmd_likelihood(args) -> int:
+    names, images = _read_images(args.images)
+    model, processor = _load(args)
+    bits = _in_batches(model, processor, images, args.batch_size, "scoring",
+                       lambda ids: model.log_likelihood(ids).bits_per_dim)
+    for name, value in zip(names, bits.tolist(), strict=True):
+        print(f"{value:.4f}  {name}")
+    print(f"mean {bits.double().mean().item():.4f} bits per pixel token over {len(names)} images "
+          f"({model.device}, {model.dtype})")
     return 0
 
 
@@ -243,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
-    handler = {"generate": cmd_generate, "complete": cmd_complete, "convert": cmd_convert, "info": cmd_info}
+    handler = {"generate": cmd_generate, "complete": cmd_complete, "features": cmd_features,
+               "likelihood": cmd_likelihood, "convert": cmd_convert, "info": cmd_info}
     try:
         return handler[args.command](args)
     except (UserError, ValueError, FileNotFoundError, MemoryError, OSError) as e:

@@ -70,6 +70,53 @@ def test_complete_keeps_the_top_rows_exactly(tmp_path, capsys):
             np.testing.assert_array_equal(completion[:5], originals[row, :5])
 
 
+def _pixel_files(tmp_path, side):
+    """Two PNG files and a .npy dataset of three images (other sizes than the model's: the processor resizes)."""
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (side + i, side, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    dataset = rng.integers(0, 256, (3, side, side + 2, 3), dtype=np.uint8)
+    np.save(tmp_path / "set.npy", dataset)
+    images = [Image.open(path).convert("RGB") for path in paths] + list(dataset)
+    return [*paths, str(tmp_path / "set.npy")], images
+
+
+def test_features_are_the_models_in_input_order(tmp_path, capsys):
+    model = ImageGPT.from_pretrained(demo_model_path())
+    processor = ImageProcessor.from_pretrained(demo_model_path())
+    paths, images = _pixel_files(tmp_path, int(processor.size))
+    out = tmp_path / "features.npy"
+    code, stdout, err = run(["features", *paths, "--layer", "2", "--batch-size", "2", "-o", str(out),
+                             "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert f"wrote features [5, {model.config.n_embd}] of layer 2" in stdout
+    expected = model.features(processor(images)["input_ids"], layer=2)
+    np.testing.assert_allclose(np.load(out), expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_likelihood_prints_each_images_bits_and_the_mean(tmp_path, capsys):
+    model = ImageGPT.from_pretrained(demo_model_path())
+    processor = ImageProcessor.from_pretrained(demo_model_path())
+    paths, images = _pixel_files(tmp_path, int(processor.size))
+    digits = processor.decode(model.generate(torch.full((2, 1), model.config.sos_token_id), do_sample=True,
+                                             seed=0)[:, 1:])  # the model's own samples
+    np.save(tmp_path / "digits.npy", digits)
+    code, stdout, err = run(["likelihood", *paths, str(tmp_path / "digits.npy"), "--batch-size", "3",
+                             "--device", "cpu"], capsys)
+    assert code == 0, err
+    lines = stdout.strip().splitlines()
+    names = [*paths[:2], *(f"{paths[2]}[{i}]" for i in range(3)),
+             *(f"{tmp_path / 'digits.npy'}[{i}]" for i in range(2))]
+    assert [line.split("  ", 1)[1] for line in lines[:-1]] == names
+    bits = np.array([float(line.split()[0]) for line in lines[:-1]])
+    expected = model.log_likelihood(processor([*images, *digits])["input_ids"]).bits_per_dim.numpy()
+    np.testing.assert_allclose(bits, expected, atol=1e-4)
+    assert lines[-1].startswith(f"mean {expected.mean():.4f} bits per pixel token over 7 images")
+    assert bits[5:].max() < 1.5 < 3 < bits[:5].min()  # its own digits are likely, noise is not
+
+
 def test_convert_bin_folder_to_safetensors(tmp_path, capsys):
     source = tmp_path / "bin"
     state = make_checkpoint(source)
@@ -100,11 +147,36 @@ def test_info_describes_the_demo_model(capsys):
     (["generate", "--top-k", "-1", "-n", "1", "--device", "cpu"], "top_k"),
     (["complete", "/nonexistent.png", "--device", "cpu"], "no such image file: /nonexistent.png"),
     (["convert", "/nonexistent", "/tmp/x"], "no checkpoint folder"),
+    (["features", "/nonexistent.npy", "--device", "cpu"], "no such image file: /nonexistent.npy"),
 ])
 def test_errors_are_one_line_and_a_nonzero_exit(args, message, capsys):
     code, out, err = run(args, capsys)
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--layer", "4"], "--layer must be in [0, 3] for this 3-layer model, got 4"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+])
+def test_bad_feature_arguments_are_one_line(tmp_path, capsys, args, message):
+    np.save(tmp_path / "set.npy", np.zeros((2, 8, 8, 3), dtype=np.uint8))
+    code, _, err = run(["features", str(tmp_path / "set.npy"), "-o", str(tmp_path / "f.npy"), "--device", "cpu",
+                        *args], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "f.npy").exists()
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.zeros((2, 8, 8, 3), dtype=np.float32),
+     "expected uint8 pixels [N, H, W, 3] or [H, W, 3], got float32 [2, 8, 8, 3]"),
+    (np.zeros((2, 8, 8), dtype=np.uint8), "got uint8 [2, 8, 8]"),
+    (np.zeros((0, 8, 8, 3), dtype=np.uint8), "got uint8 [0, 8, 8, 3]"),
+])
+def test_a_pixel_array_that_is_not_uint8_images_is_one_line(tmp_path, capsys, array, message):
+    np.save(tmp_path / "bad.npy", array)
+    code, _, err = run(["likelihood", str(tmp_path / "bad.npy"), "--device", "cpu"], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
 def test_unreadable_image_is_one_line(tmp_path, capsys):
@@ -114,7 +186,8 @@ def test_unreadable_image_is_one_line(tmp_path, capsys):
     assert code == 2 and "cannot read image" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("command", [[], ["generate"], ["complete"], ["convert"], ["info"], ["bench"]])
+@pytest.mark.parametrize("command", [[], ["generate"], ["complete"], ["features"], ["likelihood"], ["convert"],
+                                     ["info"], ["bench"]])
 def test_every_command_has_help(command):
     result = subprocess.run([sys.executable, "-m", "igpt_fast.cli", *command, "--help"], capture_output=True,
                             text=True, timeout=60)
