@@ -47,6 +47,13 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
 
 
+def _add_forward_args(p: argparse.ArgumentParser) -> None:
+    """The inputs and options of the commands that run whole images through the model (features, likelihood)."""
+    p.add_argument("images", nargs="+", help=IMAGES_HELP)
+    _add_model_args(p)
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="igpt-fast", description="Fast ImageGPT image generation.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -75,12 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                                         "probe trains on), as float32 [N, n_embd] in a .npy file, in input order. "
                                         "The model reads each image's color-cluster ids as the image processor "
                                         "gives them (no SOS token), as a transformers ImageGPT model does.")
-    p.add_argument("images", nargs="+", help=IMAGES_HELP)
-    _add_model_args(p)
+    _add_forward_args(p)
     p.add_argument("--layer", type=int, default=None,
                    help="hidden state after this block: 0 the embeddings, n_layer the final output after ln_f "
                         "(default: the middle block, where the paper's best probes sit)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("-o", "--out", default="features.npy", help="file to write (default features.npy)")
 
     p = commands.add_parser("likelihood", help="bits per pixel token of each image",
@@ -88,9 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "its color-cluster tokens given the SOS and the tokens before them, in "
                                         "bits per token. Prints one line per image (bits, then the image), and "
                                         "the mean last.")
-    p.add_argument("images", nargs="+", help=IMAGES_HELP)
-    _add_model_args(p)
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    _add_forward_args(p)
 
     commands.add_parser("bench", help="run the benchmark summary (see `igpt-fast bench --help`)", add_help=False,
                         prefix_chars="\0")  # every argument goes to the benchmark's own parser
