@@ -1,5 +1,7 @@
 """igpt-fast: fast ImageGPT generation with Triton kernels and CUDA graphs."""
 
+__version__ = "0.1.0"  # the package's version (pyproject.toml reads it from here)
+
 from igpt_fast.checkpoint import load_checkpoint, save_pretrained
 from igpt_fast.config import ImageGPTConfig
 from igpt_fast.demo import demo_model_path

@@ -55,7 +55,10 @@ def _add_forward_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from igpt_fast import __version__
+
     parser = argparse.ArgumentParser(prog="igpt-fast", description="Fast ImageGPT image generation.")
+    parser.add_argument("--version", action="version", version=f"igpt-fast {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("generate", help="sample images and write a PNG grid",

@@ -193,3 +193,14 @@ def test_every_command_has_help(command):
                             text=True, timeout=60)
     assert result.returncode == 0 and "usage:" in result.stdout
     assert ("--sizes" if command == ["bench"] else "igpt-fast") in result.stdout
+
+
+def test_python_dash_m_igpt_fast_is_the_command_and_says_its_version():
+    import igpt_fast
+
+    result = subprocess.run([sys.executable, "-m", "igpt_fast", "--version"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == f"igpt-fast {igpt_fast.__version__}"
+    from importlib.metadata import version
+
+    assert version("igpt-fast") == igpt_fast.__version__  # the installed metadata reads the same number
