@@ -15,11 +15,12 @@ import math
 import operator
 from dataclasses import dataclass
 from numbers import Integral
+from pathlib import Path
 
 import torch
 
 from igpt_fast.backend import on_device, triton_interpreter_on
-from igpt_fast.checkpoint import CONFIG_NAME, check_state_dict, is_legacy_buffer, load_checkpoint
+from igpt_fast.checkpoint import CONFIG_NAME, check_state_dict, is_legacy_buffer, load_checkpoint, save_pretrained
 from igpt_fast.config import ImageGPTConfig
 from igpt_fast.decoder import BATCH_BUCKETS, SUPPORTED_DTYPES, PackedWeights, StaticDecoder, bucket_for
 from igpt_fast.reference import DEFAULT_TOP_K, check_input_ids, resolve_length
@@ -198,6 +199,12 @@ class ImageGPT:
     def release_caches(self) -> None:
         """Free every bucket's KV cache and CUDA graphs."""
         self.decoder.release_caches()
+
+    def save_pretrained(self, folder) -> Path:
+        """config.json and model.safetensors with the weights in the model's dtype (`.half().save_pretrained(f)`
+        halves a checkpoint), in the layout transformers loads. The image processor saves its own
+        preprocessor_config.json."""
+        return save_pretrained(folder, self.config, {k: v.to(self.dtype) for k, v in self._state_dict.items()})
 
     # ---- forward, features, likelihood ----
     def _prompt(self, input_ids) -> torch.Tensor:

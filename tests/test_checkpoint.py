@@ -36,6 +36,26 @@ def test_save_then_transformers_load_then_our_load(tmp_path):
                                   load_checkpoint(tmp_path / "ours").clusters)
 
 
+def test_a_model_saves_itself_in_its_dtype_for_both_loaders(tmp_path):
+    from igpt_fast import ImageGPT
+
+    state = make_checkpoint(tmp_path / "source")
+    model = ImageGPT.from_pretrained(tmp_path / "source", backend="torch").half()
+    model.save_pretrained(tmp_path / "half")
+    saved = load_checkpoint(tmp_path / "half")
+    assert saved.config == model.config
+    assert all(saved.state_dict[k].dtype == torch.float16 and torch.equal(saved.state_dict[k], v.half())
+               for k, v in state.items())
+    again = ImageGPT.from_pretrained(tmp_path / "half", dtype="auto", backend="torch")
+    ids = torch.randint(0, TINY.vocab_size, (2, 9))
+    assert again.dtype == torch.float16 and torch.equal(again(ids).logits, model(ids).logits)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.ImageGPTForCausalImageModeling.from_pretrained(tmp_path / "half", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ImageGPT(TINY, {k: v.half().float() for k, v in state.items()},
+                                                             backend="torch")(ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_pickle_with_legacy_buffers(tmp_path):
     state = random_state_dict(TINY, seed=4)
     legacy = dict(state)
