@@ -9,6 +9,9 @@ import dataclasses
 import functools
 import io
 import json
+import pathlib
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -274,3 +277,14 @@ def test_sweep_measures_each_heuristic_value_and_restores_the_default(tmp_path):
     with bench_kernels.heuristic("igpt_fast.kernels.linear", "_GEMV_MIN_BLOCK_N", 32):
         assert linear._gemv_config(1, 512, 512)["BLOCK_N"] == 32
     assert linear._GEMV_MIN_BLOCK_N == 8 and linear._gemv_config(1, 512, 512)["BLOCK_N"] == 8
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_the_gpu_check_script_parses_and_refuses_without_a_gpu(tmp_path):
+    if shutil.which("bash") is None:
+        pytest.skip("no bash here")
+    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0  # a syntax error fails
+    done = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "no CUDA GPU" in done.stderr
+    assert not (tmp_path / "out").exists()  # refused before writing anything
