@@ -28,6 +28,11 @@ def _capability_major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
+def capability_major(device: torch.device) -> int:
+    """The CUDA device's compute capability major version (8: Ampere, 9: Hopper)."""
+    return _capability_major(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def use_pdl(device: torch.device) -> bool:
     """Launch the decode step's kernels with programmatic dependent launch (Hopper, sm_90, and later).
 
@@ -39,7 +44,7 @@ def use_pdl(device: torch.device) -> bool:
     """
     if device.type != "cuda" or triton_interpreter_on() or os.environ.get(PDL_ENV, "1") == "0":
         return False
-    return _capability_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+    return capability_major(device) >= 9
 
 
 def on_device(device: torch.device):

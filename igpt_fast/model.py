@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from igpt_fast.backend import on_device, triton_interpreter_on
+from igpt_fast.backend import capability_major, on_device, triton_interpreter_on
 from igpt_fast.checkpoint import CONFIG_NAME, check_state_dict, is_legacy_buffer, load_checkpoint, save_pretrained
 from igpt_fast.config import ImageGPTConfig
 from igpt_fast.decoder import BATCH_BUCKETS, SUPPORTED_DTYPES, PackedWeights, StaticDecoder, bucket_for
@@ -116,6 +116,9 @@ class ImageGPT:
                              "imported (or use backend='torch')")
         if dtype == torch.bfloat16 and backend == "triton" and device.type == "cpu":
             raise ValueError("the Triton interpreter has no bfloat16; use float32/float16 or backend='torch'")
+        if dtype == torch.bfloat16 and backend == "triton" and device.type == "cuda" and capability_major(device) < 8:
+            raise ValueError(f"bfloat16 kernels need a GPU of compute capability 8.0 or newer (Ampere, Hopper); "
+                             f"{device} is {capability_major(device)}.x: use dtype=torch.float16")
         weights = PackedWeights.pack(self.config, self._state_dict, dtype, device)
         self.decoder = StaticDecoder(self.config, weights, backend=backend, use_cuda_graphs=self.use_cuda_graphs)
 

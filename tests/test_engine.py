@@ -295,6 +295,15 @@ def test_bad_construction(weights):
             ImageGPT(TINY, weights, device="cuda")
 
 
+def test_bfloat16_is_refused_before_anything_moves_on_a_gpu_without_it(weights, monkeypatch):
+    """A Turing GPU (a T4: compute capability 7.5) has no bfloat16 tensor cores for the kernels."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backend, "_capability_major", lambda index: 7)
+    monkeypatch.setattr(igpt_fast.model.PackedWeights, "pack", None)  # reaching the packing would fail otherwise
+    with pytest.raises(ValueError, match=r"compute capability 8.0 or newer .* cuda:0 is 7.x: use dtype=torch.float16"):
+        ImageGPT(TINY, weights, device="cuda:0", dtype=torch.bfloat16)
+
+
 def test_features_and_likelihood_match_reference(weights, reference):
     model = ImageGPT(TINY, weights, backend="torch")
     pixels = torch.randint(0, TINY.n_clusters, (3, TINY.n_positions))
