@@ -26,25 +26,49 @@ def as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+MIN_TEMPERATURE = 1e-30  # float32 logits / temperature stays finite for |logits| <= 1e8
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+_FLOAT32_MIN_SUBNORMAL = 2.0**-149
+
+
+def _as_float32(values: list) -> list[float]:
+    """Real numbers as the float32 values the sampler reads (rounded to nearest: 1e-50 -> 0.0, 1e39 -> inf)."""
+    return torch.tensor([float(v) for v in values], dtype=torch.float64).to(torch.float32).tolist()
+
+
 def check_sampling_args(do_sample, temperature, top_k, top_p, vocab: int) -> None:
     """Raise ValueError naming the first bad value (TypeError for a non-bool do_sample); None means the
     default (1.0, off, off).
 
     temperature must be finite and > 0, top_k an integer in [1, vocab], top_p in (0, 1], each as one value
-    or one per row. The values are checked whether or not do_sample is set: a bad value is the caller's
-    bug either way.
+    or one per row; temperature and top_p must also survive rounding to the sampler's float32 (temperature in
+    [MIN_TEMPERATURE, float32 max], top_p not 0). The values are checked whether or not do_sample is set: a bad
+    value is the caller's bug either way.
     """
     if not isinstance(do_sample, bool):
         raise TypeError(f"do_sample must be a bool, got {do_sample!r}")
-    for t in as_list(1.0 if temperature is None else temperature):
+    temperatures = as_list(1.0 if temperature is None else temperature)
+    for t in temperatures:
         if isinstance(t, bool) or not isinstance(t, Real) or not (math.isfinite(t) and t > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {t!r}")
     for k in as_list(vocab if top_k is None else top_k):
         if isinstance(k, bool) or not isinstance(k, Integral) or not 1 <= k <= vocab:
             raise ValueError(f"top_k must be an integer in [1, {vocab}] (the vocabulary size), got {k!r}")
-    for p in as_list(1.0 if top_p is None else top_p):
+    top_ps = as_list(1.0 if top_p is None else top_p)
+    for p in top_ps:
         if isinstance(p, bool) or not isinstance(p, Real) or not 0 < p <= 1:
             raise ValueError(f"top_p must be a number in (0, 1], got {p!r}")
+    # The sampler reads float32 copies: temperature 1e-50 and top_p 1e-50 are 0.0 there, temperature 1e39 is inf.
+    # They used to pass the checks above and then fail inside the decode loop (after the cache was allocated, with
+    # "got 0.0") or sample garbage; a temperature of 1e-40 overflowed the float32 scores and gave token 0 or 1.
+    for t, t32 in zip(temperatures, _as_float32(temperatures), strict=True):
+        if not MIN_TEMPERATURE <= t32 <= _FLOAT32_MAX:
+            raise ValueError(f"temperature must lie in [{MIN_TEMPERATURE}, {_FLOAT32_MAX:.4g}] (the sampler divides "
+                             f"float32 logits by it), got {t!r}; use do_sample=False for greedy decoding")
+    for p, p32 in zip(top_ps, _as_float32(top_ps), strict=True):
+        if p32 == 0:
+            raise ValueError(f"top_p must be a number in (0, 1] that float32 (what the sampler reads) holds as "
+                             f"nonzero, at least {_FLOAT32_MIN_SUBNORMAL:.4g}; got {p!r}")
 
 
 def sampling_tensors(temperature, top_k, top_p, *, batch: int, vocab: int, device="cpu"):

@@ -1,0 +1,120 @@
+"""The engine's state across calls and its API edges: interrupted calls, interleaved modes and buckets, chunking,
+outputs that must not alias internal buffers, inputs in every form, and values refused before anything runs.
+
+Everything is checked against the reference (ReferenceImageGPT fed the engine's Philox numbers) or against a fresh
+model: a call must not depend on what the calls before it did.
+"""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from helpers import TINY, random_state_dict
+
+from igpt_fast import ImageGPT, ReferenceImageGPT
+from igpt_fast.philox import philox_uniforms
+
+SOS = TINY.sos_token_id
+
+
+def philox(seed):
+    return lambda step, batch, vocab: philox_uniforms(seed, step, batch, vocab)
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return random_state_dict(TINY, seed=11)
+
+
+@pytest.fixture(scope="module")
+def reference(weights):
+    return ReferenceImageGPT.from_state_dict(TINY, weights)
+
+
+def test_an_interrupted_generate_leaves_the_model_as_a_fresh_one(weights, monkeypatch):
+    model = ImageGPT(TINY, weights, backend="torch")
+    context = torch.cat([torch.full((3, 1), SOS), torch.randint(0, TINY.n_clusters, (3, 2))], 1)
+    step, calls = model.decoder.step, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(model.decoder, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(context, do_sample=True, seed=5, top_k=5)
+    monkeypatch.undo()
+    kwargs = dict(do_sample=True, seed=5, top_k=5, return_dict_in_generate=True, output_logits=True)
+    after = model.generate(context, **kwargs)
+    fresh = ImageGPT(TINY, weights, backend="torch").generate(context, **kwargs)
+    assert torch.equal(after.sequences, fresh.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(after.logits, fresh.logits, strict=True))
+
+
+def test_chunks_copies_logits_and_per_row_values_together_match_the_reference(weights, reference):
+    """max_batch=2 with 5 prompt rows x 2 copies: chunks of 2 rows (the last padded), each with its own seed offset,
+    per-row values following their prompt row, per-step logits regrouped over the whole batch."""
+    model = ImageGPT(TINY, weights, backend="torch", max_batch=2)
+    prompt = torch.cat([torch.full((5, 1), SOS), torch.randint(0, TINY.n_clusters, (5, 3))], 1)
+    rows = dict(temperature=[0.5, 1.0, 1.5, 0.8, 1.2], top_k=[3, 17, 0, 5, 40], top_p=[0.9, 1.0, 0.7, 0.5, 1.0])
+    out = model.generate(prompt, max_new_tokens=5, do_sample=True, num_return_sequences=2, seed=77,
+                         return_dict_in_generate=True, output_logits=True, **rows)
+    copied = {name: [v for v in values for _ in range(2)] for name, values in rows.items()}
+    copied["top_k"] = [TINY.n_clusters if k in (0, 40) else k for k in copied["top_k"]]
+    expected = reference.generate(prompt.repeat_interleave(2, dim=0), max_new_tokens=5, do_sample=True,
+                                  uniforms=philox(77), **copied)
+    assert torch.equal(out.sequences, expected)
+    with torch.no_grad():
+        full = reference(expected[:, :-1]).logits
+    torch.testing.assert_close(torch.stack(out.logits, dim=1), full[:, 3:], rtol=1e-5, atol=1e-5)
+
+
+def test_returned_tensors_do_not_change_when_the_model_is_called_again(weights):
+    model = ImageGPT(TINY, weights, backend="torch")
+    context = torch.full((2, 1), SOS)
+    first = model.generate(context, max_new_tokens=5, do_sample=True, seed=1, return_dict_in_generate=True,
+                           output_logits=True)
+    kept = first.sequences.clone(), [logits.clone() for logits in first.logits]
+    ids = torch.randint(0, TINY.vocab_size, (2, 6))
+    forward, features = model(ids, output_hidden_states=True), model.features(ids, pool=None)
+    kept_forward = forward.logits.clone(), [h.clone() for h in forward.hidden_states], features.clone()
+    model.generate(context, max_new_tokens=5, do_sample=True, seed=2, return_dict_in_generate=True, output_logits=True)
+    other = torch.randint(0, TINY.vocab_size, (2, 6))
+    model(other, output_hidden_states=True), model.features(other, pool=None)
+    assert torch.equal(first.sequences, kept[0]) and all(map(torch.equal, first.logits, kept[1]))
+    assert torch.equal(forward.logits, kept_forward[0])
+    assert all(map(torch.equal, forward.hidden_states, kept_forward[1]))
+    assert torch.equal(features, kept_forward[2])
+
+
+@pytest.mark.parametrize("form", ["list", "numpy int64", "numpy int32", "int32", "uint8", "non-contiguous"])
+def test_prompts_in_every_form_give_the_same_int64_sequences(weights, form):
+    model = ImageGPT(TINY, weights, backend="torch")
+    prompt = torch.tensor([[SOS, 3, 4], [SOS, 5, 6]])
+    given = {"list": prompt.tolist(), "numpy int64": prompt.numpy(), "numpy int32": prompt.numpy().astype(np.int32),
+             "int32": prompt.int(), "uint8": prompt.to(torch.uint8),
+             "non-contiguous": torch.stack([prompt, prompt], dim=2)[..., 0]}[form]
+    before = torch.as_tensor(given).clone()
+    out = model.generate(given, max_new_tokens=4, do_sample=True, seed=3)
+    assert out.dtype == torch.int64 and out.device == torch.device("cpu")
+    assert torch.equal(out, model.generate(prompt, max_new_tokens=4, do_sample=True, seed=3))
+    assert torch.equal(torch.as_tensor(given), before)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(temperature=1e-50),  # 0.0 in float32: failed inside the decode loop with "got 0.0"
+    dict(temperature=[1.0, 1e-40]),  # a float32 subnormal: logits / temperature overflowed, token 0 or 1 came out
+    dict(temperature=1e39),  # inf in float32
+    dict(top_p=1e-50),  # 0.0 in float32
+])
+def test_values_the_float32_sampler_cannot_hold_are_refused_before_anything_is_allocated(weights, kwargs):
+    model = ImageGPT(TINY, weights, backend="torch")
+    name, value = next(iter(kwargs.items()))
+    shown = repr(value[-1] if isinstance(value, list) else value)
+    with pytest.raises(ValueError, match=f"{name} must .* got {re.escape(shown)}"):
+        model.generate(torch.full((2, 1), SOS), max_new_tokens=3, do_sample=True, seed=1, **kwargs)
+    assert not model.decoder.states
+    assert model.generate(torch.full((2, 1), SOS), max_new_tokens=3, do_sample=True, seed=1).shape == (2, 4)
