@@ -239,6 +239,11 @@ class StaticDecoder:
         P = prompt.shape[1]
         if self.use_cuda_graphs and greedy not in state.graphs:
             self._capture(state, greedy)  # before the prompt: warm-up steps scribble on the state
+        # Split-K decode attention's arrival counters must be zero between launches, and every complete launch
+        # leaves them so; a launch stopped between its splits (Ctrl-C or an error under the Triton interpreter)
+        # did not, and the stale count made every later step of this bucket merge early. One small memset per
+        # call, outside the graph, starts each call clean.
+        state.workspace.zero_()
         cache = state.kv_cache
         x = self.prefill(prompt, lambda i: (cache[i, 0], cache[i, 1]))
         last = x.view(state.batch, P, -1)[:, -1]

@@ -118,3 +118,35 @@ def test_values_the_float32_sampler_cannot_hold_are_refused_before_anything_is_a
         model.generate(torch.full((2, 1), SOS), max_new_tokens=3, do_sample=True, seed=1, **kwargs)
     assert not model.decoder.states
     assert model.generate(torch.full((2, 1), SOS), max_new_tokens=3, do_sample=True, seed=1).shape == (2, 4)
+
+
+def test_a_decode_attention_launch_interrupted_midway_does_not_poison_later_calls(monkeypatch):
+    """Split-K decode attention counts the splits of each (batch, head) in the workspace and the last one to arrive
+    merges and zeroes the counter. Under the interpreter a launch can stop between two splits (Ctrl-C, an error):
+    the counter it left made the next launches merge too early, and every later call's logits were wrong."""
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    from igpt_fast.kernels.attention import decode_num_splits
+
+    config = TINY.replace(n_positions=128)
+    assert decode_num_splits(2, config.n_head, config.n_positions) == 2
+    state = random_state_dict(config)
+    prompt = torch.randint(0, config.n_clusters, (2, 70))  # past the first 64-key block: both splits hold keys
+    kwargs = dict(max_new_tokens=3, do_sample=True, seed=1, return_dict_in_generate=True, output_logits=True)
+    model = ImageGPT(config, state, backend="triton")
+    atomic, calls = InterpreterBuilder.create_atomic_rmw, []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the first split has counted itself in, the second has not
+            raise KeyboardInterrupt
+        return atomic(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpreterBuilder, "create_atomic_rmw", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(prompt, **kwargs)
+    monkeypatch.undo()
+    after = model.generate(prompt, **kwargs)
+    fresh = ImageGPT(config, state, backend="triton").generate(prompt, **kwargs)
+    assert torch.equal(after.sequences, fresh.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(after.logits, fresh.logits, strict=True))
