@@ -347,6 +347,13 @@ class ImageGPT:
             raise ValueError("pass the prompt as input_ids (or the older pixel_values), exactly one of them")
         if seed is not None and generator is not None:
             raise ValueError("pass seed or generator, not both")
+        # Checked here, as the forward checks its flags: a string generator failed later with "'str' object has
+        # no attribute 'device'", and output_logits="no" was read as true.
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {generator!r}")
+        for flag, name in ((return_dict_in_generate, "return_dict_in_generate"), (output_logits, "output_logits")):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
         given = input_ids if input_ids is not None else pixel_values
         out_device = given.device if isinstance(given, torch.Tensor) else torch.device("cpu")
         ids = torch.as_tensor(given)
@@ -366,11 +373,13 @@ class ImageGPT:
         temperature, top_k, top_p = (values.repeat_interleave(copies) for values in
                                      sampling_tensors(temperature, top_k, top_p, batch=batch, vocab=vocab))
         ids, batch = ids.repeat_interleave(copies, dim=0), batch * copies
-        if seed is None:  # drawn on the generator's device: torch refuses a CUDA generator for a CPU draw
+        if seed is not None:
+            seed = _check_seed(seed)
+        elif not do_sample:  # greedy draws nothing, as in transformers: the global RNG and the generator stay put
+            seed = 0
+        else:  # drawn on the generator's device: torch refuses a CUDA generator for a CPU draw
             seed = int(torch.randint(0, 2**62, (1,), generator=generator,
                                      device=generator.device if generator is not None else None))
-        else:
-            seed = _check_seed(seed)
 
         chunks, step_logits = [], []
         for start in range(0, batch, self.max_batch):

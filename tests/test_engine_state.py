@@ -150,3 +150,34 @@ def test_a_decode_attention_launch_interrupted_midway_does_not_poison_later_call
     fresh = ImageGPT(config, state, backend="triton").generate(prompt, **kwargs)
     assert torch.equal(after.sequences, fresh.sequences)
     assert all(torch.equal(a, b) for a, b in zip(after.logits, fresh.logits, strict=True))
+
+
+def test_greedy_generate_leaves_the_random_streams_alone(weights):
+    """Greedy decoding draws nothing (as in transformers): a greedy call between torch.manual_seed and a sampled
+    call used to consume a seed from the global RNG (or the generator), so the sampled images changed."""
+    model = ImageGPT(TINY, weights, backend="torch")
+    context = torch.full((2, 1), SOS)
+    torch.manual_seed(0)
+    sampled = model.generate(context, max_new_tokens=6, do_sample=True)
+    torch.manual_seed(0)
+    model.generate(context, max_new_tokens=6)
+    assert torch.equal(model.generate(context, max_new_tokens=6, do_sample=True), sampled)
+    generator = torch.Generator().manual_seed(3)
+    state = generator.get_state()
+    model.generate(context, max_new_tokens=6, generator=generator)
+    assert torch.equal(generator.get_state(), state)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(generator="cuda"), TypeError, "generator must be a torch.Generator, got 'cuda'"),
+    (dict(generator=5), TypeError, "generator must be a torch.Generator, got 5"),
+    (dict(return_dict_in_generate="no"), TypeError, "return_dict_in_generate must be a bool, got 'no'"),
+    (dict(output_logits=1), TypeError, "output_logits must be a bool, got 1"),
+])
+def test_bad_generate_options_are_refused_by_name(weights, kwargs, error, match):
+    """A generator that is not one failed with "'str' object has no attribute 'device'"; a string flag such as
+    output_logits="no" was read as true. The forward already refuses non-bool flags."""
+    model = ImageGPT(TINY, weights, backend="torch")
+    with pytest.raises(error, match=match):
+        model.generate(torch.full((1, 1), SOS), max_new_tokens=2, do_sample=True, **kwargs)
+    assert not model.decoder.states
