@@ -184,6 +184,8 @@ def _read_images(paths: list[str]) -> tuple[list[str], list]:
     An array is memory-mapped: its rows are read when they are quantized, so a dataset need not fit in memory."""
     from PIL import Image, UnidentifiedImageError
 
+    from igpt_fast.processor import pil_to_rgb
+
     names, images = [], []
     for path in paths:
         if not Path(path).is_file():
@@ -202,7 +204,9 @@ def _read_images(paths: list[str]) -> tuple[list[str], list]:
             continue
         try:
             with Image.open(path) as image:
-                images.append(image.convert("RGB"))
+                rgb = pil_to_rgb(image, path)  # refuses 16-bit and float images, which RGB would clip
+                rgb.load()  # the pixels, while the file is open (an RGB file's image is returned unread)
+                images.append(rgb)
         except (UnidentifiedImageError, OSError) as e:
             raise UserError(f"cannot read image {path}: {e}") from None
         names.append(path)

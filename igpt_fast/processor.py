@@ -147,7 +147,10 @@ class ImageProcessor:
     def decode(self, ids) -> np.ndarray:
         """Cluster ids [N, size * size] (or one image's [size * size]) -> uint8 numpy [N, size, size, 3]."""
         if isinstance(ids, np.ndarray):
-            ids = torch.from_numpy(ids)
+            if ids.dtype.kind == "u" and ids.size and ids.max() >= self.n_clusters:
+                # here: uint64 ids of 2**63 and above would wrap to negative ids in int64 and be reported so
+                raise ValueError(f"ids hold cluster id {ids.max()}; ids must lie in [0, {self.n_clusters})")
+            ids = torch.from_numpy(np.ascontiguousarray(ids))  # torch cannot view negative strides (ids[:, ::-1])
         if not isinstance(ids, torch.Tensor):
             raise TypeError(f"ids must be a torch.Tensor or numpy array, got {type(ids).__name__}")
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
@@ -183,6 +186,8 @@ def resize_images(images, size: int, resample: int = PIL_BILINEAR) -> np.ndarray
     PIL backend does."""
     from PIL import Image
     if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        if images.shape[0] == 0:
+            raise ValueError(f"images is an empty batch of shape {tuple(images.shape)}; pass at least one image")
         images = list(images)  # [N, H, W, 3]: a batch, as transformers reads a 4-d array
     if isinstance(images, (list, tuple)):
         if not images:
@@ -193,13 +198,27 @@ def resize_images(images, size: int, resample: int = PIL_BILINEAR) -> np.ndarray
     resized = []
     for i, image in enumerate(images):
         if isinstance(image, Image.Image):
-            image = image.convert("RGB") if image.mode != "RGB" else image
+            image = pil_to_rgb(image, f"image {i}")
         else:
             image = Image.fromarray(_hwc_uint8(image, i))
         if image.size != (size, size):
             image = image.resize((size, size), resample=resample)
         resized.append(np.asarray(image, dtype=np.uint8))
     return np.stack(resized)
+
+
+def pil_to_rgb(image, name: str):
+    """A PIL image of 8-bit pixels in any mode (L, P, RGBA, CMYK, ...) -> RGB. Refused: an empty image (it would
+    resize to black), and modes of wider pixels (16-bit I;16, 32-bit I, float F), which convert("RGB") clips to
+    255 (a 16-bit photo turns white) and transformers does not read either."""
+    if image.width < 1 or image.height < 1:
+        raise ValueError(f"{name} is {image.width}x{image.height} pixels; expected at least 1x1")
+    if image.mode in ("I", "F") or image.mode.startswith("I;"):
+        raise ValueError(
+            f"{name} has PIL mode {image.mode!r} (16-bit, 32-bit or float pixels); expected 8-bit pixels "
+            f"(L, P, RGB, RGBA, ...): convert it to 8 bits first, e.g. scale a 16-bit image by 255 / 65535"
+        )
+    return image.convert("RGB") if image.mode != "RGB" else image
 
 
 def _hwc_uint8(image, index: int) -> np.ndarray:

@@ -179,6 +179,13 @@ def test_a_pixel_array_that_is_not_uint8_images_is_one_line(tmp_path, capsys, ar
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_16_bit_image_file_is_refused_not_clipped_to_white(tmp_path, capsys):
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(path)  # PIL reads it as mode I;16
+    code, _, err = run(["likelihood", str(path), "--device", "cpu"], capsys)
+    assert code == 2 and f"{path} has PIL mode 'I;16'" in err and len(err.strip().splitlines()) == 1
+
+
 def test_unreadable_image_is_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")

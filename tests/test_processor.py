@@ -211,3 +211,36 @@ def test_bad_inputs_raise_clear_errors(quantize_path, tmp_path):
 def test_cuda_device_without_cuda_is_a_clear_error():
     with pytest.raises(ValueError, match="device 'cuda' requested but CUDA is not available"):
         ImageProcessor(random_clusters(4), size=4)(np.zeros((4, 4, 3), dtype=np.uint8), device="cuda")
+
+
+def test_pil_images_of_wider_than_8_bit_pixels_or_no_pixels_are_refused(quantize_path):
+    # convert("RGB") clips 16-bit, 32-bit and float pixels to [0, 255]: a 16-bit image read as all white, with
+    # no error; a 0x0 image resized to black
+    processor = ImageProcessor(random_clusters(8), size=4)
+    fine = PIL.new("RGB", (4, 4))
+    cases = [
+        (PIL.fromarray(np.full((4, 4), 40000, dtype=np.uint16)), r"image 1 has PIL mode 'I;16' \(16-bit"),
+        (PIL.fromarray(np.full((4, 4), 300, dtype=np.int32)), "image 1 has PIL mode 'I' "),
+        (PIL.fromarray(np.full((4, 4), 0.5, dtype=np.float32)), "image 1 has PIL mode 'F' "),
+        (PIL.new("RGB", (0, 0)), "image 1 is 0x0 pixels; expected at least 1x1"),
+        (PIL.new("L", (5, 0)), "image 1 is 5x0 pixels"),
+    ]
+    for image, message in cases:
+        with pytest.raises(ValueError, match=message):
+            processor([fine, image])
+    for mode in ("1", "L", "LA", "P", "RGBA", "CMYK", "YCbCr"):  # 8-bit modes are read as RGB
+        image = PIL.new(mode, (4, 4))
+        torch.testing.assert_close(processor(image).input_ids, processor(image.convert("RGB")).input_ids)
+    with pytest.raises(ValueError, match=r"empty batch of shape \(0, 4, 4, 3\)"):
+        processor(np.zeros((0, 4, 4, 3), dtype=np.uint8))
+
+
+def test_decode_reads_reversed_and_unsigned_numpy_ids(quantize_path):
+    processor = ImageProcessor(random_clusters(8, seed=13), size=4)
+    ids = np.random.default_rng(14).integers(0, 8, size=(2, 16))
+    reversed_ids = ids[:, ::-1]  # a negative stride, which torch.from_numpy cannot view
+    np.testing.assert_array_equal(processor.decode(reversed_ids), processor.decode(reversed_ids.copy()))
+    np.testing.assert_array_equal(processor.decode(ids.astype(np.uint64)), processor.decode(ids))
+    huge = np.full((1, 16), 2**64 - 1, dtype=np.uint64)  # -1 once cast to int64: name the id the user passed
+    with pytest.raises(ValueError, match=r"cluster id 18446744073709551615; ids must lie in \[0, 8\)"):
+        processor.decode(huge)
