@@ -23,7 +23,10 @@ def as_list(value) -> list:
         value = value.detach().cpu().flatten()
     if hasattr(value, "tolist"):  # tensors, numpy arrays and numpy scalars
         value = value.tolist()
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    # A list may hold one-value tensors ([torch.tensor(0.7), ...]): their numbers, not the tensors, which the checks
+    # refused as "not a number" ("got tensor(0.7000)").
+    return [v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v for v in values]
 
 
 MIN_TEMPERATURE = 1e-30  # float32 logits / temperature stays finite for |logits| <= 1e8

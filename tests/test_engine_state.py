@@ -181,3 +181,16 @@ def test_bad_generate_options_are_refused_by_name(weights, kwargs, error, match)
     with pytest.raises(error, match=match):
         model.generate(torch.full((1, 1), SOS), max_new_tokens=2, do_sample=True, **kwargs)
     assert not model.decoder.states
+
+
+def test_per_row_values_may_be_zero_dim_tensors_or_numpy_scalars(weights):
+    """temperature=[torch.tensor(0.7), torch.tensor(1.3)] was refused with "must be a finite number > 0, got
+    tensor(0.7000)": the per-row list held tensors, not numbers."""
+    model = ImageGPT(TINY, weights, backend="torch")
+    context = torch.full((2, 1), SOS)
+    plain = model.generate(context, max_new_tokens=4, do_sample=True, seed=2, temperature=[0.7, 1.3], top_k=[3, 5],
+                           top_p=[0.9, 1.0])
+    given = model.generate(context, max_new_tokens=4, do_sample=True, seed=2,
+                           temperature=[torch.tensor(0.7), np.float64(1.3)],
+                           top_k=[torch.tensor(3, dtype=torch.int16), np.int64(5)], top_p=[torch.tensor(0.9), 1])
+    assert torch.equal(given, plain)
