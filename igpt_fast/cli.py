@@ -7,6 +7,7 @@ file, an unreadable image, a bad argument) print one line and exit with status 2
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -135,6 +136,24 @@ def _load(args):
     return model, processor
 
 
+def _check_output(path: str, suffix: str, option: str, inputs: list[str] = ()) -> None:
+    """Refuse an output file that could not be written, or would be another file than the one named, before any
+    work: np.save appends .npy to other names (x.txt became x.txt.npy), PIL wrote PNG bytes into x.jpg, and a
+    missing folder failed only after every image had been generated."""
+    out = Path(path)
+    # np.save appends ".npy" unless the name ends in exactly that; PIL is given format="PNG", any case will do
+    if not path or not (out.name.endswith(suffix) if suffix == ".npy" else out.suffix.lower() == suffix):
+        raise UserError(f"{option} must be a {suffix} file, got {path!r}")
+    if out.is_dir():
+        raise UserError(f"{option} {path} is a folder; expected a {suffix} file")
+    if not out.parent.is_dir():
+        raise UserError(f"{option} {path}: no folder {out.parent}")
+    if not os.access(out.parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise UserError(f"{option} {path}: permission denied")
+    if any(Path(name).resolve() == out.resolve() for name in inputs):
+        raise UserError(f"{option} {path} is also an input; writing it would overwrite that input")
+
+
 def _sampling_kwargs(args, model) -> dict:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -154,6 +173,11 @@ def cmd_generate(args) -> int:
 
     if args.num_images < 1:
         raise UserError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.columns < 1:  # before generating: image_grid refuses it only after the work
+        raise UserError(f"--columns must be >= 1, got {args.columns}")
+    _check_output(args.out, ".png", "-o")
+    if args.save_ids is not None:
+        _check_output(args.save_ids, ".npy", "--save-ids")
     model, processor = _load(args)
     sampling = _sampling_kwargs(args, model)
     sos = model.config.sos_token_id
@@ -235,6 +259,7 @@ def cmd_complete(args) -> int:
 
     if args.samples < 1:
         raise UserError(f"--samples must be >= 1, got {args.samples}")
+    _check_output(args.out, ".png", "-o", args.images)
     _, images = _read_images(args.images)
     model, processor = _load(args)
     side = int(processor.size)
@@ -264,6 +289,7 @@ def cmd_complete(args) -> int:
 
 
 def cmd_features(args) -> int:
+    _check_output(args.out, ".npy", "-o", args.images)
     names, images = _read_images(args.images)
     model, processor = _load(args)
     n_layer = model.config.n_layer

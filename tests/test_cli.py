@@ -211,3 +211,42 @@ def test_python_dash_m_igpt_fast_is_the_command_and_says_its_version():
     from importlib.metadata import version
 
     assert version("igpt-fast") == igpt_fast.__version__  # the installed metadata reads the same number
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "-o", "{tmp}/missing/grid.png"], "-o {tmp}/missing/grid.png: no folder {tmp}/missing"),
+    (["generate", "-o", "{tmp}/grid.jpg"], "-o must be a .png file, got '{tmp}/grid.jpg'"),  # was PNG in .jpg
+    (["generate", "-o", ""], "-o must be a .png file, got ''"),
+    (["generate", "-o", "{tmp}/folder.png"], "-o {tmp}/folder.png is a folder; expected a .png file"),
+    (["generate", "-o", "{tmp}/grid.png", "--save-ids", "{tmp}/ids.txt"],  # np.save wrote ids.txt.npy
+     "--save-ids must be a .npy file, got '{tmp}/ids.txt'"),
+    (["generate", "-o", "{tmp}/grid.png", "--save-ids", "{tmp}/missing/ids.npy"],  # after the PNG was written
+     "--save-ids {tmp}/missing/ids.npy: no folder {tmp}/missing"),
+    (["generate", "-o", "{tmp}/grid.png", "--columns", "0"], "--columns must be >= 1, got 0"),
+    (["features", "{tmp}/set.npy", "-o", "{tmp}/features"], "-o must be a .npy file, got '{tmp}/features'"),
+    (["features", "{tmp}/set.npy", "-o", "{tmp}/missing/f.npy"], "no folder {tmp}/missing"),
+    (["features", "{tmp}/set.npy", "-o", "{tmp}/./set.npy"], "is also an input; writing it would overwrite"),
+    (["complete", "{tmp}/in.png", "-o", "{tmp}/in.png"], "-o {tmp}/in.png is also an input"),
+    (["complete", "{tmp}/in.png", "-o", "{tmp}/in.gif"], "-o must be a .png file, got '{tmp}/in.gif'"),
+])
+def test_bad_output_paths_are_refused_before_any_work(tmp_path, capsys, monkeypatch, args, message):
+    np.save(tmp_path / "set.npy", np.zeros((2, 8, 8, 3), dtype=np.uint8))
+    Image.new("RGB", (8, 8)).save(tmp_path / "in.png")
+    (tmp_path / "folder.png").mkdir()
+    before = {path: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+
+    def no_model(*_, **__):
+        raise AssertionError("the model was loaded before the output path was checked")
+
+    monkeypatch.setattr(ImageGPT, "from_pretrained", no_model)
+    code, _, err = run([arg.format(tmp=tmp_path) for arg in args] + ["-n", "1"] * (args[0] == "generate") +
+                       ["--device", "cpu"], capsys)
+    assert code == 2 and message.format(tmp=tmp_path) in err and len(err.strip().splitlines()) == 1
+    assert {path: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == before  # nothing written
+
+
+def test_an_output_folder_without_write_permission_is_refused_first(tmp_path, capsys, monkeypatch):
+    # os.access stands in for a read-only folder: the tests may run as root, which may write anywhere
+    monkeypatch.setattr("igpt_fast.cli.os.access", lambda path, mode: False)
+    code, _, err = run(["generate", "-n", "1", "-o", str(tmp_path / "grid.png"), "--device", "cpu"], capsys)
+    assert code == 2 and f"-o {tmp_path / 'grid.png'}: permission denied" in err
