@@ -154,6 +154,17 @@ def _check_output(path: str, suffix: str, option: str, inputs: list[str] = ()) -
         raise UserError(f"{option} {path} is also an input; writing it would overwrite that input")
 
 
+def _check_seeds(args, count: int) -> None:
+    """Each batch is seeded with --seed + the index of its first image: all of those must be valid seeds, which is
+    checked here, before any work (the last batch used to fail after the others, naming a seed never given)."""
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    offset = (count - 1) // args.batch_size * args.batch_size  # the last batch's seed is --seed + offset
+    if not -2**63 <= args.seed < 2**63 - offset:
+        why = f" (batch seeds run up to --seed + {offset} for {count} images in batches of {args.batch_size})"
+        raise UserError(f"--seed must be in [-2**63, 2**63 - {offset + 1}]{why if offset else ''}, got {args.seed}")
+
+
 def _sampling_kwargs(args, model) -> dict:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -178,6 +189,7 @@ def cmd_generate(args) -> int:
     _check_output(args.out, ".png", "-o")
     if args.save_ids is not None:
         _check_output(args.save_ids, ".npy", "--save-ids")
+    _check_seeds(args, args.num_images)
     model, processor = _load(args)
     sampling = _sampling_kwargs(args, model)
     sos = model.config.sos_token_id
@@ -261,6 +273,7 @@ def cmd_complete(args) -> int:
         raise UserError(f"--samples must be >= 1, got {args.samples}")
     _check_output(args.out, ".png", "-o", args.images)
     _, images = _read_images(args.images)
+    _check_seeds(args, len(images) * args.samples)
     model, processor = _load(args)
     side = int(processor.size)
     rows = side // 2 if args.rows is None else args.rows

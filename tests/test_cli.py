@@ -148,6 +148,12 @@ def test_info_describes_the_demo_model(capsys):
     (["complete", "/nonexistent.png", "--device", "cpu"], "no such image file: /nonexistent.png"),
     (["convert", "/nonexistent", "/tmp/x"], "no checkpoint folder"),
     (["features", "/nonexistent.npy", "--device", "cpu"], "no such image file: /nonexistent.npy"),
+    # batch 2 is seeded with --seed + 1, past 2**63 - 1: refused first, not after batch 1 naming 2**63
+    (["generate", "-n", "2", "--batch-size", "1", "--seed", str(2**63 - 1), "--device", "cpu"],
+     "--seed must be in [-2**63, 2**63 - 2] (batch seeds run up to --seed + 1 for 2 images in batches of 1), "
+     f"got {2**63 - 1}"),
+    (["generate", "-n", "1", "--seed", str(-2**63 - 1), "--device", "cpu"],
+     f"--seed must be in [-2**63, 2**63 - 1], got {-2**63 - 1}"),
 ])
 def test_errors_are_one_line_and_a_nonzero_exit(args, message, capsys):
     code, out, err = run(args, capsys)
