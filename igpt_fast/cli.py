@@ -224,8 +224,11 @@ def _read_images(paths: list[str]) -> tuple[list[str], list]:
 
     names, images = [], []
     for path in paths:
+        if Path(path).is_dir():  # exists, so "no such image file" would mislead
+            raise UserError(f"{path} is a folder; expected an image file or a .npy file")
         if not Path(path).is_file():
-            raise UserError(f"no such image file: {path}")
+            raise UserError(f"no such image file: {path}" if not Path(path).exists() else
+                            f"{path} is not a regular file; expected an image file or a .npy file")
         if path.endswith(".npy"):
             try:
                 array = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -243,7 +246,7 @@ def _read_images(paths: list[str]) -> tuple[list[str], list]:
                 rgb = pil_to_rgb(image, path)  # refuses 16-bit and float images, which RGB would clip
                 rgb.load()  # the pixels, while the file is open (an RGB file's image is returned unread)
                 images.append(rgb)
-        except (UnidentifiedImageError, OSError) as e:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:  # the bomb is no OSError
             raise UserError(f"cannot read image {path}: {e}") from None
         names.append(path)
     return names, images

@@ -192,6 +192,21 @@ def test_a_16_bit_image_file_is_refused_not_clipped_to_white(tmp_path, capsys):
     assert code == 2 and f"{path} has PIL mode 'I;16'" in err and len(err.strip().splitlines()) == 1
 
 
+def test_an_image_past_pils_decompression_bomb_limit_is_one_line(tmp_path, capsys, monkeypatch):
+    Image.new("RGB", (8, 8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 64 pixels is over twice the limit: PIL raises, no OSError
+    code, _, err = run(["likelihood", str(tmp_path / "big.png"), "--device", "cpu"], capsys)
+    assert code == 2 and f"cannot read image {tmp_path / 'big.png'}: Image size (64 pixels) exceeds limit" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_folder_given_as_an_image_is_named_as_a_folder(tmp_path, capsys):
+    (tmp_path / "shots.npy").mkdir()
+    code, _, err = run(["features", str(tmp_path / "shots.npy"), "-o", str(tmp_path / "f.npy"), "--device", "cpu"],
+                       capsys)
+    assert code == 2 and f"{tmp_path / 'shots.npy'} is a folder; expected an image file or a .npy file" in err
+
+
 def test_unreadable_image_is_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
