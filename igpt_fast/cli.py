@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 import time
@@ -121,11 +122,13 @@ def _load(args):
     from igpt_fast.processor import ImageProcessor
 
     checkpoint = args.checkpoint or demo_model_path()
-    device = args.device or _default_device()
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise UserError(f"--device must be cpu or cuda, got {device!r}")
+    device = _default_device() if args.device is None else args.device  # --device '' is refused, not the default
+    if re.fullmatch(r"cpu|cuda(:\d+)?", device) is None:
+        raise UserError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device} given but CUDA is not available")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
     model = ImageGPT.from_pretrained(checkpoint, dtype=dtype, device=device)
     processor = ImageProcessor.from_pretrained(checkpoint)

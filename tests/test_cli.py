@@ -154,6 +154,8 @@ def test_info_describes_the_demo_model(capsys):
      f"got {2**63 - 1}"),
     (["generate", "-n", "1", "--seed", str(-2**63 - 1), "--device", "cpu"],
      f"--seed must be in [-2**63, 2**63 - 1], got {-2**63 - 1}"),
+    (["info", "--device", ""], "--device must be cpu, cuda or cuda:N, got ''"),  # was the default device
+    (["info", "--device", "cuda:x"], "--device must be cpu, cuda or cuda:N, got 'cuda:x'"),
 ])
 def test_errors_are_one_line_and_a_nonzero_exit(args, message, capsys):
     code, out, err = run(args, capsys)
