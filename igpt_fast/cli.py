@@ -27,6 +27,13 @@ class UserError(Exception):
     """A problem with what the user asked for: reported as one line."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other error (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -59,7 +66,7 @@ def _add_forward_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from igpt_fast import __version__
 
-    parser = argparse.ArgumentParser(prog="igpt-fast", description="Fast ImageGPT image generation.")
+    parser = _Parser(prog="igpt-fast", description="Fast ImageGPT image generation.")  # subparsers: _Parser too
     parser.add_argument("--version", action="version", version=f"igpt-fast {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -164,6 +164,19 @@ def test_errors_are_one_line_and_a_nonzero_exit(args, message, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
+    (["generate", "-n", "abc"], "igpt-fast generate: error: argument -n/--num-images: invalid int value: 'abc' "
+                                "(see igpt-fast generate --help)"),
+    (["features"], "igpt-fast features: error: the following arguments are required: images"),
+    (["paint"], "igpt-fast: error: argument COMMAND: invalid choice: 'paint'"),
+])
+def test_usage_errors_are_one_line_too(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # argparse printed its whole usage (5 lines) before the error
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(message) and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
     (["--layer", "4"], "--layer must be in [0, 3] for this 3-layer model, got 4"),
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
 ])
