@@ -83,6 +83,9 @@ class ImageProcessor:
             raise ValueError(f"clusters must be [n_clusters, 3] (RGB in [-1, 1]), got shape {clusters.shape}")
         if not np.isfinite(clusters).all():
             raise ValueError("clusters hold NaN or infinite values")
+        if np.abs(clusters).max() > 1.5:  # loose: a genuine table lies in [-1, 1]; a 0-255 one is a slip
+            raise ValueError(f"clusters hold values up to {np.abs(clusters).max():g}; expected RGB scaled to [-1, 1] "
+                             f"(a pixel value v is v / 127.5 - 1): every image would quantize to the same few ids")
         self.clusters = clusters
         self.size = ImageSize(_side_length(size))
         self.resample = _resample_code(resample)

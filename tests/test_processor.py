@@ -201,6 +201,8 @@ def test_bad_inputs_raise_clear_errors(quantize_path, tmp_path):
         processor.decode([0] * 16)
     with pytest.raises(ValueError, match=r"\[n_clusters, 3\]"):
         ImageProcessor(np.zeros((8, 4)))
+    with pytest.raises(ValueError, match=r"clusters hold values up to 255; expected RGB scaled to \[-1, 1\]"):
+        ImageProcessor(np.linspace(0, 255, 24).reshape(8, 3))  # pixel values: every image was one color, silently
     with pytest.raises(ValueError, match="resample"):
         ImageProcessor(random_clusters(8), resample=9)
     with pytest.raises(FileNotFoundError, match=PREPROCESSOR_NAME):
