@@ -347,8 +347,12 @@ def cmd_likelihood(args) -> int:
 def cmd_convert(args) -> int:
     from igpt_fast.checkpoint import PREPROCESSOR_NAME, load_checkpoint, save_pretrained
 
-    checkpoint = load_checkpoint(args.source)
     destination = Path(args.destination)
+    if not args.destination:  # Path("") is the current folder: an unset shell variable would write there
+        raise UserError("destination must name a folder, got ''")
+    if destination.exists() and not destination.is_dir():
+        raise UserError(f"destination {args.destination} is a file; expected a folder to write")
+    checkpoint = load_checkpoint(args.source)
     if destination.resolve() == checkpoint.folder.resolve():
         raise UserError("destination must differ from the source folder")
     save_pretrained(destination, checkpoint.config, checkpoint.state_dict)

@@ -131,6 +131,17 @@ def test_convert_bin_folder_to_safetensors(tmp_path, capsys):
         (source / "preprocessor_config.json").read_text()
 
 
+def test_convert_refuses_an_empty_or_file_destination(tmp_path, capsys, monkeypatch):
+    (tmp_path / "taken").write_text("keep")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(["convert", str(demo_model_path()), ""], capsys)  # wrote config.json into the cwd
+    assert code == 2 and "destination must name a folder, got ''" in err and sorted(tmp_path.iterdir()) == \
+        [tmp_path / "taken"]
+    code, _, err = run(["convert", str(demo_model_path()), "taken"], capsys)  # was "[Errno 17] File exists"
+    assert code == 2 and "destination taken is a file; expected a folder to write" in err
+    assert (tmp_path / "taken").read_text() == "keep"
+
+
 def test_info_describes_the_demo_model(capsys):
     code, out, err = run(["info", "--device", "cpu"], capsys)
     assert code == 0, err
