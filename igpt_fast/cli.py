@@ -123,10 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args):
-    from igpt_fast import ImageGPT
+def _load_processor(args):
     from igpt_fast.demo import demo_model_path
     from igpt_fast.processor import ImageProcessor
+
+    return ImageProcessor.from_pretrained(args.checkpoint or demo_model_path())
+
+
+def _load(args, processor=None):
+    """The model and its image processor (the one given, if it was loaded already)."""
+    from igpt_fast import ImageGPT
+    from igpt_fast.demo import demo_model_path
 
     checkpoint = args.checkpoint or demo_model_path()
     device = _default_device() if args.device is None else args.device  # --device '' is refused, not the default
@@ -138,7 +145,7 @@ def _load(args):
         raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
     model = ImageGPT.from_pretrained(checkpoint, dtype=dtype, device=device)
-    processor = ImageProcessor.from_pretrained(checkpoint)
+    processor = processor or _load_processor(args)
     side = int(processor.size)
     if side * side != model.config.n_positions:
         raise UserError(f"{checkpoint}: image size {side}x{side} does not match n_positions "
@@ -225,12 +232,14 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _read_images(paths: list[str]) -> tuple[list[str], list]:
+def _read_images(paths: list[str], processor) -> tuple[list[str], list]:
     """Image files and .npy arrays of uint8 [N, H, W, 3] (or one [H, W, 3]) pixels -> names and images, in order.
-    An array is memory-mapped: its rows are read when they are quantized, so a dataset need not fit in memory."""
+    An array is memory-mapped: its rows are read when they are quantized, so a dataset need not fit in memory. An
+    image file is resized as the processor would resize it as soon as it is read (the same ids: the processor
+    leaves an image of its size alone), so a thousand photos are not all held at full resolution."""
     from PIL import Image, UnidentifiedImageError
 
-    from igpt_fast.processor import pil_to_rgb
+    from igpt_fast.processor import pil_to_rgb, resize_images
 
     names, images = [], []
     for path in paths:
@@ -254,8 +263,7 @@ def _read_images(paths: list[str]) -> tuple[list[str], list]:
         try:
             with Image.open(path) as image:
                 rgb = pil_to_rgb(image, path)  # refuses 16-bit and float images, which RGB would clip
-                rgb.load()  # the pixels, while the file is open (an RGB file's image is returned unread)
-                images.append(rgb)
+                images.append(resize_images(rgb, int(processor.size), processor.resample)[0])  # [size, size, 3]
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:  # the bomb is no OSError
             raise UserError(f"cannot read image {path}: {e}") from None
         names.append(path)
@@ -285,9 +293,10 @@ def cmd_complete(args) -> int:
     if args.samples < 1:
         raise UserError(f"--samples must be >= 1, got {args.samples}")
     _check_output(args.out, ".png", "-o", args.images)
-    _, images = _read_images(args.images)
+    processor = _load_processor(args)
+    _, images = _read_images(args.images, processor)
     _check_seeds(args, len(images) * args.samples)
-    model, processor = _load(args)
+    model, processor = _load(args, processor)
     side = int(processor.size)
     rows = side // 2 if args.rows is None else args.rows
     if not 0 <= rows < side:
@@ -316,8 +325,9 @@ def cmd_complete(args) -> int:
 
 def cmd_features(args) -> int:
     _check_output(args.out, ".npy", "-o", args.images)
-    names, images = _read_images(args.images)
-    model, processor = _load(args)
+    processor = _load_processor(args)
+    names, images = _read_images(args.images, processor)
+    model, processor = _load(args, processor)
     n_layer = model.config.n_layer
     layer = n_layer // 2 if args.layer is None else args.layer
     if not 0 <= layer <= n_layer:
@@ -333,8 +343,9 @@ def cmd_features(args) -> int:
 
 
 def cmd_likelihood(args) -> int:
-    names, images = _read_images(args.images)
-    model, processor = _load(args)
+    processor = _load_processor(args)
+    names, images = _read_images(args.images, processor)
+    model, processor = _load(args, processor)
     bits = _in_batches(model, processor, images, args.batch_size, "scoring",
                        lambda ids: model.log_likelihood(ids).bits_per_dim)
     for name, value in zip(names, bits.tolist(), strict=True):

@@ -96,6 +96,20 @@ def test_features_are_the_models_in_input_order(tmp_path, capsys):
     np.testing.assert_allclose(np.load(out), expected.numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_image_files_are_held_at_the_models_size_not_at_full_resolution(tmp_path):
+    from igpt_fast.cli import _read_images
+
+    processor = ImageProcessor.from_pretrained(demo_model_path())
+    side = int(processor.size)
+    path = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (300, 200, 3), dtype=np.uint8)).save(path)
+    # every file was held as a full-size RGB image until the end: a folder of photos could exhaust the memory
+    _, images = _read_images([str(path)], processor)
+    assert images[0].shape == (side, side, 3) and images[0].dtype == np.uint8
+    with Image.open(path) as photo:  # the same ids as from the full-size image
+        torch.testing.assert_close(processor(images)["input_ids"], processor(photo)["input_ids"], rtol=0, atol=0)
+
+
 def test_likelihood_prints_each_images_bits_and_the_mean(tmp_path, capsys):
     model = ImageGPT.from_pretrained(demo_model_path())
     processor = ImageProcessor.from_pretrained(demo_model_path())
