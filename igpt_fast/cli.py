@@ -248,7 +248,7 @@ def _read_images(paths: list[str], processor) -> tuple[list[str], list]:
         if not Path(path).is_file():
             raise UserError(f"no such image file: {path}" if not Path(path).exists() else
                             f"{path} is not a regular file; expected an image file or a .npy file")
-        if path.endswith(".npy"):
+        if path.lower().endswith(".npy"):  # DATA.NPY too: it was read as an image, "cannot identify image file"
             try:
                 array = np.load(path, mmap_mode="r", allow_pickle=False)
             except (ValueError, OSError) as e:

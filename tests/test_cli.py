@@ -117,12 +117,13 @@ def test_likelihood_prints_each_images_bits_and_the_mean(tmp_path, capsys):
     digits = processor.decode(model.generate(torch.full((2, 1), model.config.sos_token_id), do_sample=True,
                                              seed=0)[:, 1:])  # the model's own samples
     np.save(tmp_path / "digits.npy", digits)
-    code, stdout, err = run(["likelihood", *paths, str(tmp_path / "digits.npy"), "--batch-size", "3",
+    (tmp_path / "digits.npy").rename(tmp_path / "digits.NPY")  # the extension in any case
+    code, stdout, err = run(["likelihood", *paths, str(tmp_path / "digits.NPY"), "--batch-size", "3",
                              "--device", "cpu"], capsys)
     assert code == 0, err
     lines = stdout.strip().splitlines()
     names = [*paths[:2], *(f"{paths[2]}[{i}]" for i in range(3)),
-             *(f"{tmp_path / 'digits.npy'}[{i}]" for i in range(2))]
+             *(f"{tmp_path / 'digits.NPY'}[{i}]" for i in range(2))]
     assert [line.split("  ", 1)[1] for line in lines[:-1]] == names
     bits = np.array([float(line.split()[0]) for line in lines[:-1]])
     expected = model.log_likelihood(processor([*images, *digits])["input_ids"]).bits_per_dim.numpy()
