@@ -61,9 +61,8 @@ def check_sampling_args(do_sample, temperature, top_k, top_p, vocab: int) -> Non
     for p in top_ps:
         if isinstance(p, bool) or not isinstance(p, Real) or not 0 < p <= 1:
             raise ValueError(f"top_p must be a number in (0, 1], got {p!r}")
-    # The sampler reads float32 copies: temperature 1e-50 and top_p 1e-50 are 0.0 there, temperature 1e39 is inf.
-    # They used to pass the checks above and then fail inside the decode loop (after the cache was allocated, with
-    # "got 0.0") or sample garbage; a temperature of 1e-40 overflowed the float32 scores and gave token 0 or 1.
+    # The sampler reads float32 copies: temperature 1e-50 and top_p 1e-50 are 0.0 there, temperature 1e39 is inf, and
+    # a temperature of 1e-40 overflows the float32 scores. Refused here, before any cache is allocated.
     for t, t32 in zip(temperatures, _as_float32(temperatures), strict=True):
         if not MIN_TEMPERATURE <= t32 <= _FLOAT32_MAX:
             raise ValueError(f"temperature must lie in [{MIN_TEMPERATURE}, {_FLOAT32_MAX:.4g}] (the sampler divides "
