@@ -293,9 +293,9 @@ class ImageGPT:
         0 = embeddings, n_layer = the final output after ln_f; default the middle block, where the paper's best
         probes sit), mean-pooled over positions ([B, d]) or not (pool=None: [B, S, d])."""
         n_layer = self.config.n_layer
-        layer = n_layer // 2 if layer is None else layer
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= n_layer:
-            raise ValueError(f"layer must be an int in [0, {n_layer}], got {layer!r}")
+        if layer is None:
+            layer = n_layer // 2
+        layer = _check_int(layer, "layer", 0, n_layer + 1, f"an int in [0, {n_layer}]")
         if pool not in ("mean", None):
             raise ValueError(f"pool must be 'mean' or None, got {pool!r}")
         ids = self._prompt(input_ids)

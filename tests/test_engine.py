@@ -5,6 +5,7 @@ Triton kernels under the interpreter (backend="triton", a few steps: the interpr
 the kernels inside the real control flow. GPU-marked tests run imagegpt-small shapes with CUDA graphs.
 """
 
+import numpy as np
 import pytest
 import torch
 from helpers import TINY, random_state_dict
@@ -320,6 +321,7 @@ def test_features_and_likelihood_match_reference(weights, reference):
     torch.testing.assert_close(result.bits_per_dim, expected_nll / torch.log(torch.tensor(2.0)))
     with pytest.raises(ValueError, match="layer must be"):
         model.features(ids, layer=TINY.n_layer + 1)
+    torch.testing.assert_close(model.features(ids, layer=np.int64(1)), model.features(ids, layer=1))  # numpy ints
     with pytest.raises(ValueError, match="SOS"):
         model.log_likelihood(ids)
 
