@@ -184,7 +184,10 @@ def load_clusters(folder: Path) -> np.ndarray | None:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     if clusters is None:
         return None
-    clusters = np.asarray(clusters, dtype=np.float64)
+    try:
+        clusters = np.asarray(clusters, dtype=np.float64)
+    except (TypeError, ValueError) as e:  # strings, ragged rows: name the file, not just numpy's complaint
+        raise ValueError(f"{path}: clusters must be [n_clusters, 3] numbers, got an unreadable table ({e})") from None
     if clusters.ndim != 2 or clusters.shape[1] != 3:
         raise ValueError(f"{path}: clusters must be [n_clusters, 3], got shape {clusters.shape}")
     return clusters

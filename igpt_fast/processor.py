@@ -135,6 +135,8 @@ class ImageProcessor:
         default); return_tensors "pt" gives a torch tensor, "np" a numpy array."""
         if return_tensors not in ("pt", "np", None):
             raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
+        if device is not None and torch.device(device).type not in ("cpu", "cuda"):  # "meta" would hold no ids
+            raise ValueError(f"device must be a CPU or CUDA device, got {device!r}")
         if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but CUDA is not available")
         pixels = torch.from_numpy(resize_images(images, int(self.size), self.resample))

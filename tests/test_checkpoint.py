@@ -188,3 +188,7 @@ def test_clusters_must_match_the_vocabulary(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match=f"{TINY.n_clusters - 1} clusters"):
         load_checkpoint(tmp_path)
+    data["clusters"] = [["red", "green", "blue"]] * TINY.n_clusters
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"preprocessor_config.json: clusters must be \[n_clusters, 3\] numbers"):
+        load_checkpoint(tmp_path)

@@ -215,6 +215,11 @@ def test_cuda_device_without_cuda_is_a_clear_error():
         ImageProcessor(random_clusters(4), size=4)(np.zeros((4, 4, 3), dtype=np.uint8), device="cuda")
 
 
+def test_a_device_that_holds_no_data_is_refused():
+    with pytest.raises(ValueError, match="device must be a CPU or CUDA device, got 'meta'"):
+        ImageProcessor(random_clusters(4), size=4)(np.zeros((4, 4, 3), dtype=np.uint8), device="meta")
+
+
 def test_pil_images_of_wider_than_8_bit_pixels_or_no_pixels_are_refused(quantize_path):
     # convert("RGB") clips 16-bit, 32-bit and float pixels to [0, 255]: a 16-bit image read as all white, with
     # no error; a 0x0 image resized to black
