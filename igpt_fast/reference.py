@@ -6,6 +6,7 @@ loads with no renaming. Clear, not fast: never optimise this file.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -267,8 +268,10 @@ def resolve_length(prefix: int, max_length: int | None, max_new_tokens: int | No
     """New tokens to generate from transformers-style length arguments."""
     if prefix > config.n_positions:
         raise ValueError(f"a prompt of {prefix} tokens exceeds n_positions={config.n_positions}")
-    if max_length is not None and max_new_tokens is not None:
-        raise ValueError(f"pass max_length ({max_length}) or max_new_tokens ({max_new_tokens}), not both")
+    if max_length is not None and max_new_tokens is not None:  # transformers' precedence, and its warning
+        warnings.warn(f"Both max_new_tokens (={max_new_tokens}) and max_length (={max_length}) are set; "
+                      f"max_new_tokens takes precedence, as in transformers", UserWarning, stacklevel=3)
+        max_length = None
     if max_new_tokens is None and max_length is None:
         max_length = config.n_positions + 1  # a whole image after the SOS, the model card's call
     total = max_length if max_new_tokens is None else prefix + max_new_tokens

@@ -83,12 +83,22 @@ def test_prefix_longer_than_one_is_kept_and_continued():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(max_length=TINY.n_positions + 2), "exceeds n_positions"),
     (dict(max_length=1), "nothing to generate"),
-    (dict(max_length=5, max_new_tokens=3), "not both"),
 ])
 def test_bad_lengths(kwargs, match):
     ref = ReferenceImageGPT.from_state_dict(TINY, random_state_dict(TINY))
     with pytest.raises(ValueError, match=match):
         ref.generate(torch.full((1, 1), TINY.sos_token_id), **kwargs)
+
+
+def test_max_new_tokens_takes_precedence_over_max_length_with_a_warning_as_in_transformers():
+    from igpt_fast import ImageGPT
+
+    weights = random_state_dict(TINY)
+    context = torch.full((2, 3), TINY.sos_token_id)
+    for model in (ReferenceImageGPT.from_state_dict(TINY, weights), ImageGPT(TINY, weights, backend="torch")):
+        with pytest.warns(UserWarning, match="max_new_tokens takes precedence"):
+            out = model.generate(context, max_length=5, max_new_tokens=7)
+        assert out.shape == (2, 10)
 
 
 @pytest.mark.parametrize("ids, match", [
