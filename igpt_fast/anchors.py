@@ -189,6 +189,13 @@ class TransformersAnchor:
             raise ValueError(f"state dict does not fit transformers' ImageGPT: missing {missing}, "
                              f"unexpected {unexpected}")
         self.model = model.to(dtype=dtype).eval()
+        if cache_implementation == "static":
+            # generate() turns the 2D attention mask into a 4D one for a static cache, and ImageGPT's forward
+            # flattens any mask to [batch, -1]: transformers 5.17 then fails ("The size of tensor a (T) must match
+            # the size of tensor b (S x T)"). Without a mask it runs on both 5.17 and 5.24, doing the same work.
+            # Either way its tokens are not the reference's: ImageGPT slices its causal-mask buffer by the cache's
+            # length, which a static cache makes the whole cache. This variant is a timing anchor only.
+            self.model.create_masks_for_generate = lambda **kwargs: None
         self.device = torch.device(device)
         self.config = config
         self.top_k = top_k
@@ -209,8 +216,11 @@ class TransformersAnchor:
 
         extra = {} if self.cache_implementation is None else {"cache_implementation": self.cache_implementation}
         clock.mark()
+        # An explicit all-ones mask: otherwise generate() infers one from pad_token_id (the SOS, which every
+        # prompt starts with) and hides the SOS as padding, which the model card's call does not.
         sequences = self.model.generate(
-            input_ids=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
+            input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens, do_sample=True,
             top_k=self.top_k, logits_processor=LogitsProcessorList([MarkEachStep()]),
             pad_token_id=self.config.sos_token_id, **extra)
         clock.mark()

@@ -288,3 +288,42 @@ def test_the_gpu_check_script_parses_and_refuses_without_a_gpu(tmp_path):
     done = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "no CUDA GPU" in done.stderr
     assert not (tmp_path / "out").exists()  # refused before writing anything
+
+
+def test_transformers_anchor_generates_what_the_reference_generates():
+    """generate() must not take the SOS for padding (pad_token_id is the SOS): with top_k=1 the plain anchor's
+    tokens are the reference's, for an SOS prompt and a longer one."""
+    pytest.importorskip("transformers")
+    from igpt_fast.anchors import TransformersAnchor
+
+    config = bench_measure.MODELS["tiny"]
+    weights = bench_measure.random_weights(config, 0, torch.device("cpu"))
+    reference = ReferenceImageGPT.from_state_dict(config, weights)
+    anchor = TransformersAnchor(config, weights, dtype=torch.float32, device="cpu", top_k=1)
+    for prompt_len in (1, 12):
+        prompt = bench_measure.prompt_of(config, 3, prompt_len, 0, "cpu")
+        new_tokens = config.n_positions + 1 - prompt_len
+        run = anchor.generate(prompt, new_tokens)
+        assert torch.equal(run.sequences, reference.generate(prompt, max_new_tokens=new_tokens))
+
+
+def test_transformers_static_anchor_passes_imagegpt_no_4d_mask():
+    """With a static cache generate() builds a 4D attention mask, which ImageGPT's forward flattens to
+    [batch, -1]; transformers 5.17 (the GPU machine's) then fails in the first forward. The anchor passes none."""
+    pytest.importorskip("transformers")
+    from igpt_fast.anchors import TransformersAnchor
+
+    config = bench_measure.MODELS["tiny"]
+    weights = bench_measure.random_weights(config, 0, torch.device("cpu"))
+    anchor = TransformersAnchor(config, weights, dtype=torch.float32, device="cpu", top_k=5,
+                                cache_implementation="static")
+    masks = []
+    hook = anchor.model.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: masks.append(kwargs.get("attention_mask")), with_kwargs=True)
+    try:
+        run = anchor.generate(bench_measure.prompt_of(config, 2, 12, 0, "cpu"), 9)
+    finally:
+        hook.remove()
+    assert run.sequences.shape == (2, 21) and run.decode_steps == 8
+    assert len(masks) == 9 and all(m is None or m.ndim <= 2 for m in masks), [None if m is None else m.shape
+                                                                                for m in masks]
