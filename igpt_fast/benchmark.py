@@ -305,6 +305,19 @@ class Runner:
         self.measure("startup", ENGINE, model_name, dtype, batch, functools.partial(
             measure_startup, model_name, dtype, batch, plan.device, plan.backend, plan.seed))
 
+    def cases_or_failure(self, task: str, system: str, model_name: str, dtype_name: str, batch: int,
+                         build: Callable, *args, **kwargs):
+        """build(*args, **kwargs), or, when it raises, a failed row recorded and None (as in measure: record it
+        and go on)."""
+        try:
+            return build(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            self.record(Result(task, system, model_name, dtype_name, batch, status="failed",
+                               note=f"{type(e).__name__}: {_first_line(e)}"))
+            self.release()
+            return None
+
     def run_kernels(self, config: ImageGPTConfig, model_name: str) -> None:
         device = self.plan.device
         if not use_triton(device):
@@ -315,20 +328,18 @@ class Runner:
             if dtype == torch.bfloat16 and device.type == "cpu":
                 continue  # the Triton interpreter has no bfloat16
             for batch in self.plan.batches:
-                try:
-                    cases = kernel_cases(config, dtype, batch, device, self.plan.seed, with_dtype_free=i == 0)
-                except Exception as e:  # noqa: BLE001 (as in measure: record it and go on)
-                    traceback.print_exc()
-                    self.record(Result("kernel", "all kernels", model_name, dtype_name, batch, status="failed",
-                                       note=f"{type(e).__name__}: {e}"[:200]))
-                    continue
+                cases = self.cases_or_failure("kernel", "all kernels", model_name, dtype_name, batch, kernel_cases,
+                                              config, dtype, batch, device, self.plan.seed,
+                                              with_dtype_free=i == 0) or []
                 for case in cases:
                     self.measure("kernel", case.name, model_name, case.dtype, batch,
                                  functools.partial(measure_kernel, case, device, self.copy_bytes_per_s))
                 del cases
                 self.release()
         if model_name == self.plan.models[0]:  # quantizing images does not depend on the model: measured once
-            for case in quantize_cases(device, self.plan.seed).values():
+            cases = self.cases_or_failure("quantize", "quantize cases", model_name, "uint8", 0, quantize_cases,
+                                          device, self.plan.seed) or {}
+            for case in cases.values():
                 self.measure("quantize", case.system, model_name, "uint8", case.images,
                              functools.partial(measure_quantize, case, device))
 
@@ -343,8 +354,10 @@ class Runner:
             for value in values:
                 with heuristic(module, constant, value):
                     for batch in [b for b in self.plan.batches if b <= 16]:
-                        cases = kernel_cases(config, DTYPES[dtype_name], batch, device, self.plan.seed,
-                                             with_dtype_free=False)
+                        cases = self.cases_or_failure(
+                            "kernel", f"sweep [{constant.strip('_')}={value}]", model_name, dtype_name, batch,
+                            kernel_cases, config, DTYPES[dtype_name], batch, device, self.plan.seed,
+                            with_dtype_free=False) or []
                         for case in [c for c in cases if c.name.startswith(case_names)]:
                             self.measure("kernel", f"{case.name} [{constant.strip('_')}={value}]", model_name,
                                          dtype_name, batch,

@@ -327,3 +327,32 @@ def test_transformers_static_anchor_passes_imagegpt_no_4d_mask():
     assert run.sequences.shape == (2, 21) and run.decode_steps == 8
     assert len(masks) == 9 and all(m is None or m.ndim <= 2 for m in masks), [None if m is None else m.shape
                                                                                 for m in masks]
+
+
+def test_cases_that_fail_to_build_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    """Building a sweep value's kernel cases, or the quantize cases (transformers' processor among them), may raise
+    on a GPU: a failed row, and every later measurement still runs (not a crash that loses them)."""
+    from igpt_fast.kernels import linear
+
+    real_kernel_cases = bench_kernels.kernel_cases
+
+    def kernel_cases(*args, **kwargs):
+        if linear._GEMV_NUM_WARPS != 8:
+            raise RuntimeError("no cases under this value")
+        return real_kernel_cases(*args, **kwargs)
+
+    def quantize_cases(*args, **kwargs):
+        raise RuntimeError("no processor")
+
+    monkeypatch.setattr(benchmark, "kernel_cases", kernel_cases)
+    monkeypatch.setattr(benchmark, "quantize_cases", quantize_cases)
+    monkeypatch.setattr(benchmark, "SWEEPS", (("igpt_fast.kernels.linear", "_GEMV_NUM_WARPS", (4, 8), ("norm_qkv",)),))
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = benchmark.main(["--sizes", "smoke", "--tasks", "kernels,sweep", "--batches", "1", "--device", "cpu",
+                               "--systems", "igpt-fast", "--out", str(tmp_path)])
+    assert code == 1
+    rows = {(r["task"], r["system"]): r for r in json.loads((tmp_path / "results.json").read_text())["results"]}
+    assert rows["kernel", "all kernels"]["status"] == "failed", rows
+    assert rows["quantize", "quantize cases"]["note"] == "RuntimeError: no processor", rows
+    assert rows["kernel", "sweep [GEMV_NUM_WARPS=4]"]["status"] == "failed", rows
+    assert rows["kernel", "norm_qkv [GEMV_NUM_WARPS=8]"]["status"] == "ok", rows
