@@ -7,6 +7,7 @@ import torch
 
 from igpt_fast.checkpoint import expected_shapes, save_pretrained
 from igpt_fast.config import ImageGPTConfig
+from igpt_fast.philox import philox_uniforms
 from igpt_fast.reference import ReferenceImageGPT
 
 # A tiny config for engine and generation tests: 2 layers, 2 heads of 16, 17 clusters, 24 positions.
@@ -28,6 +29,11 @@ def random_state_dict(config: ImageGPTConfig, seed: int = 0, dtype=torch.float32
             t = torch.randn(shape, generator=g) / shape[0] ** 0.5
         state[name] = t.to(dtype)
     return state
+
+
+def philox(seed: int):
+    """The engine's random numbers for `seed`, in the form ReferenceImageGPT.generate(uniforms=...) takes them."""
+    return lambda step, batch, vocab: philox_uniforms(seed, step, batch, vocab)
 
 
 def random_reference(config: ImageGPTConfig, seed: int = 0) -> ReferenceImageGPT:

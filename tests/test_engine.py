@@ -8,20 +8,15 @@ the kernels inside the real control flow. GPU-marked tests run imagegpt-small sh
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, random_state_dict
+from helpers import TINY, philox, random_state_dict
 from tolerances import tol
 
 import igpt_fast.model
 from igpt_fast import ImageGPT, ImageGPTConfig, ReferenceImageGPT, backend
-from igpt_fast.philox import philox_uniforms
 
 BACKENDS = ["torch", "triton"]
 # Interpreted Triton runs ~1 s per decode step at TINY: keep its sequences short.
 STEPS = {"torch": TINY.n_positions, "triton": 4}
-
-
-def philox(seed):
-    return lambda step, batch, vocab: philox_uniforms(seed, step, batch, vocab)
 
 
 @pytest.fixture(scope="module")

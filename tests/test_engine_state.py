@@ -10,16 +10,11 @@ import re
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, random_state_dict
+from helpers import TINY, philox, random_state_dict
 
 from igpt_fast import ImageGPT, ReferenceImageGPT
-from igpt_fast.philox import philox_uniforms
 
 SOS = TINY.sos_token_id
-
-
-def philox(seed):
-    return lambda step, batch, vocab: philox_uniforms(seed, step, batch, vocab)
 
 
 @pytest.fixture(scope="module")
