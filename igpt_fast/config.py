@@ -10,6 +10,7 @@ from dataclasses import dataclass
 # Values this engine implements; anything else in a config.json is refused rather than silently ignored.
 SUPPORTED_ACTIVATIONS = ("quick_gelu",)
 
+
 @dataclass(frozen=True)
 class ImageGPTConfig:
     vocab_size: int = 513  # 512 color clusters + the SOS token (id vocab_size - 1)
