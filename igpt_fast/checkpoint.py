@@ -88,8 +88,11 @@ def check_state_dict(config: ImageGPTConfig, state_dict: dict[str, torch.Tensor]
         raise ValueError(f"checkpoint does not match {config}:\n  " + "\n  ".join(parts))
 
 
-def resolve_folder(path_or_hub_id: str | os.PathLike) -> Path:
-    """A local folder as is; a hub id (`openai/imagegpt-small`) through huggingface_hub's cache, offline first."""
+def resolve_folder(path_or_hub_id: str | os.PathLike, *, revision: str | None = None,
+                   cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                   token: str | bool | None = None) -> Path:
+    """A local folder as is; a hub id (`openai/imagegpt-small`) through huggingface_hub's cache, offline first.
+    revision, cache_dir, local_files_only and token mean what they mean to transformers' from_pretrained."""
     path = Path(path_or_hub_id)
     if path.is_dir():
         return path
@@ -107,12 +110,18 @@ def resolve_folder(path_or_hub_id: str | os.PathLike) -> Path:
             f"Install it (pip install 'igpt-fast[hf]') or download the folder (config.json, model.safetensors "
             f"or pytorch_model.bin, preprocessor_config.json) and pass its path."
         ) from None
+    hub = dict(allow_patterns=HUB_FILES, revision=revision, cache_dir=cache_dir, token=token)
     try:  # the local cache first: works offline for a model downloaded before
-        return Path(huggingface_hub.snapshot_download(name, allow_patterns=HUB_FILES, local_files_only=True))
-    except Exception:
-        pass
+        return Path(huggingface_hub.snapshot_download(name, local_files_only=True, **hub))
+    except Exception as e:
+        if local_files_only:
+            from huggingface_hub.constants import HF_HUB_CACHE
+
+            raise FileNotFoundError(f"{name!r} (revision {revision or 'main'}) is not in the Hugging Face cache "
+                                    f"{cache_dir or HF_HUB_CACHE}, and local_files_only=True "
+                                    f"({type(e).__name__})") from None
     try:
-        return Path(huggingface_hub.snapshot_download(name, allow_patterns=HUB_FILES))
+        return Path(huggingface_hub.snapshot_download(name, **hub))
     except Exception as e:
         raise FileNotFoundError(
             f"could not find {name!r} in the Hugging Face cache or download it ({type(e).__name__}: {e}). "
@@ -193,9 +202,10 @@ def load_clusters(folder: Path) -> np.ndarray | None:
     return clusters
 
 
-def load_checkpoint(path_or_hub_id: str | os.PathLike) -> Checkpoint:
-    """Config, checked weights and clusters of a Hugging Face ImageGPT folder or cached hub id."""
-    folder = resolve_folder(path_or_hub_id)
+def load_checkpoint(path_or_hub_id: str | os.PathLike, **hub_options) -> Checkpoint:
+    """Config, checked weights and clusters of a Hugging Face ImageGPT folder or cached hub id (hub_options: those of
+    resolve_folder)."""
+    folder = resolve_folder(path_or_hub_id, **hub_options)
     if not (folder / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}")
     config = ImageGPTConfig.from_json_file(folder / CONFIG_NAME)

@@ -125,12 +125,14 @@ class ImageGPT:
     # ---- construction, transformers-style ----
     @classmethod
     def from_pretrained(cls, path_or_hub_id, *, dtype=None, device=None, torch_dtype=None, device_map=None,
+                        revision: str | None = None, cache_dir=None, local_files_only: bool = False, token=None,
                         **kwargs) -> ImageGPT:
         """From a local Hugging Face folder or a hub id (resolved through the local cache first). As in transformers,
         `torch_dtype` is the older name for `dtype`, a dtype may be named ("float16"; "auto": the dtype config.json
         names, else that of the stored weights), and `device_map` may name the one device the model runs on ("cuda",
-        0, {"": "cuda:1"}; "auto": the GPU when there is one). Other arguments are the constructor's (backend, ...).
-        Without a dtype the model runs in float32 (transformers 5 defaults to "auto")."""
+        0, {"": "cuda:1"}; "auto": the GPU when there is one). revision, cache_dir, local_files_only and token pick
+        a hub id's files as in transformers. Other arguments are the constructor's (backend, ...). Without a dtype
+        the model runs in float32 (transformers 5 defaults to "auto")."""
         # Every argument is checked before the weights are read (imagegpt-large's are 1.6 GB).
         options = {name for name, p in inspect.signature(cls.__init__).parameters.items()
                    if p.kind is p.KEYWORD_ONLY} - {"dtype", "device"}
@@ -145,7 +147,8 @@ class ImageGPT:
             if device is not None and torch.device(device) != mapped:
                 raise ValueError(f"device={device} and device_map={device_map!r} disagree; pass one of them")
             device = mapped
-        checkpoint = load_checkpoint(path_or_hub_id)
+        checkpoint = load_checkpoint(path_or_hub_id, revision=revision, cache_dir=cache_dir,
+                                     local_files_only=local_files_only, token=token)
         if dtype == "auto":  # transformers' "auto": config.json's dtype, else the stored weights' (openai's: float32)
             saved = json.loads((checkpoint.folder / CONFIG_NAME).read_text(encoding="utf-8"))
             named = saved.get("dtype") or saved.get("torch_dtype")

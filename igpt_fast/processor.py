@@ -99,9 +99,10 @@ class ImageProcessor:
 
     # ---- preprocessor_config.json ----
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str | os.PathLike) -> ImageProcessor:
-        """From a folder (or cached hub id) holding preprocessor_config.json with "clusters"."""
-        folder = resolve_folder(path_or_hub_id)
+    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, **hub_options) -> ImageProcessor:
+        """From a folder (or cached hub id) holding preprocessor_config.json with "clusters". hub_options: revision,
+        cache_dir, local_files_only, token, as transformers takes them."""
+        folder = resolve_folder(path_or_hub_id, **hub_options)
         path = folder / PREPROCESSOR_NAME
         if not path.is_file():
             raise FileNotFoundError(f"no {PREPROCESSOR_NAME} in {folder}")

@@ -104,6 +104,32 @@ def test_hub_id_resolves_offline_from_the_cache(tmp_path, monkeypatch):
         load_checkpoint("openai/imagegpt-missing")
 
 
+def test_hub_options_pick_the_cache_folder_and_the_revision(tmp_path, monkeypatch):
+    """cache_dir, revision and local_files_only as transformers' from_pretrained takes them, for the model and the
+    image processor alike."""
+    pytest.importorskip("huggingface_hub")
+    from igpt_fast import ImageGPT, ImageProcessor
+
+    cache = tmp_path / "elsewhere"
+    repo = cache / "models--openai--imagegpt-tiny"
+    states = {}
+    for ref, commit, seed in (("main", "0123abcd", 1), ("v1", "4567ef01", 2)):
+        states[ref] = make_checkpoint(repo / "snapshots" / commit, seed=seed)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # nothing may reach the network here
+    for ref, options in (("main", {}), ("v1", {"revision": "v1"})):
+        loaded = load_checkpoint("openai/imagegpt-tiny", cache_dir=cache, **options)
+        assert_same_state(loaded.state_dict, states[ref])
+    model = ImageGPT.from_pretrained("openai/imagegpt-tiny", cache_dir=cache, revision="v1", local_files_only=True)
+    assert torch.equal(model._state_dict["lm_head.weight"], states["v1"]["lm_head.weight"])
+    assert ImageProcessor.from_pretrained("openai/imagegpt-tiny", cache_dir=cache).n_clusters == TINY.n_clusters
+    with pytest.raises(FileNotFoundError, match=r"revision v2\) is not in the Hugging Face cache .* local_files_only"):
+        load_checkpoint("openai/imagegpt-tiny", cache_dir=cache, revision="v2", local_files_only=True)
+
+
 def test_reference_from_pretrained_matches_saved_weights(tmp_path):
     state = make_checkpoint(tmp_path)
     ref = ReferenceImageGPT.from_pretrained(tmp_path)
