@@ -1,4 +1,5 @@
-"""Test harness: a `gpu` marker, and the Triton interpreter on machines without CUDA.
+"""Test harness: a `gpu` marker, the Triton interpreter on machines without CUDA, and the engine tests' shared TINY
+model (fixtures `weights`, `reference`).
 
 TRITON_INTERPRET must be set before anything imports triton, so this runs first. Checking for CUDA
 imports torch, which does not import triton.
@@ -13,6 +14,9 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from helpers import TINY, random_state_dict  # noqa: E402
+
+from igpt_fast import ReferenceImageGPT  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -28,3 +32,14 @@ def pytest_collection_modifyitems(config, items):
 def device() -> torch.device:
     """Where kernel tests run: the GPU when there is one, else the CPU under the Triton interpreter."""
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture(scope="module")
+def weights() -> dict[str, torch.Tensor]:
+    """Random TINY weights, the same in every engine test module."""
+    return random_state_dict(TINY, seed=11)
+
+
+@pytest.fixture(scope="module")
+def reference(weights) -> ReferenceImageGPT:
+    return ReferenceImageGPT.from_state_dict(TINY, weights)

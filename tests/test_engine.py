@@ -19,16 +19,6 @@ BACKENDS = ["torch", "triton"]
 STEPS = {"torch": TINY.n_positions, "triton": 4}
 
 
-@pytest.fixture(scope="module")
-def weights():
-    return random_state_dict(TINY, seed=11)
-
-
-@pytest.fixture(scope="module")
-def reference(weights):
-    return ReferenceImageGPT.from_state_dict(TINY, weights)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_logits_match_reference(backend, weights, reference):
     model = ImageGPT(TINY, weights, backend=backend)

@@ -12,19 +12,9 @@ import pytest
 import torch
 from helpers import TINY, philox, random_state_dict
 
-from igpt_fast import ImageGPT, ReferenceImageGPT
+from igpt_fast import ImageGPT
 
 SOS = TINY.sos_token_id
-
-
-@pytest.fixture(scope="module")
-def weights():
-    return random_state_dict(TINY, seed=11)
-
-
-@pytest.fixture(scope="module")
-def reference(weights):
-    return ReferenceImageGPT.from_state_dict(TINY, weights)
 
 
 def test_an_interrupted_generate_leaves_the_model_as_a_fresh_one(weights, monkeypatch):
