@@ -263,9 +263,7 @@ class ImageGPT:
         """transformers' forward: float32 logits of every position [B, S, n_clusters]; with labels [B, S] the loss
         (cross-entropy of labels[:, 1:] given the logits before them, mean over labels other than -100);
         with output_hidden_states the hidden states; return_dict=False gives the fields that are set as a tuple."""
-        for flag, name in ((output_hidden_states, "output_hidden_states"), (return_dict, "return_dict")):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        _check_bools(output_hidden_states=output_hidden_states, return_dict=return_dict)
         ids = self._prompt(input_ids)
         if labels is not None:
             labels = self._labels(labels, ids.shape)
@@ -350,13 +348,10 @@ class ImageGPT:
             raise ValueError("pass the prompt as input_ids (or the older pixel_values), exactly one of them")
         if seed is not None and generator is not None:
             raise ValueError("pass seed or generator, not both")
-        # Checked here, as the forward checks its flags: a string generator failed later with "'str' object has
-        # no attribute 'device'", and output_logits="no" was read as true.
+        # Checked up front: a string generator would fail later with "'str' object has no attribute 'device'".
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {generator!r}")
-        for flag, name in ((return_dict_in_generate, "return_dict_in_generate"), (output_logits, "output_logits")):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        _check_bools(return_dict_in_generate=return_dict_in_generate, output_logits=output_logits)
         given = input_ids if input_ids is not None else pixel_values
         out_device = given.device if isinstance(given, torch.Tensor) else torch.device("cpu")
         ids = torch.as_tensor(given)
@@ -472,6 +467,13 @@ def _check_int(value, name: str, low: float, high: float, expected: str) -> int:
             if low <= number < high:
                 return number
     raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def _check_bools(**flags) -> None:
+    """Flags must be real bools: a string such as "no" would otherwise read as true."""
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
 
 
 def _check_length(value, name: str) -> int | None:
