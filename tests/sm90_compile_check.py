@@ -11,13 +11,14 @@ Run by tests/test_sm90_compile.py in a subprocess, because kernels must be impor
     python tests/sm90_compile_check.py      # prints one line per variant, exits 1 on any failure
 """
 
-import contextlib
+import concurrent.futures
 import io
 import math
 import os
 import re
 import sys
 import tempfile
+import threading
 
 os.environ["TRITON_INTERPRET"] = "0"  # real JITFunctions at import time
 os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # Triton prints ptxas -v's report (registers, spills) when it compiles
@@ -117,30 +118,54 @@ def record_engine_launches() -> dict:
     return launches
 
 
+class PerThreadStdout(io.TextIOBase):
+    """sys.stdout for compiling in threads: Triton prints each ptxas report, and each thread keeps its own."""
+
+    def __init__(self):
+        self.local = threading.local()
+
+    def write(self, text: str) -> int:
+        return (getattr(self.local, "buffer", None) or sys.__stdout__).write(text)
+
+
+def compile_variant(variant) -> tuple[str, str]:
+    """(status, the line to print) of one launch compiled for sm_90."""
+    fn, signature, constexprs, aligned, options = variant
+    shown = {k: v for k, v in constexprs.items() if v is not None}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    ptxas_log, registers, spills = io.StringIO(), None, None
+    sys.stdout.local.buffer = ptxas_log
+    try:
+        compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs), target=H100,
+                                  options=options)
+        shared = compiled.metadata.shared
+        spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", ptxas_log.getvalue()))
+        registers = max(map(int, re.findall(r"Used (\d+) registers", ptxas_log.getvalue())), default=None)
+        status = ("ok" if shared <= H100_SHARED_MEMORY and spills <= TOLERATED_SPILL_BYTES
+                  and "spill stores" in ptxas_log.getvalue()
+                  else f"TOO MUCH SHARED MEMORY ({shared} B)" if shared > H100_SHARED_MEMORY
+                  else f"SPILLS {spills} B of registers" if spills else "NO PTXAS LOG (spills unchecked)")
+    except Exception as e:  # noqa: BLE001 - report every variant, then fail
+        status = f"FAILED: {type(e).__name__}: {' '.join(str(e).split())[:500]}"
+    finally:
+        sys.stdout.local.buffer = None
+    pointers = ",".join(t for t in signature.values() if t.startswith("*"))
+    return status, f"{fn.__name__:24s} {status:4s} {registers} regs {spills} B spilled {shown} {options} [{pointers}]"
+
+
 def main() -> int:
     launches = record_engine_launches()
-    failures = 0
-    for fn, signature, constexprs, aligned, options in launches.values():
-        shown = {k: v for k, v in constexprs.items() if v is not None}
-        attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
-        ptxas_log, registers, spills = io.StringIO(), None, None
-        try:
-            with contextlib.redirect_stdout(ptxas_log):
-                compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
-                                          target=H100, options=options)
-            shared = compiled.metadata.shared
-            spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", ptxas_log.getvalue()))
-            registers = max(map(int, re.findall(r"Used (\d+) registers", ptxas_log.getvalue())), default=None)
-            status = ("ok" if shared <= H100_SHARED_MEMORY and spills <= TOLERATED_SPILL_BYTES
-                      and "spill stores" in ptxas_log.getvalue()
-                      else f"TOO MUCH SHARED MEMORY ({shared} B)" if shared > H100_SHARED_MEMORY
-                      else f"SPILLS {spills} B of registers" if spills else "NO PTXAS LOG (spills unchecked)")
-        except Exception as e:  # noqa: BLE001 - report every variant, then fail
-            status = f"FAILED: {type(e).__name__}: {' '.join(str(e).split())[:500]}"
-        failures += status != "ok"
-        pointers = ",".join(t for t in signature.values() if t.startswith("*"))
-        print(f"{fn.__name__:24s} {status:4s} {registers} regs {spills} B spilled {shown} {options} [{pointers}]",
-              flush=True)
+    # Compiling releases the GIL for most of its time (MLIR passes, ptxas in a subprocess): one thread per core
+    # takes CI's two cores about half the serial time.
+    sys.stdout = PerThreadStdout()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            results = list(pool.map(compile_variant, launches.values()))
+    finally:
+        sys.stdout = sys.__stdout__
+    for _, line in results:
+        print(line, flush=True)
+    failures = sum(status != "ok" for status, _ in results)
     print(f"{len(launches)} kernel variants compiled for sm_90 with triton {triton.__version__}: "
           f"{len(launches) - failures} ok, {failures} failed")
     return 1 if failures or not launches else 0
