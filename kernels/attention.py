@@ -369,6 +369,7 @@ def prefill_attention(q, k, v, *, scale: float, out=None) -> torch.Tensor:
         BLOCK_N=block_n,
         num_warps=num_warps,
         num_stages=num_stages,
+        enable_fp_fusion=backend.FP_FUSION,
     )
     return out
 
@@ -501,5 +502,6 @@ def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace) 
         USE_PDL=pdl,
         launch_pdl=pdl,
         num_warps=num_warps,
+        enable_fp_fusion=backend.FP_FUSION,
     )
     return out

@@ -177,5 +177,6 @@ def dequantize(ids: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
         *clusters.stride(),
         BLOCK=block,
         num_warps=4,
+        enable_fp_fusion=False,  # rint(127.5 * (c + 1)) rounds exactly as numpy's
     )
     return pixels

@@ -71,5 +71,5 @@ def embed(ids, wte, wpe, pos, *, seq_len: int, out) -> torch.Tensor:
         pdl = backend.use_pdl(device)
         _embed_kernel[(M,)](ids, wte, wpe, pos, out, seq_len, d, ids.stride(0), out.stride(0),
                             BLOCK_D=triton.next_power_of_2(d), USE_PDL=pdl, launch_pdl=pdl,
-                            num_warps=4 if d <= 1024 else 8)
+                            num_warps=4 if d <= 1024 else 8, enable_fp_fusion=backend.FP_FUSION)
     return out

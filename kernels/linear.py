@@ -416,7 +416,8 @@ def _launch(path, x, norm_weight, weight, bias, out, *, eps=0.0, activation=None
         pos if pos is not None else out,
         M, N, K, x.stride(0), out.stride(0), *weight.stride(), float(eps), seq_len, head_dim, *k_strides, *v_strides,
         HAS_NORM=norm_weight is not None, HAS_BIAS=bias is not None, ACTIVATION=activation, EPILOGUE=epilogue,
-        ONE_PART=epilogue == "qkv" and (N // 3) % config["BLOCK_N"] == 0, USE_PDL=pdl, launch_pdl=pdl, **config,
+        ONE_PART=epilogue == "qkv" and (N // 3) % config["BLOCK_N"] == 0, USE_PDL=pdl, launch_pdl=pdl,
+        enable_fp_fusion=backend.FP_FUSION, **config,
     )
 
 

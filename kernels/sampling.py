@@ -197,4 +197,5 @@ def sample_tokens(
         USE_PDL=pdl,
         launch_pdl=pdl,
         num_warps=num_warps,
+        enable_fp_fusion=backend.FP_FUSION,
     )
