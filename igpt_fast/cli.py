@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -366,9 +367,16 @@ def cmd_convert(args) -> int:
     checkpoint = load_checkpoint(args.source)
     if destination.resolve() == checkpoint.folder.resolve():
         raise UserError("destination must differ from the source folder")
-    save_pretrained(destination, checkpoint.config, checkpoint.state_dict)
-    if (checkpoint.folder / PREPROCESSOR_NAME).is_file():  # verbatim: keeps every processor setting
-        shutil.copyfile(checkpoint.folder / PREPROCESSOR_NAME, destination / PREPROCESSOR_NAME)
+    # Written into a staging folder beside the destination, then moved in file by file: a failure midway (a full
+    # disk) leaves no half-written checkpoint that would load as a broken one.
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=destination.parent, prefix=f".{destination.name}-partial-") as staging:
+        save_pretrained(staging, checkpoint.config, checkpoint.state_dict)
+        if (checkpoint.folder / PREPROCESSOR_NAME).is_file():  # verbatim: keeps every processor setting
+            shutil.copyfile(checkpoint.folder / PREPROCESSOR_NAME, Path(staging) / PREPROCESSOR_NAME)
+        destination.mkdir(exist_ok=True)
+        for written in Path(staging).iterdir():
+            os.replace(written, destination / written.name)
     print(f"wrote {destination / 'config.json'} and model.safetensors "
           f"({checkpoint.config.num_parameters():,} parameters)")
     return 0

@@ -146,6 +146,20 @@ def test_convert_bin_folder_to_safetensors(tmp_path, capsys):
         (source / "preprocessor_config.json").read_text()
 
 
+def test_convert_that_fails_midway_leaves_no_half_written_checkpoint(tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+
+    def disk_full(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    code, _, err = run(["convert", str(demo_model_path()), str(tmp_path / "out")], capsys)
+    assert code == 2 and "No space left on device" in err
+    assert not any(tmp_path.iterdir())  # neither the destination nor the staging folder
+
+
 def test_convert_refuses_an_empty_or_file_destination(tmp_path, capsys, monkeypatch):
     (tmp_path / "taken").write_text("keep")
     monkeypatch.chdir(tmp_path)
