@@ -334,14 +334,18 @@ class ImageGPT:
                  max_new_tokens: int | None = None, do_sample: bool = False, temperature=1.0, top_k=None,
                  top_p=None, num_return_sequences: int = 1, seed: int | None = None,
                  generator: torch.Generator | None = None, return_dict_in_generate: bool = False,
-                 output_logits: bool = False, **unused):
+                 output_logits: bool = False, attention_mask=None, pad_token_id: int | None = None,
+                 use_cache: bool = True, **unused):
         """transformers' call: ids [B, P] (the SOS column, or SOS + pixels to complete) -> LongTensor
         [B, max_length] on the input's device. `pixel_values=` is the older model card's name for input_ids.
         max_length defaults to a whole image (n_positions + 1). Sampling: temperature, then top-k (default 50
         like transformers; 0 or more than the colors keeps them all, as there), then top-p; `seed=` or
         `generator=` (else torch's global RNG) picks the stream, and image b of a seed is the same whatever the
         batch it is generated in. num_return_sequences=n samples n sequences per prompt row, as transformers
-        does: rows b*n .. b*n + n - 1 of the output continue row b (per-row sampling values follow their row)."""
+        does: rows b*n .. b*n + n - 1 of the output continue row b (per-row sampling values follow their row).
+        Arguments transformers code passes to silence its warnings are taken where they change nothing here: an
+        all-ones attention_mask (prompts are never padded), pad_token_id (no sequence ends early, so nothing is
+        padded) and use_cache (the engine always caches; the tokens are the same)."""
         if unused:
             raise ValueError(f"generate() got arguments it does not use: {sorted(unused)}")
         if (input_ids is None) == (pixel_values is None):
@@ -351,11 +355,20 @@ class ImageGPT:
         # Checked up front: a string generator would fail later with "'str' object has no attribute 'device'".
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {generator!r}")
-        _check_bools(return_dict_in_generate=return_dict_in_generate, output_logits=output_logits)
+        _check_bools(return_dict_in_generate=return_dict_in_generate, output_logits=output_logits,
+                     use_cache=use_cache)
+        if pad_token_id is not None:
+            _check_int(pad_token_id, "pad_token_id", -2**63, 2**63, "an int")
         given = input_ids if input_ids is not None else pixel_values
         out_device = given.device if isinstance(given, torch.Tensor) else torch.device("cpu")
         ids = torch.as_tensor(given)
         check_input_ids(ids, self.config)
+        if attention_mask is not None:
+            mask = torch.as_tensor(attention_mask)
+            if mask.shape != ids.shape or not bool((mask == 1).all()):
+                raise ValueError(f"attention_mask must be all ones, shaped like the prompt {list(ids.shape)} "
+                                 f"(igpt-fast does not pad prompts: give rows of one length), got {mask.dtype} "
+                                 f"{list(mask.shape)} with {int((mask != 1).sum())} entries other than 1")
         copies = _check_int(num_return_sequences, "num_return_sequences", 1, math.inf, "an int >= 1")
         if copies > 1 and not do_sample:  # transformers refuses it too: greedy copies would all be the same
             raise ValueError(f"num_return_sequences={copies} needs do_sample=True: greedy decoding returns one "

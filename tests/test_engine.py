@@ -191,6 +191,15 @@ def test_model_card_call_forms(weights):
     assert model.generate(context, max_new_tokens=3, do_sample=True, seed=1).shape == (2, 4)
 
 
+def test_arguments_transformers_code_passes_to_silence_warnings_change_nothing(weights):
+    model = ImageGPT(TINY, weights, backend="torch")
+    prefix = torch.cat([torch.full((2, 1), TINY.sos_token_id), torch.randint(0, TINY.n_clusters, (2, 4))], 1)
+    plain = model.generate(prefix, max_new_tokens=6, do_sample=True, top_k=5, seed=8)
+    quiet = model.generate(prefix, max_new_tokens=6, do_sample=True, top_k=5, seed=8, use_cache=False,
+                           attention_mask=torch.ones_like(prefix), pad_token_id=TINY.sos_token_id)
+    assert torch.equal(quiet, plain)
+
+
 def test_top_k_zero_or_above_the_vocabulary_keeps_every_color_as_in_transformers(weights):
     model = ImageGPT(TINY, weights, backend="torch")
     context = torch.full((2, 1), TINY.sos_token_id)
@@ -248,6 +257,12 @@ def test_generate_does_not_mutate_its_input(weights):
     (dict(input_ids=torch.zeros(2, 1, dtype=torch.long), do_sample=True, top_k=[1, 2, 3]), ValueError,
      "one per row"),
     (dict(input_ids=torch.zeros(1, 1, dtype=torch.long), num_beams=4), ValueError, "num_beams"),
+    (dict(input_ids=torch.zeros(2, 3, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]])),
+     ValueError, r"attention_mask must be all ones, .* got torch.int64 \[2, 3\] with 1 entries other than 1"),
+    (dict(input_ids=torch.zeros(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 2)), ValueError,
+     r"shaped like the prompt \[2, 3\]"),
+    (dict(input_ids=torch.zeros(1, 1, dtype=torch.long), pad_token_id="0"), ValueError, "pad_token_id must be"),
+    (dict(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache="yes"), TypeError, "use_cache must be a bool"),
     (dict(input_ids=torch.zeros(1, 1, dtype=torch.long), do_sample=True, num_return_sequences=0), ValueError,
      "num_return_sequences must be an int >= 1, got 0"),
     (dict(input_ids=torch.zeros(1, 1, dtype=torch.long), num_return_sequences=2), ValueError,
