@@ -174,7 +174,8 @@ def _check_output(path: str, suffix: str, option: str, inputs: list[str] = ()) -
 
 def _check_seeds(args, count: int) -> None:
     """Each batch is seeded with --seed + the index of its first image: all of those must be valid seeds, which is
-    checked here, before any work (the last batch used to fail after the others, naming a seed never given)."""
+    checked here, before any work, with --batch-size (the last batch would otherwise fail after the others,
+    naming a seed never given)."""
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     offset = (count - 1) // args.batch_size * args.batch_size  # the last batch's seed is --seed + offset
@@ -183,9 +184,7 @@ def _check_seeds(args, count: int) -> None:
         raise UserError(f"--seed must be in [-2**63, 2**63 - {offset + 1}]{why if offset else ''}, got {args.seed}")
 
 
-def _sampling_kwargs(args, model) -> dict:
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+def _sampling_kwargs(args, model) -> dict:  # --batch-size: checked by _check_seeds, which every caller runs first
     if args.greedy:
         return {"do_sample": False}
     colors = model.config.n_clusters
