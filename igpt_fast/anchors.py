@@ -188,7 +188,9 @@ class TransformersAnchor:
         if missing or unexpected:
             raise ValueError(f"state dict does not fit transformers' ImageGPT: missing {missing}, "
                              f"unexpected {unexpected}")
-        self.model = model.to(dtype=dtype).eval()
+        # Moved explicitly: building under torch.device(device) is not enough, as ImageGPTLayerNorm (transformers
+        # 5.17) makes its weight with the legacy torch.Tensor(size), which stays on the CPU (seen on an H100).
+        self.model = model.to(device=device, dtype=dtype).eval()
         if cache_implementation == "static":
             # generate() turns the 2D attention mask into a 4D one for a static cache, and ImageGPT's forward
             # flattens any mask to [batch, -1]: transformers 5.17 then fails ("The size of tensor a (T) must match

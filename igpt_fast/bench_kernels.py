@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from igpt_fast.bench_measure import TOP_K, kernel_ms, package_version, wall_ms
+from igpt_fast.bench_measure import TOP_K, graph_kernel_ms, kernel_ms, package_version, wall_ms
 from igpt_fast.config import ImageGPTConfig
 from igpt_fast.decoder import pack_linear
 
@@ -196,8 +196,8 @@ def measure_kernel(case: KernelCase, device: torch.device, copy_bytes_per_s: flo
     """The kernel's time, GB/s and % of the copy floor, and its unfused equivalent's time unless not asked for
     (the sweep varies only the kernel)."""
     with torch.no_grad():
-        ms = kernel_ms(case.fused, device)
-        baseline_ms = kernel_ms(case.unfused, device) if with_baseline else None
+        ms = graph_kernel_ms(case.fused, device)
+        baseline_ms = graph_kernel_ms(case.unfused, device) if with_baseline else None
     return {"ms": ms, "bytes_per_step": case.bytes_moved, "gb_per_s": case.bytes_moved / ms / 1e6,
             "floor_ms": 1e3 * case.bytes_moved / copy_bytes_per_s, "baseline": case.baseline if with_baseline else None,
             "baseline_ms": baseline_ms}

@@ -434,7 +434,10 @@ LAYOUT_IDS = [f"{str(dtype).removeprefix('torch.')}-{'w_nk' if k else 'w_kn'}" f
 @pytest.mark.parametrize("M", [1, 8, 64, 256, 2048])
 @pytest.mark.parametrize("d", [512, 1536])
 def test_full_size_layer_matmuls(device, dtype, M, d, k_contiguous):
-    """Every matmul of an imagegpt-small/large layer, decode batches and a 2-image prefill."""
+    """Every matmul of an imagegpt-small/large layer, decode batches and a 2-image prefill. float32 holds the
+    per-kernel tolerance here, not the exact one: over K = 4d = 2048..6144 IEEE float32 accumulation alone drifts
+    from float64 by up to 3.1e-5 (seen on an H100, the exact tolerance being 1e-5); TF32 would drift ~1e-3."""
+    tolerance = tol("kernel", dtype)
     cases = [  # (K, N, norm, bias, activation): c_fc + quick_gelu, lm_head, plain c_proj-shaped linear
         (d, 4 * d, True, True, "quick_gelu"),
         (d, 512, True, False, None),
@@ -445,12 +448,12 @@ def test_full_size_layer_matmuls(device, dtype, M, d, k_contiguous):
         out = nan_like((M, N), dtype, device)
         norm_linear(x, norm_weight, weight, b, eps=EPS, activation=activation, out=out)
         expected = ref_norm_linear(x, norm_weight, weight, b, EPS, activation)
-        torch.testing.assert_close(out.double(), expected, **tol_for(dtype))
+        torch.testing.assert_close(out.double(), expected, **tolerance)
     x, _, weight, b = make_linear(M, 4 * d, d, dtype, device, norm=False, k_contiguous=k_contiguous)
     residual = torch.randn(M, d, device=device).to(dtype)
     expected = residual.double() + ref_norm_linear(x, None, weight, b, EPS)
     linear_residual(x, weight, b, residual)
-    torch.testing.assert_close(residual.double(), expected, **tol_for(dtype))
+    torch.testing.assert_close(residual.double(), expected, **tolerance)
 
 
 @pytest.mark.gpu
