@@ -12,6 +12,7 @@ import json
 import pathlib
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -356,3 +357,20 @@ def test_cases_that_fail_to_build_are_recorded_and_the_run_goes_on(tmp_path, mon
     assert rows["quantize", "quantize cases"]["note"] == "RuntimeError: no processor", rows
     assert rows["kernel", "sweep [GEMV_NUM_WARPS=4]"]["status"] == "failed", rows
     assert rows["kernel", "norm_qkv [GEMV_NUM_WARPS=8]"]["status"] == "ok", rows
+
+
+def test_the_decode_step_profiler_checks_its_arguments_and_refuses_without_a_gpu():
+    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "profile_step.py"
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
+
+    shown = run("--help")
+    assert shown.returncode == 0 and "--batches" in shown.stdout
+    bad = run("--batches", "1,x")
+    assert bad.returncode == 2 and "--batches must be comma-separated integers, got '1,x'" in bad.stderr
+    too_long = run("--steps", "1024")
+    assert too_long.returncode == 2 and "--steps must be in [1, 1023], got 1024" in too_long.stderr
+    if not torch.cuda.is_available():
+        refused = run("--batches", "1")
+        assert refused.returncode == 2 and "needs a CUDA GPU" in refused.stderr
