@@ -177,7 +177,7 @@ def kernel_ms(fn: Callable, device: torch.device) -> float:
 
 
 GRAPH_CALLS = 10  # calls per captured graph: enough GPU time per replay (~1 ms) that the host's launch is hidden
-L2_FLUSH_BYTES = 256 * 2**20  # over the H100's and H200's 50 MiB L2, as triton's do_bench flushes
+L2_FLUSH_BYTES = 128 * 2**20  # 2.5x the H100's and H200's 50 MiB L2 (do_bench flushes 256 MiB; half the noise)
 
 
 def graph_kernel_ms(fn: Callable, device: torch.device) -> float:
