@@ -95,7 +95,9 @@ _QUANTIZE_CHUNK_ELEMENTS = 1 << 23
 
 def quantize(pixels, clusters) -> torch.Tensor:
     """uint8 [N, H, W, 3] -> int64 [N, H * W], the same float32 arithmetic as the kernel (no FMA)."""
-    x = pixels.reshape(-1, 3).float() / 127.5 - 1.0  # [P, 3] in [-1, 1]
+    # Divided by a tensor, not a Python number: CUDA divides by a host scalar as a multiply by its reciprocal,
+    # which is 1 ulp off the true quotient for some values and flips near-tie ids (seen on an H100).
+    x = pixels.reshape(-1, 3).float() / torch.tensor(127.5, device=pixels.device) - 1.0  # [P, 3] in [-1, 1]
     clusters = clusters.float()
     ids = torch.empty(x.shape[0], dtype=torch.int64, device=pixels.device)
     chunk = max(1, _QUANTIZE_CHUNK_ELEMENTS // clusters.shape[0])
