@@ -41,9 +41,12 @@ _PATHS = (None, "gemv", "dot")
 
 _GEMV_MAX_M = 16  # rows up to which the weight-streaming GEMV path is used
 _MAX_GRID_Y = 65535
-_GEMV_MIN_BLOCK_N = 8  # narrowest column stripe: the fewest [out, in] rows of W one GEMV program streams
-_TARGET_PROGRAMS = 264  # about two programs per SM on an H100 (132 SMs)
-_GEMV_TILE = 8192  # BLOCK_M * BLOCK_K * BLOCK_N elements per GEMV step (64 per thread at 4 warps)
+# Narrowest column stripe: the fewest [out, in] rows of W one GEMV program streams. 4 rather than 8: on an H100
+# (fp16, 2026-11-27) the N = 512 projections then get twice the programs, and mlp c_proj took 8.6 us instead of
+# 13.7 at batch 8 (4.0 instead of 4.8 at batch 1); the other linears were unchanged.
+_GEMV_MIN_BLOCK_N = 4
+_TARGET_PROGRAMS = 264  # about two per SM on an H100 (132 SMs); measured there: 132 is slower at batch 8, 528 the same
+_GEMV_TILE = 8192  # BLOCK_M * BLOCK_K * BLOCK_N elements per GEMV step (64 per thread at 4 warps); 4096: slower (H100)
 _GEMV_NUM_WARPS = 4
 _GROUP_M = 8  # row tiles walked together in the dot path, so W tiles are reused from L2
 # The "qkv" epilogue stores through per-element int64 cache pointers (head_dim is a runtime value, so no contiguity

@@ -203,8 +203,8 @@ QKV_CASES = [
     ("dot", 17, 1, 11, 1, 96),  # decode at batch 17: heuristic picks dot
     ("gemv", 2, 5, 0, 2, 48),  # prefill of 5 positions per sequence
     ("dot", 2, 17, 3, 1, 96),  # a 17-position chunk starting at position 3
-    # d = 12 and 20: column tiles of 8 (GEMV) and 16 (dot) straddle q | k | v (the per-column epilogue)
-    ("gemv", 2, 1, 3, 1, 12),
+    # d = 10 and 20: column tiles of 4 (GEMV) and 16 (dot) straddle q | k | v (the per-column epilogue)
+    ("gemv", 2, 1, 3, 1, 10),
     ("dot", 2, 9, 1, 2, 10),
 ]
 
