@@ -9,7 +9,8 @@ What is measured, per model size, dtype and batch:
   likelihood  model.log_likelihood over whole images (anchor: the reference forward), images/s
   startup     the engine's first generate() in a fresh process, with an empty Triton cache and again with the
               cache that filled (igpt_fast.bench_startup), at the plan's first dtype and batch 8 (else its first)
-  kernels     each Triton kernel of a decode step against its unfused PyTorch equivalent: ms, GB/s, ratio;
+  kernels     each Triton kernel of a decode step against its unfused PyTorch equivalent: ms, GB/s, ratio
+              (at batch 1, 8, 64 and 256 in the core preset; CUDA-graph replays, each call after an L2 flush);
               and quantizing 32x32 images to cluster ids in pixels/s: the kernel, the unfused equivalent and
               transformers' image processor (on the host CPU, its ids checked against the kernel's)
   sweep       (on request: --tasks sweep) the kernels again under other values of each launch heuristic set
@@ -87,11 +88,12 @@ SYSTEM_TASKS = {
     "transformers-static": ("generate",),
 }
 NO_TRITON = "Triton kernels need CUDA (or TRITON_INTERPRET=1 set before the import)"
-# Most important first, so a time limit cuts what matters least: the engine, transformers (the targets' anchor),
-# the engine without PDL (what PDL buys), the kernels, then the rest. On an H100 the core preset's rows took about
+# Most important first, so a time limit cuts what matters least: the engine, transformers (the fp32 target's
+# anchor), the engine without PDL (what PDL buys), the kernels, the compiled reference (performance.md's best
+# anchor, gpt-fast style), then the rest. On an H100 the core preset's rows took about
 # 56 s (engine), 20 s (startup), 45 s (reference-eager) and 13 s and more per compiled anchor.
-STAGES = (ENGINE, "transformers", ENGINE_NO_PDL, "kernels", "transformers-static", "startup", "reference-eager",
-          "reference-compiled")
+STAGES = (ENGINE, "transformers", ENGINE_NO_PDL, "kernels", "reference-compiled", "transformers-static", "startup",
+          "reference-eager")
 STARTUP_BATCH = 8  # the model card's
 
 
@@ -104,15 +106,17 @@ class Preset:
     tasks: tuple[str, ...]
     anchor_steps: int  # decode steps an anchor times (0: whole images)
     runs_at: dict  # system -> "dtype:batch" pairs it runs at ("dtype:*" = every batch); unnamed: everywhere
+    kernel_batches: tuple[int, ...] = ()  # the kernel rows' batches (cheap, so up to 256); empty: `batches`
 
 
 PRESETS = {
     # No igpt-fast-no-pdl on the CPU: there is no PDL to switch off.
     "smoke": Preset(("tiny",), ("float32",), (1, 2), (ENGINE, "reference-eager", "transformers",
                                                        "transformers-static"), PRESET_TASKS, 8, {}),
-    "core": Preset(("small",), ("float16", "float32"), (1, 8, 64), SYSTEMS, PRESET_TASKS, 128,
+    # core: 64 anchor steps (1-2 s of 15-35 ms steps each), so its anchors fit the GPU check's 6 minutes.
+    "core": Preset(("small",), ("float16", "float32"), (1, 8, 64), SYSTEMS, PRESET_TASKS, 64,
                    {"reference-compiled": ("float16:*",), "transformers-static": ("float16:8",),
-                    ENGINE_NO_PDL: ("float16:1", "float16:8")}),
+                    ENGINE_NO_PDL: ("float16:1", "float16:8")}, kernel_batches=(1, 8, 64, 256)),
     "full": Preset(("small", "medium", "large"), ("float16", "bfloat16", "float32"), (1, 8, 64, 256), SYSTEMS,
                    PRESET_TASKS, 128,
                    {"transformers-static": ("float16:8", "float16:64"), ENGINE_NO_PDL: ("float16:*",)}),
@@ -132,6 +136,7 @@ class Plan:
     tasks: tuple[str, ...]
     anchor_steps: int
     runs_at: dict
+    kernel_batches: tuple[int, ...]
     device: torch.device
     backend: str | None
     seed: int
@@ -329,7 +334,7 @@ class Runner:
             dtype = DTYPES[dtype_name]
             if dtype == torch.bfloat16 and device.type == "cpu":
                 continue  # the Triton interpreter has no bfloat16
-            for batch in self.plan.batches:
+            for batch in self.plan.kernel_batches:
                 cases = self.cases_or_failure("kernel", "all kernels", model_name, dtype_name, batch, kernel_cases,
                                               config, dtype, batch, device, self.plan.seed,
                                               with_dtype_free=i == 0) or []
@@ -399,7 +404,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--systems", type=_list(str, SYSTEMS), help="override the preset's systems: " + ",".join(SYSTEMS))
     p.add_argument("--tasks", type=_list(str, TASKS), help="override the preset's tasks: " + ",".join(TASKS))
     p.add_argument("--anchor-steps", type=int, help="decode steps an anchor times, from the middle of the image, "
-                   "then extrapolates (0: whole images; presets: smoke 8, core/full 128)")
+                   "then extrapolates (0: whole images; presets: smoke 8, core 64, full 128)")
     p.add_argument("--compiled-at", help="where the compiled anchors run: 'all' or dtype:batch pairs such as "
                    "float16:8,float32:* (presets limit them: each compiles for 15-30 s)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available, but cpu for the smoke preset)")
@@ -435,8 +440,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         batches=tuple(sorted(args.batches or preset.batches)), systems=args.systems or preset.systems,
         tasks=args.tasks or preset.tasks,
         anchor_steps=preset.anchor_steps if args.anchor_steps is None else args.anchor_steps,
-        runs_at=runs_at, device=device, backend=args.backend, seed=args.seed,
-        time_limit_s=args.time_limit)
+        runs_at=runs_at, kernel_batches=tuple(sorted(args.batches or preset.kernel_batches or preset.batches)),
+        device=device, backend=args.backend, seed=args.seed, time_limit_s=args.time_limit)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -243,6 +243,9 @@ def test_default_preset_is_core_on_a_gpu_and_smoke_without(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     plan = benchmark.make_plan(benchmark.parse_args([]))
     assert plan.models == ("small",) and plan.batches == (1, 8, 64) and plan.device == torch.device("cuda")
+    assert plan.kernel_batches == (1, 8, 64, 256)  # the kernel rows are cheap: the issues' batch 256 too
+    plan = benchmark.make_plan(benchmark.parse_args(["--batches", "8,1"]))
+    assert plan.batches == plan.kernel_batches == (1, 8)  # --batches names every row's batches
 
 
 def test_cli_help_and_bad_arguments(capsys, tmp_path):
