@@ -113,13 +113,13 @@ stage benchmark - benchmark
 # Where a decode step's GPU time goes, per kernel (fp16, batch 1, 8, 64): about 20 s.
 stage profile profile.txt timeout -k 5 60 python3 benchmarks/profile_step.py --batches 1,8,64 --steps 128
 
-# On request (IGPT_FAST_SWEEP=1) and with time left of the 6 minutes, the launch-heuristic sweep (fp16, batch 1
-# and 8; sweep/ in OUT_DIR): the kernels under each alternative value of the constants not yet settled on a GPU.
+# On request (IGPT_FAST_SWEEP=1) and with time left of the 6 minutes, the launch-heuristic sweep (fp16, batch 1,
+# 8, 64; sweep/ in OUT_DIR): the kernels under each alternative value of the constants not yet settled on a GPU.
 if [ "${IGPT_FAST_SWEEP:-0}" = 1 ]; then
     sweep_budget=$((345 - SECONDS))
     if [ $sweep_budget -ge 45 ]; then
         stage sweep sweep.log timeout -k 5 $sweep_budget python3 -m igpt_fast.benchmark --tasks sweep \
-            --dtypes float16 --batches 1,8 --systems igpt-fast --out "$OUT/sweep" --time-limit $((sweep_budget - 20))
+            --dtypes float16 --batches 1,8,64 --systems igpt-fast --out "$OUT/sweep" --time-limit $((sweep_budget - 20))
     else
         echo "== sweep skipped: ${sweep_budget} s left of the 6 minutes"
     fi

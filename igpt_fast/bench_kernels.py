@@ -31,18 +31,33 @@ SMOKE_QUANTIZE_IMAGES = dict.fromkeys(QUANTIZE_IMAGES, 4)  # the Triton interpre
 NEAR_TIE = 1e-5
 
 
-# Launch heuristics not yet settled on a GPU, for the sweep to measure one at a time (the others at their
-# defaults, which are among the values): (module, constant, values, names of the kernel cases it changes start
-# with one of these). Settled on an H100 (2026-11-27) and so left out: the weight layout, _TARGET_PROGRAMS,
-# _GEMV_TILE below 8192 and _GEMV_MIN_BLOCK_N above 8 (see their comments).
+@dataclass(frozen=True)
+class Sweep:
+    """A launch heuristic to time under each of `values` (its default among them): the kernel cases whose names
+    start with one of `cases`, at the plan's batches that lie in `batches` (where the heuristic is read)."""
+
+    module: str
+    constant: str
+    values: tuple
+    cases: tuple[str, ...]
+    batches: range
+
+
 _LINEAR_CASES = ("norm_qkv", "linear_residual", "norm_linear")
+GEMV_BATCHES, DOT_BATCHES, ALL_BATCHES = range(1, 17), range(17, 257), range(1, 257)  # kernels.linear's _GEMV_MAX_M
+# Launch heuristics not yet settled on a GPU, for the sweep to measure one at a time (the others at their
+# defaults). Settled on an H100 (2026-11-27) and so left out: the weight layout, _TARGET_PROGRAMS, _GEMV_TILE below
+# 8192 and _GEMV_MIN_BLOCK_N above 8 (see their comments).
 SWEEPS = (
-    ("igpt_fast.kernels.linear", "_GEMV_MIN_BLOCK_N", (2, 4, 8), _LINEAR_CASES),
-    ("igpt_fast.kernels.linear", "_GEMV_TILE", (8192, 16384), _LINEAR_CASES),
-    ("igpt_fast.kernels.linear", "_GEMV_NUM_WARPS", (4, 8), _LINEAR_CASES),
-    ("igpt_fast.kernels.attention", "_DECODE_TARGET_PROGRAMS", (256, 512, 1024), ("decode_attention",)),
-    ("igpt_fast.kernels.attention", "_DECODE_PREFETCH", (True, False), ("decode_attention",)),
-    ("igpt_fast.kernels.attention", "_DECODE_PER_LANE_SOFTMAX", (True, False), ("decode_attention",)),
+    Sweep("igpt_fast.kernels.linear", "_GEMV_MIN_BLOCK_N", (2, 4, 8), _LINEAR_CASES, GEMV_BATCHES),
+    Sweep("igpt_fast.kernels.linear", "_GEMV_TILE", (8192, 16384), _LINEAR_CASES, GEMV_BATCHES),
+    Sweep("igpt_fast.kernels.linear", "_GEMV_NUM_WARPS", (4, 8), _LINEAR_CASES, GEMV_BATCHES),
+    Sweep("igpt_fast.kernels.linear", "_DOT_SMALL_TILE_BLOCK_K", (64, 128, 256), _LINEAR_CASES, DOT_BATCHES),
+    Sweep("igpt_fast.kernels.attention", "_DECODE_TARGET_PROGRAMS", (256, 512, 1024), ("decode_attention",),
+          ALL_BATCHES),
+    Sweep("igpt_fast.kernels.attention", "_DECODE_PREFETCH", (True, False), ("decode_attention",), ALL_BATCHES),
+    Sweep("igpt_fast.kernels.attention", "_DECODE_PER_LANE_SOFTMAX", (True, False), ("decode_attention",),
+          ALL_BATCHES),
 )
 
 

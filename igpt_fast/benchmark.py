@@ -13,8 +13,9 @@ What is measured, per model size, dtype and batch:
               (at batch 1, 8, 64 and 256 in the core preset; CUDA-graph replays, each call after an L2 flush);
               and quantizing 32x32 images to cluster ids in pixels/s: the kernel, the unfused equivalent and
               transformers' image processor (on the host CPU, its ids checked against the kernel's)
-  sweep       (on request: --tasks sweep) the kernels again under other values of each launch heuristic set
-              without a GPU (bench_kernels.SWEEPS), one at a time, at batches up to 16: rows "kernel [constant=v]"
+  sweep       (on request: --tasks sweep) the kernels again under other values of each launch heuristic not
+              yet settled on a GPU (bench_kernels.SWEEPS), one at a time, at the batches where it is read:
+              rows "kernel [constant=v]"
 The engine also runs as igpt-fast-no-pdl (generate only): its kernels launched without programmatic dependent
 launch, which on sm_90+ is otherwise on, so the table shows what PDL buys at small batch.
 A decode step at position p must move the weights (embeddings but for the rows it reads) and the K, V of p + 1
@@ -352,15 +353,16 @@ class Runner:
 
     def run_sweep(self, config: ImageGPTConfig, model_name: str) -> None:
         """Kernel rows under each value of each launch heuristic in SWEEPS (named "kernel [constant=value]"),
-        at the plan's first dtype and its batches up to 16 (the GEMV path and split decode)."""
+        at the plan's first dtype and those of its batches where the heuristic is read."""
         device, dtype_name = self.plan.device, self.plan.dtypes[0]
         if not use_triton(device):
             self.record(Result("kernel", "sweep", model_name, "-", 0, status="skipped", note=NO_TRITON))
             return
-        for module, constant, values, case_names in SWEEPS:
-            for value in values:
-                with heuristic(module, constant, value):
-                    for batch in [b for b in self.plan.batches if b <= 16]:
+        for sweep in SWEEPS:
+            constant, case_names = sweep.constant, sweep.cases
+            for value in sweep.values:
+                with heuristic(sweep.module, constant, value):
+                    for batch in [b for b in self.plan.batches if b in sweep.batches]:
                         cases = self.cases_or_failure(
                             "kernel", f"sweep [{constant.strip('_')}={value}]", model_name, dtype_name, batch,
                             kernel_cases, config, DTYPES[dtype_name], batch, device, self.plan.seed,

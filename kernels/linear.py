@@ -49,6 +49,10 @@ _TARGET_PROGRAMS = 264  # about two per SM on an H100 (132 SMs); measured there:
 _GEMV_TILE = 8192  # BLOCK_M * BLOCK_K * BLOCK_N elements per GEMV step (64 per thread at 4 warps); 4096: slower (H100)
 _GEMV_NUM_WARPS = 4
 _GROUP_M = 8  # row tiles walked together in the dot path, so W tiles are reused from L2
+# K step of the dot path's small 16-bit tiles (at most 32 x 32: decode batches of 17..64, where the serial K loop,
+# not the tile's arithmetic, is the time): 64 like every other tile. On an H100 at batch 64, mlp c_proj (K = 4d)
+# took 13.5 us against 5.3 for attn c_proj (K = d): 128 or 256 would halve or quarter its K steps (the sweep's).
+_DOT_SMALL_TILE_BLOCK_K = 64
 # The "qkv" epilogue stores through per-element int64 cache pointers (head_dim is a runtime value, so no contiguity
 # is provable): compiled for sm_90, its 128 x 128 dot tile spills 0.9-3 KB of registers per thread (every dtype);
 # 128 x 64 spills none in 16-bit and 24 B in float32. Large prefills (M >= 1024 at imagegpt-large) would get 128 x 128.
@@ -308,7 +312,11 @@ def _dot_config(M: int, N: int, K: int, dtype: torch.dtype, max_block_n: int = 1
             block_n //= 2
         else:
             break
-    block_k = min(32 if dtype == torch.float32 else 64, max(triton.next_power_of_2(K), 16))
+    if dtype == torch.float32:
+        block_k = 32
+    else:
+        block_k = _DOT_SMALL_TILE_BLOCK_K if block_m * block_n <= 32 * 32 else 64
+    block_k = min(block_k, max(triton.next_power_of_2(K), 16))
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=_GROUP_M,
                 num_warps=8 if block_m * block_n >= 128 * 64 else 4, num_stages=3, grid=(tiles,))

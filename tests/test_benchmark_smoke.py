@@ -273,9 +273,12 @@ def test_sweep_measures_each_heuristic_value_and_restores_the_default(tmp_path):
     rows = [r for r in json.loads((tmp_path / "results.json").read_text())["results"] if r["task"] == "kernel"]
     names = [c.name for c in bench_kernels.kernel_cases(bench_measure.MODELS["tiny"], torch.float32, 1,
                                                         torch.device("cpu"), 0, with_dtype_free=False)]
-    expected = {f"{name} [{constant.strip('_')}={value}]" for _, constant, values, prefixes in bench_kernels.SWEEPS
-                for value in values for name in names if name.startswith(prefixes)}
-    assert len(expected) == (3 + 2 + 2) * 5 + (3 + 2 + 2) * 2  # five linear kernels, decode attention twice
+    expected = {f"{name} [{sweep.constant.strip('_')}={value}]" for sweep in bench_kernels.SWEEPS if 1 in sweep.batches
+                for value in sweep.values for name in names if name.startswith(sweep.cases)}
+    # at batch 1: the GEMV heuristics on five linear kernels, the decode ones on two attention cases; not the dot's
+    assert len(expected) == (3 + 2 + 2) * 5 + (3 + 2 + 2) * 2
+    assert bench_kernels.GEMV_BATCHES == range(1, linear._GEMV_MAX_M + 1)
+    assert bench_kernels.DOT_BATCHES.start == linear._GEMV_MAX_M + 1
     assert {r["system"] for r in rows} == expected and len(rows) == len(expected)
     assert all(r["status"] == "ok" and r["ms"] > 0 for r in rows), [r for r in rows if r["status"] != "ok"]
     with bench_kernels.heuristic("igpt_fast.kernels.linear", "_GEMV_MIN_BLOCK_N", 32):
@@ -350,7 +353,8 @@ def test_cases_that_fail_to_build_are_recorded_and_the_run_goes_on(tmp_path, mon
 
     monkeypatch.setattr(benchmark, "kernel_cases", kernel_cases)
     monkeypatch.setattr(benchmark, "quantize_cases", quantize_cases)
-    monkeypatch.setattr(benchmark, "SWEEPS", (("igpt_fast.kernels.linear", "_GEMV_NUM_WARPS", (4, 8), ("norm_qkv",)),))
+    monkeypatch.setattr(benchmark, "SWEEPS", (bench_kernels.Sweep("igpt_fast.kernels.linear", "_GEMV_NUM_WARPS", (4, 8),
+                                                                 ("norm_qkv",), bench_kernels.GEMV_BATCHES),))
     with contextlib.redirect_stdout(io.StringIO()):
         code = benchmark.main(["--sizes", "smoke", "--tasks", "kernels,sweep", "--batches", "1", "--device", "cpu",
                                "--systems", "igpt-fast", "--out", str(tmp_path)])

@@ -290,6 +290,22 @@ def test_gemv_streams_each_column_once(N):
     assert _gemv_config(1, N, 512)["grid"][0] >= min(N // 8, _TARGET_PROGRAMS // 2)
 
 
+@pytest.mark.parametrize("block_k", [128, 256])
+def test_dot_small_tiles_with_deeper_k_steps(device, monkeypatch, block_k):
+    """The sweep's alternative K steps for small 16-bit dot tiles: chosen for 17..64 rows, and still right."""
+    monkeypatch.setattr(linear, "_DOT_SMALL_TILE_BLOCK_K", block_k)
+    assert _dot_config(64, 512, 2048, torch.float16)["BLOCK_K"] == block_k
+    assert _dot_config(64, 512, 2048, torch.float32)["BLOCK_K"] == 32  # float32 keeps its own
+    assert _dot_config(2048, 512, 2048, torch.float16)["BLOCK_K"] == 64  # a prefill's large tiles too
+    # 17 x 96 is one 16 x 16 tile per program; K = 640 ends in a ragged step of 128 (and of 256)
+    assert _dot_config(17, 96, 640, torch.float16)["BLOCK_K"] == block_k
+    x, _, weight, b = make_linear(17, 640, 96, torch.float16, device, norm=False, k_contiguous=True)
+    residual = torch.randn(17, 96, device=device).half()
+    expected = residual.double() + ref_norm_linear(x, None, weight, b, EPS)
+    linear_residual(x, weight, b, residual, path="dot")
+    torch.testing.assert_close(residual.double(), expected, **tol_for(torch.float16))
+
+
 @pytest.mark.parametrize("M", [17, 64, 256])
 def test_dot_tiles_fill_the_gpu_at_decode_batches(M):
     """imagegpt-small c_proj (N = 512): tiles shrink until enough programs exist."""
