@@ -110,8 +110,11 @@ benchmark() {
 }
 stage benchmark - benchmark
 
-# Where a decode step's GPU time goes, per kernel (fp16, batch 1, 8, 64): about 20 s.
-stage profile profile.txt timeout -k 5 60 python3 benchmarks/profile_step.py --batches 1,8,64 --steps 128
+# Where a decode step's GPU time goes, per kernel (fp16, batch 1, 8, 64): about 20 s. Without PDL, so that each
+# kernel's duration is its own (with PDL it includes waiting for its predecessor); the step's wall with PDL is in
+# the benchmark's table.
+stage profile profile.txt env IGPT_FAST_PDL=0 timeout -k 5 60 python3 benchmarks/profile_step.py --batches 1,8,64 \
+    --steps 128
 
 # On request (IGPT_FAST_SWEEP=1) and with time left of the 6 minutes, the launch-heuristic sweep (fp16, batch 1,
 # 8, 64; sweep/ in OUT_DIR): the kernels under each alternative value of the constants not yet settled on a GPU.

@@ -3,6 +3,10 @@ launches and GPU microseconds per decode step, and the step's wall time beside t
 is gaps between launches). Needs a CUDA GPU; random weights of the named model size.
 
     python benchmarks/profile_step.py --model small --dtype float16 --batches 1,8,64 --steps 128
+
+With programmatic dependent launch (on by default from sm_90) a kernel starts while its predecessor drains and
+its profiled duration includes that wait, so the kernels' sum can exceed the wall (seen on an H100: 133-165%).
+IGPT_FAST_PDL=0 gives each kernel's own time, as the GPU check runs it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from igpt_fast.backend import use_pdl
 from igpt_fast.bench_measure import DTYPES, MODELS, TOP_K, random_weights
 from igpt_fast.model import ImageGPT
 
@@ -83,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     config, dtype = MODELS[args.model], DTYPES[args.dtype]
     weights = random_weights(config, args.seed, torch.device("cuda"))
     model = ImageGPT(config, weights, dtype=dtype, device="cuda", max_batch=max(args.batches))
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.model} {args.dtype}")
+    pdl = "on" if use_pdl(torch.device("cuda")) else "off"
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.model} {args.dtype}, PDL {pdl}")
     for batch in args.batches:
         profile_batch(model, batch, args.steps, args.seed)
     return 0
