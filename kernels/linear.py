@@ -48,6 +48,11 @@ _GEMV_MIN_BLOCK_N = 4
 _TARGET_PROGRAMS = 264  # about two per SM on an H100 (132 SMs); measured there: 132 is slower at batch 8, 528 the same
 _GEMV_TILE = 8192  # BLOCK_M * BLOCK_K * BLOCK_N elements per GEMV step (64 per thread at 4 warps); 4096: slower (H100)
 _GEMV_NUM_WARPS = 4
+# W blocks a GEMV program has in flight ahead of the one it multiplies. From batch 2 a K step is BLOCK_K =
+# _GEMV_TILE / (BLOCK_M * BLOCK_N) wide, so K takes several steps (8 for mlp c_proj at batch 8), and on an H100 each
+# step beyond the first cost about 1 us at batch 8, as if each waited out a memory round trip; 2 would keep two
+# reads in flight (the sweep's). At batch 1 K takes one step and the depth changes nothing.
+_GEMV_PREFETCH = 1
 _GROUP_M = 8  # row tiles walked together in the dot path, so W tiles are reused from L2
 # K step of the dot path's small 16-bit tiles (at most 32 x 32: decode batches of 17..64, where the serial K loop,
 # not the tile's arithmetic, is the time): 64 like every other tile. On an H100 at batch 64, mlp c_proj (K = 4d)
@@ -165,15 +170,16 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PREFETCH: tl.constexpr,  # 1 or 2: W blocks loaded ahead of the one in use
 ):
     """Grid (column stripes, row blocks). Products on CUDA cores in float32 (exact for float32 inputs).
 
-    W is read one block ahead of its use: the first block before waiting on the previous kernel (weights are
-    never written during a step, so under programmatic dependent launch that read overlaps the previous kernel),
-    then each iteration loads the next block before computing with the current one. It is loaded as the
-    [1, BLOCK_K, BLOCK_N] slab of the product, so the product takes the load's vectorized layout: compiled for
-    sm_90 with K-contiguous W, the loop has 1-2 layout conversions (shared-memory round trips) instead of 3-4,
-    and from batch 8 the sum over K stays inside a warp.
+    W is read PREFETCH blocks ahead of its use: the first blocks before waiting on the previous kernel (weights
+    are never written during a step, so under programmatic dependent launch that read overlaps the previous
+    kernel), then each iteration loads the block PREFETCH ahead before computing with the current one. Each is
+    loaded as the [1, BLOCK_K, BLOCK_N] slab of the product, so the product takes the load's vectorized layout:
+    compiled for sm_90 with K-contiguous W, the loop has 1-2 layout conversions (shared-memory round trips)
+    instead of 3-4, and from batch 8 the sum over K stays inside a warp.
     """
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -182,6 +188,10 @@ def _gemv_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     w_next = tl.load(w_ptr + offs_k[None, :, None] * stride_wk + offs_n[None, None, :] * stride_wn,
                      mask=(offs_k < K)[None, :, None] & n_mask[None, None, :], other=0.0)
+    if PREFETCH == 2:
+        offs_k = BLOCK_K + tl.arange(0, BLOCK_K)
+        w_after = tl.load(w_ptr + offs_k[None, :, None] * stride_wk + offs_n[None, None, :] * stride_wn,
+                          mask=(offs_k < K)[None, :, None] & n_mask[None, None, :], other=0.0)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()  # the previous kernel's writes (x, the residual, the cache) are visible after this
         tl.extra.cuda.gdc_launch_dependents()
@@ -191,9 +201,14 @@ def _gemv_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         w = w_next.to(tl.float32)
-        ahead = offs_k + BLOCK_K  # past K on the last iteration: fully masked, no memory traffic
-        w_next = tl.load(w_ptr + ahead[None, :, None] * stride_wk + offs_n[None, None, :] * stride_wn,
-                         mask=(ahead < K)[None, :, None] & n_mask[None, None, :], other=0.0)
+        ahead = offs_k + PREFETCH * BLOCK_K  # past K on the last iterations: fully masked, no memory traffic
+        w_ahead = tl.load(w_ptr + ahead[None, :, None] * stride_wk + offs_n[None, None, :] * stride_wn,
+                          mask=(ahead < K)[None, :, None] & n_mask[None, None, :], other=0.0)
+        if PREFETCH == 2:
+            w_next = w_after
+            w_after = w_ahead
+        else:
+            w_next = w_ahead
         x = tl.load(
             x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
             mask=row_mask[:, None] & k_mask[None, :], other=0.0,
@@ -295,8 +310,8 @@ def _gemv_config(M: int, N: int, K: int) -> dict:
     # Column stripes: enough of them that about _TARGET_PROGRAMS programs each stream a disjoint part of W.
     block_n = min(max(triton.next_power_of_2(triton.cdiv(N * row_blocks, _TARGET_PROGRAMS)), _GEMV_MIN_BLOCK_N), 128)
     block_k = min(max(_GEMV_TILE // (block_m * block_n), 16), max(triton.next_power_of_2(K), 16))
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_GEMV_NUM_WARPS,
-                grid=(triton.cdiv(N, block_n), row_blocks))
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=_GEMV_PREFETCH,
+                num_warps=_GEMV_NUM_WARPS, grid=(triton.cdiv(N, block_n), row_blocks))
 
 
 def _dot_config(M: int, N: int, K: int, dtype: torch.dtype, max_block_n: int = 128) -> dict:

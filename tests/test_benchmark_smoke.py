@@ -276,7 +276,7 @@ def test_sweep_measures_each_heuristic_value_and_restores_the_default(tmp_path):
     expected = {f"{name} [{sweep.constant.strip('_')}={value}]" for sweep in bench_kernels.SWEEPS if 1 in sweep.batches
                 for value in sweep.values for name in names if name.startswith(sweep.cases)}
     # at batch 1: the GEMV heuristics on five linear kernels, the decode ones on two attention cases; not the dot's
-    assert len(expected) == (3 + 2 + 2) * 5 + (3 + 2 + 2) * 2
+    assert len(expected) == (3 + 2 + 2 + 2) * 5 + (3 + 2 + 2) * 2
     assert bench_kernels.GEMV_BATCHES == range(1, linear._GEMV_MAX_M + 1)
     assert bench_kernels.DOT_BATCHES.start == linear._GEMV_MAX_M + 1
     assert {r["system"] for r in rows} == expected and len(rows) == len(expected)

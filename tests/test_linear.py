@@ -71,7 +71,7 @@ NORM_LINEAR_CASES = [
     ("gemv", 1, 96, 160),
     ("gemv", 3, 160, 640),
     ("gemv", 17, 96, 160),  # forced GEMV over two row blocks
-    ("gemv", 16, 200, 96),  # W read one block ahead over four K blocks of 64, the last one ragged
+    ("gemv", 16, 450, 96),  # W read ahead over four K blocks of 128, the last one ragged
     ("dot", 1, 96, 160),  # forced dot with a 1-row tile
     ("dot", 17, 160, 640),
     ("dot", 129, 96, 160),
@@ -92,6 +92,22 @@ def test_norm_linear_quick_gelu(device, path, M, K, N, k_contiguous):
     torch.testing.assert_close(out.double(), expected, **tol("exact", torch.float32))
     for before, after in zip(inputs, (x, norm_weight, weight, bias), strict=True):
         assert torch.equal(before, after), "norm_linear modified an input"
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 96, 160), (3, 600, 160), (16, 450, 96)])  # 1, 2 and 4 K blocks
+def test_gemv_with_two_blocks_in_flight(device, monkeypatch, M, K, N):
+    """The sweep's deeper GEMV prefetch (two W blocks ahead) computes the same, for one K block or several."""
+    monkeypatch.setattr(linear, "_GEMV_PREFETCH", 2)
+    assert linear._gemv_config(M, N, K)["PREFETCH"] == 2
+    x, norm_weight, weight, bias = make_linear(M, K, N, torch.float32, device, k_contiguous=True)
+    out = nan_like((M, N), torch.float32, device)
+    norm_linear(x, norm_weight, weight, bias, eps=EPS, activation="quick_gelu", out=out, path="gemv")
+    expected = ref_norm_linear(x, norm_weight, weight, bias, EPS, "quick_gelu")
+    torch.testing.assert_close(out.double(), expected, **tol("exact", torch.float32))
+    residual = torch.randn(M, N, device=device)
+    expected = residual.double() + ref_norm_linear(x, None, weight, bias, EPS)
+    linear_residual(x, weight, bias, residual, path="gemv")
+    torch.testing.assert_close(residual.double(), expected, **tol("exact", torch.float32))
 
 
 @pytest.mark.parametrize("path", ["gemv", "dot"])
