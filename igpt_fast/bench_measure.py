@@ -185,12 +185,15 @@ def graph_kernel_ms(fn: Callable, device: torch.device) -> float:
     calls, each after an L2 flush (a decode step finds its weights outside L2), captured in one CUDA graph, minus
     a graph of the flushes alone, per call. do_bench's events around each call count the host's launch time
     whenever the host is slower than the kernel: on an H100 it timed the same decode kernels at either ~11 us or
-    50-70 us. Falls back to kernel_ms (said on stderr) where fn cannot be captured, and off CUDA."""
+    50-70 us. The flush reads a buffer rather than writing one (as do_bench does): written, it leaves L2 full of
+    dirty lines that the kernel's first reads must write back, a cost a decode step, whose L2 holds mostly clean
+    weights, does not pay. Falls back to kernel_ms (said on stderr) where fn cannot be captured, and off CUDA."""
     if device.type != "cuda":
         return kernel_ms(fn, device)
     from triton.testing import do_bench
 
-    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+    flush = torch.ones(L2_FLUSH_BYTES // 4, dtype=torch.float32, device=device)
+    flush_sum = torch.empty((), dtype=torch.float32, device=device)
     fn()  # compile and autotune outside the capture
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
@@ -202,10 +205,10 @@ def graph_kernel_ms(fn: Callable, device: torch.device) -> float:
     try:
         with torch.cuda.graph(flushes):
             for _ in range(GRAPH_CALLS):
-                flush.zero_()
+                torch.sum(flush, dim=0, out=flush_sum)
         with torch.cuda.graph(calls):
             for _ in range(GRAPH_CALLS):
-                flush.zero_()
+                torch.sum(flush, dim=0, out=flush_sum)
                 fn()
     except RuntimeError as e:  # a host sync or an unsupported op inside fn
         torch.cuda.synchronize(device)
