@@ -78,7 +78,8 @@ fi
 
 gpu_tests() {  # four pytest processes at once (engine, linear, attention, the rest), 100 s each: the time goes to
     # Triton compiling a hundred-odd kernel variants, on the CPU, so four processes on 16 cores finish in about a
-    # quarter of one's time. -v: each test's outcome is logged as it ends, so a timeout still shows which passed.
+    # quarter of one's time. -v: each test's outcome is logged as it ends, so a timeout still shows which passed;
+    # -rP: what passing tests print (the measures they state: KL, agreement, memory growth) lands in the log.
     local group pids=() rc=0
     for group in engine linear attention rest; do
         if [ $group = rest ]; then
@@ -86,7 +87,7 @@ gpu_tests() {  # four pytest processes at once (engine, linear, attention, the r
         else
             set -- tests/test_$group.py
         fi
-        timeout -k 10 100 python3 -m pytest -m gpu "$@" -v --durations=5 >"$OUT/gpu_tests_$group.log" 2>&1 &
+        timeout -k 10 100 python3 -m pytest -m gpu "$@" -v -rP --durations=5 >"$OUT/gpu_tests_$group.log" 2>&1 &
         pids+=($!)
     done
     for pid in "${pids[@]}"; do
@@ -96,7 +97,8 @@ gpu_tests() {  # four pytest processes at once (engine, linear, attention, the r
         echo "-- $group"
         cat "$OUT/gpu_tests_$group.log"
     done >"$OUT/gpu_tests.log"
-    grep -E "^-- | passed| failed| skipped|error|FAILED|ERROR|s (call|setup) " "$OUT/gpu_tests.log" | tail -n 60
+    grep -E "^-- | passed| failed| skipped|error|FAILED|ERROR|s (call|setup) |KL\(|agreement|memory growth|on this card" \
+        "$OUT/gpu_tests.log" | tail -n 70
     return $rc
 }
 stage gpu-tests - gpu_tests
