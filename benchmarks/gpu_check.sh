@@ -6,12 +6,12 @@
 #
 # For a machine where torch, triton and transformers are installed and nothing can be downloaded. Everything
 # lands in OUT_DIR: env.txt, install.log, demo.log, demo_grid.png, gpu_tests.log (and one log per test process),
-# benchmark.log, results.json, summary.txt, images_per_s.png, profile.txt, and (IGPT_FAST_SWEEP=1, time
-# allowing) sweep.log and sweep/. Budget, about 6 minutes on an H100 (the two runs of 2026-11-27 took 332 and
-# 341 s, sweep included): install <= 60 s (about 10 s in practice), the main job on the shipped demo model <= 40 s
-# (5-8 s), tests <= 100 s (four processes at once; 64 s), benchmark <= 240 s (it starts no measurement after 200 s
-# and rewrites results.json after each one, so a cut-short run still reports), the decode-step profile <= 60 s,
-# and, only with IGPT_FAST_SWEEP=1, the sweep with what is left.
+# benchmark.log, results.json, summary.txt, images_per_s.png, pytest_benchmark.log, profile.txt, and
+# (IGPT_FAST_SWEEP=1, time allowing) sweep.log and sweep/. Budget, about 6 minutes on an H100 (the two runs of
+# 2026-11-27 took 332 and 341 s, sweep included): install <= 60 s (about 10 s in practice), the main job on the shipped demo model <= 40 s
+# (5-8 s), tests <= 100 s (four processes at once; 64 s), benchmark <= 230 s (it starts no measurement after 185 s
+# and rewrites results.json after each one, so a cut-short run still reports), one test of each pytest-benchmark
+# file <= 60 s, the decode-step profile <= 60 s, and, only with IGPT_FAST_SWEEP=1, the sweep with what is left.
 # The demo job is also the probe of programmatic dependent launch (on by default from sm_90): if it fails with PDL
 # and passes without, the rest runs with IGPT_FAST_PDL=0 (said loudly, and the check fails).
 # A failing stage does not stop the later ones; the exit status says whether any failed.
@@ -104,13 +104,19 @@ gpu_tests() {  # four pytest processes at once (engine, linear, attention, the r
 stage gpu-tests - gpu_tests
 
 benchmark() {
-    timeout -k 10 240 python3 -m igpt_fast.benchmark --sizes core --out "$OUT" --time-limit 200 \
+    timeout -k 10 230 python3 -m igpt_fast.benchmark --sizes core --out "$OUT" --time-limit 185 \
         >"$OUT/benchmark.log" 2>&1
     local rc=$?
     grep -E "failed|Traceback" "$OUT/benchmark.log" | head -n 20
     return $rc
 }
 stage benchmark - benchmark
+
+# The pytest-benchmark files, one test each (the whole suite is a long run of its own): that they run here.
+stage pytest-benchmark pytest_benchmark.log timeout -k 5 60 python3 -m pytest -m gpu -q \
+    "benchmarks/test_bench_generation.py::test_igpt_fast_decode_steps[float16-8]" \
+    "benchmarks/test_bench_kernels.py::test_kernel[norm_linear (ln_2, c_fc, gelu)-triton-float16-8]" \
+    "benchmarks/test_bench_kernels.py::test_quantize_throughput[kernel]"
 
 # Where a decode step's GPU time goes, per kernel (fp16, batch 1, 8, 64): about 20 s. Without PDL, so that each
 # kernel's duration is its own (with PDL it includes waiting for its predecessor); the step's wall with PDL is in
