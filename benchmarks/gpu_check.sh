@@ -8,10 +8,11 @@
 # lands in OUT_DIR: env.txt, install.log, demo.log, demo_grid.png, gpu_tests.log (and one log per test process),
 # benchmark.log, results.json, summary.txt, images_per_s.png, pytest_benchmark.log, profile.txt, and
 # (IGPT_FAST_SWEEP=1, time allowing) sweep.log and sweep/. Budget, about 6 minutes on an H100 (the two runs of
-# 2026-11-27 took 332 and 341 s, sweep included): install <= 60 s (about 10 s in practice), the main job on the shipped demo model <= 40 s
-# (5-8 s), tests <= 100 s (four processes at once; 64 s), benchmark <= 230 s (it starts no measurement after 185 s
-# and rewrites results.json after each one, so a cut-short run still reports), one test of each pytest-benchmark
-# file <= 60 s, the decode-step profile <= 60 s, and, only with IGPT_FAST_SWEEP=1, the sweep with what is left.
+# 2026-11-27 took 332 and 341 s, sweep included): install <= 60 s (about 10 s in practice), the main job on the
+# shipped demo model <= 40 s (5-8 s), tests <= 100 s (four processes at once; 64 s), benchmark <= 230 s (it starts
+# no measurement after 185 s and rewrites results.json after each one, so a cut-short run still reports), one test
+# of each pytest-benchmark file <= 60 s, the decode-step profile <= 60 s, and, only with IGPT_FAST_SWEEP=1, the
+# sweep with what is left.
 # The demo job is also the probe of programmatic dependent launch (on by default from sm_90): if it fails with PDL
 # and passes without, the rest runs with IGPT_FAST_PDL=0 (said loudly, and the check fails).
 # A failing stage does not stop the later ones; the exit status says whether any failed.
@@ -97,8 +98,8 @@ gpu_tests() {  # four pytest processes at once (engine, linear, attention, the r
         echo "-- $group"
         cat "$OUT/gpu_tests_$group.log"
     done >"$OUT/gpu_tests.log"
-    grep -E "^-- | passed| failed| skipped|error|FAILED|ERROR|s (call|setup) |KL\(|agreement|memory growth|on this card" \
-        "$OUT/gpu_tests.log" | tail -n 70
+    local shown="^-- | passed| failed| skipped|error|FAILED|ERROR|s (call|setup) |KL\(|agreement|memory growth|on this card"
+    grep -E "$shown" "$OUT/gpu_tests.log" | tail -n 70
     return $rc
 }
 stage gpu-tests - gpu_tests
