@@ -305,6 +305,8 @@ def _choose_path(M: int, path: str | None) -> str:
 
 
 def _gemv_config(M: int, N: int, K: int) -> dict:
+    if _GEMV_PREFETCH not in (1, 2):  # the kernel rotates one or two blocks; any other depth would skip blocks
+        raise ValueError(f"_GEMV_PREFETCH must be 1 or 2, got {_GEMV_PREFETCH!r}")
     block_m = min(triton.next_power_of_2(M), _GEMV_MAX_M)
     row_blocks = triton.cdiv(M, block_m)
     # Column stripes: enough of them that about _TARGET_PROGRAMS programs each stream a disjoint part of W.

@@ -97,6 +97,9 @@ def test_norm_linear_quick_gelu(device, path, M, K, N, k_contiguous):
 @pytest.mark.parametrize("M,K,N", [(1, 96, 160), (3, 600, 160), (16, 450, 96)])  # 1, 2 and 4 K blocks
 def test_gemv_with_two_blocks_in_flight(device, monkeypatch, M, K, N):
     """The sweep's deeper GEMV prefetch (two W blocks ahead) computes the same, for one K block or several."""
+    monkeypatch.setattr(linear, "_GEMV_PREFETCH", 3)
+    with pytest.raises(ValueError, match="_GEMV_PREFETCH must be 1 or 2, got 3"):
+        linear._gemv_config(M, N, K)
     monkeypatch.setattr(linear, "_GEMV_PREFETCH", 2)
     assert linear._gemv_config(M, N, K)["PREFETCH"] == 2
     x, norm_weight, weight, bias = make_linear(M, K, N, torch.float32, device, k_contiguous=True)
