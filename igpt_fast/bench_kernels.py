@@ -46,13 +46,15 @@ class Sweep:
 _LINEAR_CASES = ("norm_qkv", "linear_residual", "norm_linear")
 GEMV_BATCHES, DOT_BATCHES, ALL_BATCHES = range(1, 17), range(17, 257), range(1, 257)  # kernels.linear's _GEMV_MAX_M
 # Launch heuristics not yet settled on a GPU, for the sweep to measure one at a time (the others at their
-# defaults). Settled on an H100 (2026-11-27) and so left out: the weight layout, _TARGET_PROGRAMS, _GEMV_TILE below
-# 8192 and _GEMV_MIN_BLOCK_N above 8 (see their comments).
+# defaults), likeliest wins first, as a sweep cut short by its time limit keeps its first rows. Settled on an H100
+# (2026-11-27) and so left out: the weight layout, _TARGET_PROGRAMS, _GEMV_TILE below 8192 and _GEMV_MIN_BLOCK_N
+# above 8 (see their comments).
 SWEEPS = (
-    Sweep("igpt_fast.kernels.linear", "_GEMV_MIN_BLOCK_N", (2, 4, 8), _LINEAR_CASES, GEMV_BATCHES),
+    Sweep("igpt_fast.kernels.linear", "_GEMV_ROW_LOOP", (False, True), _LINEAR_CASES, range(2, 17)),
     Sweep("igpt_fast.kernels.linear", "_GEMV_TILE", (8192, 16384), _LINEAR_CASES, GEMV_BATCHES),
-    Sweep("igpt_fast.kernels.linear", "_GEMV_NUM_WARPS", (4, 8), _LINEAR_CASES, GEMV_BATCHES),
     Sweep("igpt_fast.kernels.linear", "_GEMV_PREFETCH", (1, 2), _LINEAR_CASES, GEMV_BATCHES),
+    Sweep("igpt_fast.kernels.linear", "_GEMV_MIN_BLOCK_N", (2, 4, 8), _LINEAR_CASES, GEMV_BATCHES),
+    Sweep("igpt_fast.kernels.linear", "_GEMV_NUM_WARPS", (4, 8), _LINEAR_CASES, GEMV_BATCHES),
     Sweep("igpt_fast.kernels.linear", "_DOT_SMALL_TILE_BLOCK_K", (64, 128, 256), _LINEAR_CASES, DOT_BATCHES),
     Sweep("igpt_fast.kernels.attention", "_DECODE_TARGET_PROGRAMS", (256, 512, 1024), ("decode_attention",),
           ALL_BATCHES),

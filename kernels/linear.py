@@ -53,6 +53,12 @@ _GEMV_NUM_WARPS = 4
 # step beyond the first cost about 1 us at batch 8, as if each waited out a memory round trip; 2 would keep two
 # reads in flight (the sweep's). At batch 1 K takes one step and the depth changes nothing.
 _GEMV_PREFETCH = 1
+# Multiply each W block by one row of x at a time instead of all BLOCK_M rows at once. The [BLOCK_M, BLOCK_K, BLOCK_N]
+# product then no longer bounds the W block: BLOCK_K = _GEMV_TILE / BLOCK_N at every batch, as at batch 1, so every
+# imagegpt-small GEMV reads its whole stripe of W in one step (today: 4 steps for c_attn and 8 for mlp c_proj at
+# batch 8, the 1.6-2.9x over batch 1 that run 2 measured), and the rows' x loads are L2 hits. Off until measured
+# (the sweep's); it changes nothing at batch 1.
+_GEMV_ROW_LOOP = False
 _GROUP_M = 8  # row tiles walked together in the dot path, so W tiles are reused from L2
 # K step of the dot path's small 16-bit tiles (at most 32 x 32: decode batches of 17..64, where the serial K loop,
 # not the tile's arithmetic, is the time): 64 like every other tile. On an H100 at batch 64, mlp c_proj (K = 4d)
@@ -171,6 +177,7 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PREFETCH: tl.constexpr,  # 1 or 2: W blocks loaded ahead of the one in use
+    ROW_LOOP: tl.constexpr,  # multiply the W block by one row of x at a time (BLOCK_K not shrunk by BLOCK_M)
 ):
     """Grid (column stripes, row blocks). Products on CUDA cores in float32 (exact for float32 inputs).
 
@@ -209,15 +216,30 @@ def _gemv_kernel(
             w_after = w_ahead
         else:
             w_next = w_ahead
-        x = tl.load(
-            x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
-            mask=row_mask[:, None] & k_mask[None, :], other=0.0,
-        ).to(tl.float32)
-        if HAS_NORM:
-            sumsq += tl.sum(x * x, axis=1)
-            x = x * tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-        # [BLOCK_M, BLOCK_K, BLOCK_N] products, summed over K
-        acc += tl.sum(x[:, :, None] * w, axis=1)
+        if ROW_LOOP:
+            # [1, BLOCK_K, BLOCK_N] products per row (unrolled), each row's sum put in its row of acc
+            if HAS_NORM:
+                nw = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            row_ids = tl.arange(0, BLOCK_M)
+            for i in tl.static_range(BLOCK_M):
+                row = tl.program_id(1).to(tl.int64) * BLOCK_M + i
+                in_rows = (row + tl.zeros([BLOCK_K], tl.int64)) < M  # a vector: the interpreter refuses scalar & vector
+                x = tl.load(x_ptr + row * stride_xm + offs_k, mask=k_mask & in_rows, other=0.0).to(tl.float32)
+                if HAS_NORM:
+                    sumsq = tl.where(row_ids == i, sumsq + tl.sum(x * x, axis=0), sumsq)
+                    x = x * nw
+                part = tl.sum(x[None, :, None] * w, axis=1)  # [1, BLOCK_N]
+                acc = tl.where((row_ids == i)[:, None], acc + part, acc)
+        else:
+            x = tl.load(
+                x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
+                mask=row_mask[:, None] & k_mask[None, :], other=0.0,
+            ).to(tl.float32)
+            if HAS_NORM:
+                sumsq += tl.sum(x * x, axis=1)
+                x = x * tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            # [BLOCK_M, BLOCK_K, BLOCK_N] products, summed over K
+            acc += tl.sum(x[:, :, None] * w, axis=1)
     if HAS_NORM:  # rmsnorm's per-row factor, applied after the sum: x is read once, in the same pass
         acc = acc * tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(sumsq, K * 1.0) + eps))[:, None]
     _epilogue(acc, rows, offs_n, tl.program_id(0) * BLOCK_N, M, N, b_ptr, out_ptr, stride_om, k_ptr, v_ptr, pos_ptr,
@@ -311,8 +333,10 @@ def _gemv_config(M: int, N: int, K: int) -> dict:
     row_blocks = triton.cdiv(M, block_m)
     # Column stripes: enough of them that about _TARGET_PROGRAMS programs each stream a disjoint part of W.
     block_n = min(max(triton.next_power_of_2(triton.cdiv(N * row_blocks, _TARGET_PROGRAMS)), _GEMV_MIN_BLOCK_N), 128)
-    block_k = min(max(_GEMV_TILE // (block_m * block_n), 16), max(triton.next_power_of_2(K), 16))
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=_GEMV_PREFETCH,
+    row_loop = _GEMV_ROW_LOOP and block_m > 1
+    product_rows = 1 if row_loop else block_m  # rows of x multiplied by a W block at once
+    block_k = min(max(_GEMV_TILE // (product_rows * block_n), 16), max(triton.next_power_of_2(K), 16))
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=_GEMV_PREFETCH, ROW_LOOP=row_loop,
                 num_warps=_GEMV_NUM_WARPS, grid=(triton.cdiv(N, block_n), row_blocks))
 
 

@@ -8,9 +8,11 @@ the launch would specialize on) with triton.compile for sm_90, and checks shared
 (a fresh Triton cache, so ptxas runs for every variant), that no variant spills registers to local memory.
 Run by tests/test_sm90_compile.py in a subprocess, because kernels must be imported with TRITON_INTERPRET=0.
 
-    python tests/sm90_compile_check.py      # prints one line per variant, exits 1 on any failure
+    python tests/sm90_compile_check.py            # prints one line per variant, exits 1 on any failure
+    python tests/sm90_compile_check.py --sweeps   # and every variant the benchmark's sweep would launch
 """
 
+import argparse
 import concurrent.futures
 import io
 import math
@@ -31,6 +33,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from igpt_fast import ImageGPT, ImageGPTConfig, backend  # noqa: E402
+from igpt_fast.bench_kernels import SWEEPS, heuristic  # noqa: E402
 from igpt_fast.checkpoint import expected_shapes  # noqa: E402
 from igpt_fast.decoder import PackedWeights, StaticDecoder  # noqa: E402
 from igpt_fast.demo import demo_model_path  # noqa: E402
@@ -77,7 +80,17 @@ def describe(fn, args, kwargs):
     return key, (fn, signature, constexprs, aligned, options)
 
 
-def record_engine_launches() -> dict:
+# (config, batches, dtypes, PDL) the engine runs at: imagegpt-small in every dtype (and once without PDL), a config
+# with imagegpt-large's 96-wide heads, and the shipped demo model.
+ENGINE_CASES = [(ImageGPTConfig.small(), (1, 8, 64), (torch.float16, torch.float32, torch.bfloat16), True),
+                (ImageGPTConfig.small(), (1, 8, 64), (torch.float16,), False),
+                (ImageGPTConfig(n_embd=192, n_head=2, n_layer=1), (1, 64), (torch.float16,), True),
+                (ImageGPTConfig.from_json_file(demo_model_path() / "config.json"), (16,), (torch.float16,), True)]
+# Where the sweep times its alternatives (bench_kernels.SWEEPS): imagegpt-small, fp16, with PDL.
+SWEEP_CASES = [(ImageGPTConfig.small(), (1, 8, 64), (torch.float16,), True)]
+
+
+def record_engine_launches(cases) -> dict:
     launches: dict = {}
 
     def record(fn, *args, grid, warmup, **kwargs):  # stands in for JITFunction.run: `kernel[grid](...)`
@@ -92,10 +105,6 @@ def record_engine_launches() -> dict:
                 setattr(module, check, lambda *args: True)
     # An H100 launches the decode kernels with programmatic dependent launch (backend.use_pdl); older GPUs and
     # IGPT_FAST_PDL=0 without it: both variants, the latter at one dtype (the kernels differ by two instructions).
-    cases = [(ImageGPTConfig.small(), (1, 8, 64), (torch.float16, torch.float32, torch.bfloat16), True),
-             (ImageGPTConfig.small(), (1, 8, 64), (torch.float16,), False),
-             (ImageGPTConfig(n_embd=192, n_head=2, n_layer=1), (1, 64), (torch.float16,), True),  # large's heads
-             (ImageGPTConfig.from_json_file(demo_model_path() / "config.json"), (16,), (torch.float16,), True)]  # demo
     for config, batches, dtypes, pdl in cases:
         backend.use_pdl = lambda device, pdl=pdl: pdl
         state = {k: torch.zeros(shape) for k, shape in expected_shapes(config).items()}
@@ -153,8 +162,18 @@ def compile_variant(variant) -> tuple[str, str]:
     return status, f"{fn.__name__:24s} {status:4s} {registers} regs {spills} B spilled {shown} {options} [{pointers}]"
 
 
-def main() -> int:
-    launches = record_engine_launches()
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sweeps", action="store_true", help="also every variant the benchmark's sweep launches "
+                        "(each value of bench_kernels.SWEEPS, imagegpt-small fp16): none may fail or spill")
+    args = parser.parse_args(argv)
+    launches = record_engine_launches(ENGINE_CASES)
+    if args.sweeps:
+        for sweep in SWEEPS:
+            for value in sweep.values:
+                with heuristic(sweep.module, sweep.constant, value):
+                    for key, variant in record_engine_launches(SWEEP_CASES).items():
+                        launches.setdefault(key, variant)
     # Compiling releases the GIL for most of its time (MLIR passes, ptxas in a subprocess): one thread per core
     # takes CI's two cores about half the serial time.
     sys.stdout = PerThreadStdout()
@@ -172,4 +191,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
