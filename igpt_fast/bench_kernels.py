@@ -58,6 +58,7 @@ SWEEPS = (
     Sweep("igpt_fast.kernels.linear", "_DOT_SMALL_TILE_BLOCK_K", (64, 128, 256), _LINEAR_CASES, DOT_BATCHES),
     Sweep("igpt_fast.kernels.attention", "_DECODE_TARGET_PROGRAMS", (256, 512, 1024), ("decode_attention",),
           ALL_BATCHES),
+    Sweep("igpt_fast.kernels.attention", "_DECODE_BLOCK_N", (32, 64, 128), ("decode_attention",), ALL_BATCHES),
     Sweep("igpt_fast.kernels.attention", "_DECODE_PREFETCH", (True, False), ("decode_attention",), ALL_BATCHES),
     Sweep("igpt_fast.kernels.attention", "_DECODE_PER_LANE_SOFTMAX", (True, False), ("decode_attention",),
           ALL_BATCHES),

@@ -15,7 +15,7 @@ What is measured, per model size, dtype and batch:
               transformers' image processor (on the host CPU, its ids checked against the kernel's)
   sweep       (on request: --tasks sweep) the kernels again under other values of each launch heuristic not
               yet settled on a GPU (bench_kernels.SWEEPS), one at a time, at the batches where it is read:
-              rows "kernel [constant=v]"
+              rows "kernel [constant=v]", and the whole decode step under each value: "decode step [constant=v]"
 The engine also runs as igpt-fast-no-pdl (generate only): its kernels launched without programmatic dependent
 launch, which on sm_90+ is otherwise on, so the table shows what PDL buys at small batch.
 A decode step at position p must move the weights (embeddings but for the rows it reads) and the K, V of p + 1
@@ -77,6 +77,7 @@ from igpt_fast.decoder import BATCH_BUCKETS
 from igpt_fast.model import ImageGPT
 from igpt_fast.reference import ReferenceImageGPT
 
+SWEEP_STEPS = 128  # decode steps each sweep value's whole-step row times (a quarter of the image at most)
 TASKS = ("generate", "complete", "features", "likelihood", "startup", "kernels", "sweep")
 PRESET_TASKS = TASKS[:-1]  # the sweep runs on request only (--tasks sweep): about a minute on a GPU
 ENGINES = (ENGINE, ENGINE_NO_PDL)
@@ -233,7 +234,7 @@ class Runner:
                     if "kernels" in self.plan.tasks:
                         self.run_kernels(config, model_name)
                     if "sweep" in self.plan.tasks:
-                        self.run_sweep(config, model_name)
+                        self.run_sweep(config, model_name, weights)
                 elif stage in self.plan.systems:
                     self.run_system(stage, config, model_name, weights)
                 self.release()
@@ -351,9 +352,11 @@ class Runner:
                 self.measure("quantize", case.system, model_name, "uint8", case.images,
                              functools.partial(measure_quantize, case, device))
 
-    def run_sweep(self, config: ImageGPTConfig, model_name: str) -> None:
+    def run_sweep(self, config: ImageGPTConfig, model_name: str, weights: dict) -> None:
         """Kernel rows under each value of each launch heuristic in SWEEPS (named "kernel [constant=value]"),
-        at the plan's first dtype and those of its batches where the heuristic is read."""
+        at the plan's first dtype and those of its batches where the heuristic is read; and the whole decode step
+        under that value (a fresh engine, its graphs captured under it), "decode step [constant=value]": what a
+        kernel's gain is worth once it overlaps its neighbours under programmatic dependent launch."""
         device, dtype_name = self.plan.device, self.plan.dtypes[0]
         if not use_triton(device):
             self.record(Result("kernel", "sweep", model_name, "-", 0, status="skipped", note=NO_TRITON))
@@ -374,6 +377,20 @@ class Runner:
                                                            with_baseline=False))
                         del cases
                         self.release()
+                        self.measure("kernel", f"decode step [{constant.strip('_')}={value}]", model_name, dtype_name,
+                                     batch, functools.partial(self.measure_sweep_step, config, weights, dtype_name,
+                                                              batch))
+                        self.release()
+
+    def measure_sweep_step(self, config: ImageGPTConfig, weights: dict, dtype_name: str, batch: int) -> dict:
+        """ms per decode step of a fresh engine (its kernels and graph under the heuristics as they are now), over
+        SWEEP_STEPS steps from the middle of an image."""
+        plan = self.plan
+        model = ImageGPT(config, weights, dtype=DTYPES[dtype_name], device=plan.device, backend=plan.backend,
+                         max_batch=batch)
+        return measure_generation(EngineSystem(model, plan.seed), config, "generate", DTYPES[dtype_name], batch,
+                                  steps=min(SWEEP_STEPS, config.n_positions // 4), seed=plan.seed, device=plan.device,
+                                  peak_base=allocated_memory(plan.device), copy_bytes_per_s=self.copy_bytes_per_s)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -162,6 +162,17 @@ def test_decode_matches_reference(device, batch, n_head, head_dim, max_len, dtyp
     run_decode_steps(device, batch, n_head, head_dim, max_len, dtype, steps)
 
 
+@pytest.mark.parametrize("block_n", [32, 128])
+@pytest.mark.parametrize("batch,n_head,head_dim,max_len,dtype", [DECODE_CASES[1], DECODE_CASES[2]])
+def test_decode_key_block_sizes_the_sweep_times(device, batch, n_head, head_dim, max_len, dtype, block_n, monkeypatch):
+    """Key blocks of 32 and 128 (the splits, their chunks and the workspace follow _DECODE_BLOCK_N)."""
+    monkeypatch.setattr(attention, "_DECODE_BLOCK_N", block_n)
+    assert decode_num_splits(batch, n_head, max_len) <= max_len // block_n
+    torch.manual_seed(block_n + batch)
+    steps = sorted({0, 31, 32, 127, 128, 129, max_len - 1} & set(range(max_len)))
+    run_decode_steps(device, batch, n_head, head_dim, max_len, dtype, steps)
+
+
 def test_decode_splits_are_exercised():
     """The CPU cases above do cover the split-K path: check the heuristic gives them several splits."""
     assert decode_num_splits(1, 1, 256) == 4

@@ -275,8 +275,13 @@ def test_sweep_measures_each_heuristic_value_and_restores_the_default(tmp_path):
                                                         torch.device("cpu"), 0, with_dtype_free=False)]
     expected = {f"{name} [{sweep.constant.strip('_')}={value}]" for sweep in bench_kernels.SWEEPS if 1 in sweep.batches
                 for value in sweep.values for name in names if name.startswith(sweep.cases)}
-    # at batch 1: the GEMV heuristics on five linear kernels, the decode ones on two attention cases; not the dot's
-    assert len(expected) == (3 + 2 + 2 + 2) * 5 + (3 + 2 + 2) * 2
+    # at batch 1: the GEMV heuristics on five linear kernels, the decode ones on two attention cases; not the dot's,
+    # nor the GEMV row loop's (read from batch 2)
+    assert len(expected) == (2 + 2 + 3 + 2) * 5 + (3 + 3 + 2 + 2) * 2
+    steps = {f"decode step [{sweep.constant.strip('_')}={value}]" for sweep in bench_kernels.SWEEPS
+             if 1 in sweep.batches for value in sweep.values}
+    assert len(steps) == 2 + 2 + 3 + 2 + 3 + 3 + 2 + 2
+    expected |= steps
     assert bench_kernels.GEMV_BATCHES == range(1, linear._GEMV_MAX_M + 1)
     assert bench_kernels.DOT_BATCHES.start == linear._GEMV_MAX_M + 1
     assert {r["system"] for r in rows} == expected and len(rows) == len(expected)
@@ -364,6 +369,7 @@ def test_cases_that_fail_to_build_are_recorded_and_the_run_goes_on(tmp_path, mon
     assert rows["quantize", "quantize cases"]["note"] == "RuntimeError: no processor", rows
     assert rows["kernel", "sweep [GEMV_NUM_WARPS=4]"]["status"] == "failed", rows
     assert rows["kernel", "norm_qkv [GEMV_NUM_WARPS=8]"]["status"] == "ok", rows
+    assert rows["kernel", "decode step [GEMV_NUM_WARPS=4]"]["status"] == "ok", rows  # the engine builds its own
 
 
 def test_the_decode_step_profiler_checks_its_arguments_and_refuses_without_a_gpu():
