@@ -51,6 +51,7 @@ GEMV_BATCHES, DOT_BATCHES, ALL_BATCHES = range(1, 17), range(17, 257), range(1, 
 # above 8 (see their comments).
 SWEEPS = (
     Sweep("igpt_fast.kernels.linear", "_GEMV_ROW_LOOP", (False, True), _LINEAR_CASES, range(2, 17)),
+    Sweep("igpt_fast.kernels.linear", "_EARLY_LOADS", (True, False), _LINEAR_CASES, ALL_BATCHES),
     Sweep("igpt_fast.kernels.linear", "_GEMV_TILE", (8192, 16384), _LINEAR_CASES, GEMV_BATCHES),
     Sweep("igpt_fast.kernels.linear", "_GEMV_PREFETCH", (1, 2), _LINEAR_CASES, GEMV_BATCHES),
     Sweep("igpt_fast.kernels.linear", "_GEMV_MIN_BLOCK_N", (2, 4, 8), _LINEAR_CASES, GEMV_BATCHES),

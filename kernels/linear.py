@@ -59,6 +59,12 @@ _GEMV_PREFETCH = 1
 # batch 8, the 1.6-2.9x over batch 1 that run 2 measured), and the rows' x loads are L2 hits. Off until measured
 # (the sweep's); it changes nothing at batch 1.
 _GEMV_ROW_LOOP = False
+# Read what the epilogue adds (the bias; the residual tile or the cache position) early, not after the sum over K:
+# the bias before gdc_wait, as a weight no kernel writes, and the residual or position right after it, alongside
+# the first x loads. Each was a memory round trip of its own between the sum and the store, in every linear of a
+# decode step (97 launches at imagegpt-small), where a step at batch 1 is latency-bound. Chosen without a GPU (the
+# values are the same, loaded earlier; ptxas reports no spills for sm_90); the sweep times False against it.
+_EARLY_LOADS = True
 _GROUP_M = 8  # row tiles walked together in the dot path, so W tiles are reused from L2
 # K step of the dot path's small 16-bit tiles (at most 32 x 32: decode batches of 17..64, where the serial K loop,
 # not the tile's arithmetic, is the time): 64 like every other tile. On an H100 at batch 64, mlp c_proj (K = 4d)
@@ -92,6 +98,31 @@ def _row_rstd(
 
 
 @triton.jit
+def _load_bias(b_ptr, offs_n, N, HAS_BIAS: tl.constexpr):
+    """The bias of columns offs_n in float32 (zeros without HAS_BIAS): a weight, so readable before gdc_wait."""
+    if HAS_BIAS:
+        return tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    else:
+        return tl.zeros(offs_n.shape, tl.float32)
+
+
+@triton.jit
+def _load_activations(out_ptr, pos_ptr, rows, offs_n, M, N, stride_om, EPILOGUE: tl.constexpr):
+    """What the epilogue reads that an earlier kernel wrote: the residual tile ("residual") or the position ("qkv";
+    0 and 0.0 stand in for what an epilogue does not read). Only after gdc_wait."""
+    if EPILOGUE == "residual":
+        ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
+        residual = tl.load(ptrs, mask=(rows < M)[:, None] & (offs_n < N)[None, :], other=0.0).to(tl.float32)
+    else:
+        residual = 0.0
+    if EPILOGUE == "qkv":
+        pos = tl.load(pos_ptr)
+    else:
+        pos = 0
+    return residual, pos
+
+
+@triton.jit
 def _epilogue(
     acc,  # [BLOCK_M, BLOCK_N] float32 x @ W
     rows,  # [BLOCK_M] int64 row indices
@@ -99,12 +130,13 @@ def _epilogue(
     n_start,  # offs_n[0]
     M,
     N,
-    b_ptr,  # [N] bias (not read without HAS_BIAS)
+    bias,  # [BLOCK_N] float32 bias of these columns (from _early_loads; unused without HAS_BIAS)
+    residual,  # "residual": [BLOCK_M, BLOCK_N] float32, the residual tile as it was before this kernel
+    pos,  # "qkv": int32 position of each sequence's first row
     out_ptr,  # "store": [M, N] output; "residual": [M, N] residual, updated in place; "qkv": [M, N // 3] q
     stride_om,
     k_ptr,  # "qkv": key cache [B, H, T, head_dim], last dim contiguous
     v_ptr,  # "qkv": value cache [B, H, T, head_dim], last dim contiguous
-    pos_ptr,  # "qkv": int32 [1], position of each sequence's first row
     seq_len,
     head_dim,
     stride_kb, stride_kh, stride_kt,
@@ -115,7 +147,7 @@ def _epilogue(
     ONE_PART: tl.constexpr,  # "qkv": BLOCK_N divides d, so each tile's columns are all q, all k or all v
 ):
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        acc += bias[None, :]
     if ACTIVATION == "quick_gelu":
         acc = acc / (1.0 + tl.exp(-1.702 * acc))  # x * sigmoid(1.702 x)
     mask = (rows < M)[:, None] & (offs_n < N)[None, :]
@@ -124,7 +156,6 @@ def _epilogue(
         tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     elif EPILOGUE == "residual":
         ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
-        residual = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         tl.store(ptrs, (residual + acc).to(out_ptr.dtype.element_ty), mask=mask)
     else:  # "qkv": column n belongs to part n // d (q, k, v), head (n % d) // head_dim
         d = N // 3
@@ -133,7 +164,7 @@ def _epilogue(
         head = col // head_dim
         dim = col - head * head_dim
         batch = rows // seq_len
-        t = tl.load(pos_ptr).to(tl.int64) + rows % seq_len
+        t = pos.to(tl.int64) + rows % seq_len
         q_ptrs = out_ptr + rows[:, None] * stride_om + col[None, :]
         k_ptrs = k_ptr + batch[:, None] * stride_kb + head[None, :] * stride_kh + t[:, None] * stride_kt + dim[None, :]
         v_ptrs = v_ptr + batch[:, None] * stride_vb + head[None, :] * stride_vh + t[:, None] * stride_vt + dim[None, :]
@@ -178,6 +209,7 @@ def _gemv_kernel(
     BLOCK_K: tl.constexpr,
     PREFETCH: tl.constexpr,  # 1 or 2: W blocks loaded ahead of the one in use
     ROW_LOOP: tl.constexpr,  # multiply the W block by one row of x at a time (BLOCK_K not shrunk by BLOCK_M)
+    EARLY_LOADS: tl.constexpr,  # the epilogue's bias before gdc_wait, its residual or pos right after it
 ):
     """Grid (column stripes, row blocks). Products on CUDA cores in float32 (exact for float32 inputs).
 
@@ -199,9 +231,13 @@ def _gemv_kernel(
         offs_k = BLOCK_K + tl.arange(0, BLOCK_K)
         w_after = tl.load(w_ptr + offs_k[None, :, None] * stride_wk + offs_n[None, None, :] * stride_wn,
                           mask=(offs_k < K)[None, :, None] & n_mask[None, None, :], other=0.0)
+    if EARLY_LOADS:
+        bias = _load_bias(b_ptr, offs_n, N, HAS_BIAS)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()  # the previous kernel's writes (x, the residual, the cache) are visible after this
         tl.extra.cuda.gdc_launch_dependents()
+    if EARLY_LOADS:  # issued with the first x loads, not after the sum over K
+        residual, pos = _load_activations(out_ptr, pos_ptr, rows, offs_n, M, N, stride_om, EPILOGUE)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -242,8 +278,11 @@ def _gemv_kernel(
             acc += tl.sum(x[:, :, None] * w, axis=1)
     if HAS_NORM:  # rmsnorm's per-row factor, applied after the sum: x is read once, in the same pass
         acc = acc * tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(sumsq, K * 1.0) + eps))[:, None]
-    _epilogue(acc, rows, offs_n, tl.program_id(0) * BLOCK_N, M, N, b_ptr, out_ptr, stride_om, k_ptr, v_ptr, pos_ptr,
-              seq_len, head_dim, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    if not EARLY_LOADS:
+        bias = _load_bias(b_ptr, offs_n, N, HAS_BIAS)
+        residual, pos = _load_activations(out_ptr, pos_ptr, rows, offs_n, M, N, stride_om, EPILOGUE)
+    _epilogue(acc, rows, offs_n, tl.program_id(0) * BLOCK_N, M, N, bias, residual, pos, out_ptr, stride_om, k_ptr,
+              v_ptr, seq_len, head_dim, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
               HAS_BIAS, ACTIVATION, EPILOGUE, ONE_PART)
 
 
@@ -274,6 +313,7 @@ def _dot_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    EARLY_LOADS: tl.constexpr,  # the bias before gdc_wait; the residual or pos right after it (tiles <= 64 x 64)
 ):
     """1-D grid over [BLOCK_M, BLOCK_N] tiles in grouped order; tl.dot in the inputs' dtype into float32."""
     pid = tl.program_id(0)
@@ -289,9 +329,14 @@ def _dot_kernel(
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < M
+    if EARLY_LOADS:
+        bias = _load_bias(b_ptr, offs_n, N, HAS_BIAS)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+    # A larger residual tile would sit in registers through the K loop (spilling in 128 x 128 prefill tiles).
+    if EARLY_LOADS and BLOCK_M * BLOCK_N <= 64 * 64:
+        residual, pos = _load_activations(out_ptr, pos_ptr, rows, offs_n, M, N, stride_om, EPILOGUE)
     if HAS_NORM:
         rstd = _row_rstd(x_ptr, rows, row_mask, stride_xm, K, eps, BLOCK_M, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -311,8 +356,12 @@ def _dot_kernel(
         )
         # "ieee": float32 stays exact fp32 (no TF32); ignored for 16-bit inputs, which use tensor cores.
         acc = tl.dot(x, w, acc, input_precision="ieee")
-    _epilogue(acc, rows, offs_n, pid_n * BLOCK_N, M, N, b_ptr, out_ptr, stride_om, k_ptr, v_ptr, pos_ptr, seq_len,
-              head_dim, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    if not EARLY_LOADS:
+        bias = _load_bias(b_ptr, offs_n, N, HAS_BIAS)
+    if not (EARLY_LOADS and BLOCK_M * BLOCK_N <= 64 * 64):
+        residual, pos = _load_activations(out_ptr, pos_ptr, rows, offs_n, M, N, stride_om, EPILOGUE)
+    _epilogue(acc, rows, offs_n, pid_n * BLOCK_N, M, N, bias, residual, pos, out_ptr, stride_om, k_ptr, v_ptr,
+              seq_len, head_dim, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
               HAS_BIAS, ACTIVATION, EPILOGUE, ONE_PART)
 
 
@@ -469,6 +518,7 @@ def _launch(path, x, norm_weight, weight, bias, out, *, eps=0.0, activation=None
         M, N, K, x.stride(0), out.stride(0), *weight.stride(), float(eps), seq_len, head_dim, *k_strides, *v_strides,
         HAS_NORM=norm_weight is not None, HAS_BIAS=bias is not None, ACTIVATION=activation, EPILOGUE=epilogue,
         ONE_PART=epilogue == "qkv" and (N // 3) % config["BLOCK_N"] == 0, USE_PDL=pdl, launch_pdl=pdl,
+        EARLY_LOADS=_EARLY_LOADS,
         enable_fp_fusion=backend.FP_FUSION, **config,
     )
 

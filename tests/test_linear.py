@@ -139,6 +139,23 @@ def test_gemv_row_loop(device, monkeypatch, M, K, N, tile, prefetch):
                           head_dim=K // 2, cache_batch=M + 1, cache_len=6, permuted_v=False)
 
 
+@pytest.mark.parametrize("path", ["gemv", "dot"])
+def test_epilogue_loads_after_the_sum_compute_the_same(device, monkeypatch, path):
+    """The sweep's _EARLY_LOADS=False: bias, residual and position read in the epilogue, as before."""
+    monkeypatch.setattr(linear, "_EARLY_LOADS", False)
+    x, norm_weight, weight, bias = make_linear(3, 96, 160, torch.float32, device, k_contiguous=True)
+    out = nan_like((3, 160), torch.float32, device)
+    norm_linear(x, norm_weight, weight, bias, eps=EPS, activation="quick_gelu", out=out, path=path)
+    expected = ref_norm_linear(x, norm_weight, weight, bias, EPS, "quick_gelu")
+    torch.testing.assert_close(out.double(), expected, **tol("exact", torch.float32))
+    residual = torch.randn(3, 160, device=device)
+    expected = residual.double() + ref_norm_linear(x, None, weight, bias, EPS)
+    linear_residual(x, weight, bias, residual, path=path)
+    torch.testing.assert_close(residual.double(), expected, **tol("exact", torch.float32))
+    run_norm_qkv_case(device, torch.float32, path=path, batch=3, seq_len=1, pos=5, n_head=2, head_dim=48,
+                      cache_batch=4, cache_len=8, permuted_v=False)
+
+
 def test_gemv_row_loop_changes_nothing_at_one_row(monkeypatch):
     monkeypatch.setattr(linear, "_GEMV_ROW_LOOP", True)
     with_loop = _gemv_config(1, 1536, 512)
