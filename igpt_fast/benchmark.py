@@ -15,7 +15,8 @@ What is measured, per model size, dtype and batch:
               transformers' image processor (on the host CPU, its ids checked against the kernel's)
   sweep       (on request: --tasks sweep) the kernels again under other values of each launch heuristic not
               yet settled on a GPU (bench_kernels.SWEEPS), one at a time, at the batches where it is read:
-              rows "kernel [constant=v]", and the whole decode step under each value: "decode step [constant=v]"
+              first the whole decode step under each value, "decode step [constant=v]", then the kernels it
+              changes, "kernel [constant=v]"
 The engine also runs as igpt-fast-no-pdl (generate only): its kernels launched without programmatic dependent
 launch, which on sm_90+ is otherwise on, so the table shows what PDL buys at small batch.
 A decode step at position p must move the weights (embeddings but for the rows it reads) and the K, V of p + 1
@@ -353,34 +354,40 @@ class Runner:
                              functools.partial(measure_quantize, case, device))
 
     def run_sweep(self, config: ImageGPTConfig, model_name: str, weights: dict) -> None:
-        """Kernel rows under each value of each launch heuristic in SWEEPS (named "kernel [constant=value]"),
-        at the plan's first dtype and those of its batches where the heuristic is read; and the whole decode step
-        under that value (a fresh engine, its graphs captured under it), "decode step [constant=value]": what a
-        kernel's gain is worth once it overlaps its neighbours under programmatic dependent launch."""
+        """Under each value of each launch heuristic in SWEEPS, at the plan's first dtype and those of its batches
+        where the heuristic is read: first the whole decode step (a fresh engine, its graphs captured under that
+        value), "decode step [constant=value]", what a kernel's gain is worth once it overlaps its neighbours under
+        programmatic dependent launch; then, with the time left, the kernels it changes, "kernel [constant=value]"
+        (a time limit cuts the slower kernel rows, not the steps that decide a default)."""
         device, dtype_name = self.plan.device, self.plan.dtypes[0]
         if not use_triton(device):
             self.record(Result("kernel", "sweep", model_name, "-", 0, status="skipped", note=NO_TRITON))
             return
-        for sweep in SWEEPS:
-            constant, case_names = sweep.constant, sweep.cases
-            for value in sweep.values:
-                with heuristic(sweep.module, constant, value):
-                    for batch in [b for b in self.plan.batches if b in sweep.batches]:
-                        cases = self.cases_or_failure(
-                            "kernel", f"sweep [{constant.strip('_')}={value}]", model_name, dtype_name, batch,
-                            kernel_cases, config, DTYPES[dtype_name], batch, device, self.plan.seed,
-                            with_dtype_free=False) or []
-                        for case in [c for c in cases if c.name.startswith(case_names)]:
-                            self.measure("kernel", f"{case.name} [{constant.strip('_')}={value}]", model_name,
-                                         dtype_name, batch,
-                                         functools.partial(measure_kernel, case, device, self.copy_bytes_per_s,
-                                                           with_baseline=False))
-                        del cases
-                        self.release()
-                        self.measure("kernel", f"decode step [{constant.strip('_')}={value}]", model_name, dtype_name,
-                                     batch, functools.partial(self.measure_sweep_step, config, weights, dtype_name,
-                                                              batch))
-                        self.release()
+        for steps_pass in (True, False):
+            for sweep in SWEEPS:
+                label = sweep.constant.strip("_")
+                for value in sweep.values:
+                    with heuristic(sweep.module, sweep.constant, value):
+                        for batch in [b for b in self.plan.batches if b in sweep.batches]:
+                            if steps_pass:
+                                self.measure("kernel", f"decode step [{label}={value}]", model_name, dtype_name,
+                                             batch, functools.partial(self.measure_sweep_step, config, weights,
+                                                                      dtype_name, batch))
+                            else:
+                                self.measure_sweep_kernels(config, model_name, dtype_name, batch, sweep.cases,
+                                                           f"{label}={value}")
+                            self.release()
+
+    def measure_sweep_kernels(self, config: ImageGPTConfig, model_name: str, dtype_name: str, batch: int,
+                              case_names: tuple[str, ...], setting: str) -> None:
+        """The kernel rows of the cases named case_names..., under the heuristics as they are now."""
+        device = self.plan.device
+        cases = self.cases_or_failure("kernel", f"sweep [{setting}]", model_name, dtype_name, batch, kernel_cases,
+                                      config, DTYPES[dtype_name], batch, device, self.plan.seed,
+                                      with_dtype_free=False) or []
+        for case in [c for c in cases if c.name.startswith(case_names)]:
+            self.measure("kernel", f"{case.name} [{setting}]", model_name, dtype_name, batch,
+                         functools.partial(measure_kernel, case, device, self.copy_bytes_per_s, with_baseline=False))
 
     def measure_sweep_step(self, config: ImageGPTConfig, weights: dict, dtype_name: str, batch: int) -> dict:
         """ms per decode step of a fresh engine (its kernels and graph under the heuristics as they are now), over

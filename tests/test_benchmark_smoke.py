@@ -286,6 +286,8 @@ def test_sweep_measures_each_heuristic_value_and_restores_the_default(tmp_path):
     assert bench_kernels.DOT_BATCHES.start == linear._GEMV_MAX_M + 1
     assert {r["system"] for r in rows} == expected and len(rows) == len(expected)
     assert all(r["status"] == "ok" and r["ms"] > 0 for r in rows), [r for r in rows if r["status"] != "ok"]
+    is_step = [r["system"].startswith("decode step") for r in rows]
+    assert is_step == sorted(is_step, reverse=True), "every decode-step row comes before the kernel rows"
     with bench_kernels.heuristic("igpt_fast.kernels.linear", "_GEMV_MIN_BLOCK_N", 32):
         assert linear._gemv_config(1, 512, 512)["BLOCK_N"] == 32
     assert linear._GEMV_MIN_BLOCK_N == 4 and linear._gemv_config(1, 512, 512)["BLOCK_N"] == 4
