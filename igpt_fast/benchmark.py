@@ -373,7 +373,7 @@ class Runner:
                                 self.measure("kernel", f"decode step [{label}={value}]", model_name, dtype_name,
                                              batch, functools.partial(self.measure_sweep_step, config, weights,
                                                                       dtype_name, batch))
-                            else:
+                            elif sweep.cases:
                                 self.measure_sweep_kernels(config, model_name, dtype_name, batch, sweep.cases,
                                                            f"{label}={value}")
                             self.release()

@@ -31,6 +31,12 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # Measured against row-major [in, out] on an H100 (fp16, graph-timed kernels, 2026-11-27): as fast or faster in
 # every linear kernel, 1.3x at batch 1 and 2-3x at batch 8.
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Let decode attention read pos and the cached keys before t ahead of its wait on norm_qkv (decode_attention's
+# kv_before_wait): a step writes pos and the cache rows before t only between steps (pos += 1 after the sampler, in
+# a PyTorch kernel that completes before the step's first kernel; earlier rows in earlier steps or the prefill),
+# never in the kernel just before attention. Off until a GPU has timed it and run the GPU tests with it (the sweep's
+# decode-step rows time both).
+ATTENTION_KV_BEFORE_WAIT = False
 
 
 def kernel_ops(backend: str):
@@ -271,7 +277,8 @@ class StaticDecoder:
             ops.norm_qkv(s.x, layer.ln_1, layer.c_attn_w, layer.c_attn_b, eps=eps, q_out=s.q, k_cache=k_cache,
                          v_cache=v_cache, pos=s.pos, seq_len=1)
             ops.decode_attention(s.q.view(B, H, D), k_cache, v_cache, s.pos, scale=layer.scale,
-                                 out=s.attn.view(B, H, D), workspace=s.workspace)
+                                 out=s.attn.view(B, H, D), workspace=s.workspace,
+                                 kv_before_wait=ATTENTION_KV_BEFORE_WAIT)
             ops.linear_residual(s.attn, layer.attn_proj_w, layer.attn_proj_b, s.x)
             ops.norm_linear(s.x, layer.ln_2, layer.c_fc_w, layer.c_fc_b, eps=eps, activation="quick_gelu",
                             out=s.hidden)

@@ -70,7 +70,7 @@ def decode_workspace(batch: int, n_head: int, head_dim: int, max_len: int, devic
     return torch.empty(0, dtype=torch.float32, device=device)  # the stand-in needs no split-K partials
 
 
-def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace) -> torch.Tensor:
+def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace, kv_before_wait=False) -> torch.Tensor:
     t = int(pos[0])
     scores = (k_cache[:, :, :t + 1].float() @ q.float()[..., None])[..., 0] * scale  # (B, H, t+1)
     probs = torch.softmax(scores, dim=-1)

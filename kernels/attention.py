@@ -133,11 +133,11 @@ def _merge_splits(part_out_ptr, part_lse_ptr, pid_bh, n_active, HEAD_DIM: tl.con
 
 
 @triton.jit
-def _kv_block(k_ptr, v_ptr, first, end, offs_d, d_mask, stride_ks, stride_vs, BLOCK_N: tl.constexpr):
+def _kv_block(k_ptr, v_ptr, first, end, offs_d, d_mask, stride_ks, stride_vs, BLOCK_N: tl.constexpr, lo=0):
     """Keys and values first .. first + BLOCK_N - 1 of one (batch, head); those at or past `end` (garbage past t,
-    or another split's) are never loaded."""
+    or another split's), or before `lo`, are never loaded (zeros)."""
     offs_n = first + tl.arange(0, BLOCK_N)
-    mask = (offs_n < end)[:, None] & d_mask[None, :]
+    mask = ((offs_n >= lo) & (offs_n < end))[:, None] & d_mask[None, :]
     k = tl.load(k_ptr + offs_n[:, None] * stride_ks + offs_d[None, :], mask=mask, other=0.0)
     v = tl.load(v_ptr + offs_n[:, None] * stride_vs + offs_d[None, :], mask=mask, other=0.0)
     return k, v
@@ -174,25 +174,39 @@ def _decode_kernel(
     PREFETCH: tl.constexpr,
     PER_LANE: tl.constexpr,
     USE_PDL: tl.constexpr,
+    KV_BEFORE_WAIT: tl.constexpr,  # with PREFETCH: pos and the first block's keys before t read before gdc_wait
 ):
-    if USE_PDL:  # everything read here (q, the cache, pos) is written by earlier kernels of the step
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid_bh // n_head).to(tl.int64)
     h = (pid_bh % n_head).to(tl.int64)
     k_ptr += b * stride_kb + h * stride_kh
     v_ptr += b * stride_vb + h * stride_vh
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    if not KV_BEFORE_WAIT and USE_PDL:  # everything read here (q, the cache, pos) is written by earlier kernels
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
     t = tl.load(pos_ptr)
     n_keys = tl.minimum(tl.maximum(t, 0), max_len - 1) + 1  # a bad pos must not read outside the cache
     chunk = tl.cdiv(tl.cdiv(n_keys, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, n_keys)  # start >= end: a split beyond t, the loop is skipped
-
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
+    if KV_BEFORE_WAIT:
+        # The caller vouches that pos and the keys and values before t were final before the previous kernel began
+        # (decode_attention(kv_before_wait=True)), so the first block's DRAM reads overlap that kernel; key t, which
+        # the previous kernel writes, is read after the wait. Masked rows load as zeros, so the two add exactly.
+        k_next, v_next = _kv_block(k_ptr, v_ptr, start, tl.minimum(end, n_keys - 1), offs_d, d_mask, stride_ks,
+                                   stride_vs, BLOCK_N)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        k_t, v_t = _kv_block(k_ptr, v_ptr, start, end, offs_d, d_mask, stride_ks, stride_vs, BLOCK_N, lo=n_keys - 1)
+        k_next += k_t
+        v_next += v_t
+    elif PREFETCH:
+        k_next, v_next = _kv_block(k_ptr, v_ptr, start, end, offs_d, d_mask, stride_ks, stride_vs, BLOCK_N)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0).to(tl.float32)
 
     if PER_LANE:  # each of the BLOCK_N key lanes keeps its own online softmax, merged once after the loop
@@ -203,8 +217,6 @@ def _decode_kernel(
         m_i = tl.full([], float("-inf"), tl.float32)  # running max of scaled scores (base 2)
         l_i = tl.full([], 0.0, tl.float32)  # running sum of 2^(score - m_i)
         acc = tl.zeros([BLOCK_D], tl.float32)
-    if PREFETCH:
-        k_next, v_next = _kv_block(k_ptr, v_ptr, start, end, offs_d, d_mask, stride_ks, stride_vs, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         n_mask = start_n + tl.arange(0, BLOCK_N) < end
         if PREFETCH:  # the next block's loads are in flight while this one is computed (Triton does not
@@ -409,7 +421,8 @@ def decode_workspace(batch: int, n_head: int, head_dim: int, max_len: int, devic
     return torch.zeros(partials + batch * n_head if partials else 0, dtype=torch.float32, device=device)
 
 
-def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace) -> torch.Tensor:
+def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace,
+                     kv_before_wait: bool = False) -> torch.Tensor:
     """One query per (batch, head) attending cached keys 0..t, with t read from device memory.
 
     q: [B, H, D] (last dim contiguous; e.g. a view of a [B, H*D] buffer); k_cache, v_cache: [B, H, T, D]
@@ -418,7 +431,13 @@ def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace) 
     to 0..T-1 on the device); attends keys 0..t. out: [B, H, D]. workspace: from decode_workspace(B_max >=
     B, H, D, T) (its counters must be zero: a hand-made buffer is not). One launch, no allocation, no host
     sync. Returns out.
+    kv_before_wait: under programmatic dependent launch, read pos and the first key block's keys and values before
+    t before waiting on the previous kernel (key t after it). Only for callers where neither pos nor those cache
+    rows are written by the kernel launched just before this one, nor by anything after the one before it began:
+    the engine's decode step, where they change between steps. Same results either way.
     """
+    if not isinstance(kv_before_wait, bool):
+        raise ValueError(f"kv_before_wait must be a bool, got {kv_before_wait!r}")
     _check_tensor("q", q, "[B, H, D]", 3)
     _check_tensor("k_cache", k_cache, "[B, H, T, D]", 4)
     _check_tensor("v_cache", v_cache, "[B, H, T, D]", 4)
@@ -500,6 +519,7 @@ def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace) 
         PREFETCH=_DECODE_PREFETCH,
         PER_LANE=_DECODE_PER_LANE_SOFTMAX,
         USE_PDL=pdl,
+        KV_BEFORE_WAIT=kv_before_wait and _DECODE_PREFETCH,  # it reads the prefetched block early
         launch_pdl=pdl,
         num_warps=num_warps,
         enable_fp_fusion=backend.FP_FUSION,

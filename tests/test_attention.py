@@ -110,7 +110,8 @@ def test_prefill_allocates_out_and_leaves_inputs_alone(device):
         assert torch.equal(x, original)
 
 
-def run_decode_steps(device, batch, n_head, head_dim, max_len, dtype, steps, workspace=None, scale=None):
+def run_decode_steps(device, batch, n_head, head_dim, max_len, dtype, steps, workspace=None, scale=None,
+                     kv_before_wait=False):
     """Run decode at each t in `steps` over a cache whose positions > t hold NaN; check every output."""
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     k_full = torch.randn(batch, n_head, max_len, head_dim, device=device).to(dtype)
@@ -129,7 +130,8 @@ def run_decode_steps(device, batch, n_head, head_dim, max_len, dtype, steps, wor
         partials, counters = workspace[: workspace.numel() - batch * n_head], workspace[-batch * n_head :]
         partials.fill_(NAN)
         pos.fill_(t)
-        decode_attention(q, k_cache, v_cache, pos, scale=scale, out=out, workspace=workspace)
+        decode_attention(q, k_cache, v_cache, pos, scale=scale, out=out, workspace=workspace,
+                         kv_before_wait=kv_before_wait)
         assert workspace.numel() == 0 or not counters.view(torch.int32).any(), "a launch left a counter set"
         expected = reference_attention(q[:, :, None], k_full[:, :, : t + 1], v_full[:, :, : t + 1], scale)[
             :, :, 0
@@ -171,6 +173,17 @@ def test_decode_key_block_sizes_the_sweep_times(device, batch, n_head, head_dim,
     torch.manual_seed(block_n + batch)
     steps = sorted({0, 31, 32, 127, 128, 129, max_len - 1} & set(range(max_len)))
     run_decode_steps(device, batch, n_head, head_dim, max_len, dtype, steps)
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+@pytest.mark.parametrize("batch,n_head,head_dim,max_len,dtype", DECODE_CASES)
+def test_decode_with_keys_read_before_the_wait(device, batch, n_head, head_dim, max_len, dtype, prefetch, monkeypatch):
+    """kv_before_wait: the first block without key t, then key t alone, add up to the block (every split, t at
+    block edges; NaN past t is never read). Without prefetch the flag changes nothing."""
+    monkeypatch.setattr(attention, "_DECODE_PREFETCH", prefetch)
+    torch.manual_seed(batch + n_head + max_len)
+    steps = sorted({0, 1, 63, 64, 65, 127, 128, max_len - 1} & set(range(max_len)))
+    run_decode_steps(device, batch, n_head, head_dim, max_len, dtype, steps, kv_before_wait=True)
 
 
 def test_decode_splits_are_exercised():
@@ -297,6 +310,10 @@ BAD_DECODE = {
     "scale tensor": (
         lambda a: a.update(scale=torch.tensor(0.1)),
         r"scale must be a finite python float, got tensor",
+    ),
+    "kv_before_wait not a bool": (
+        lambda a: a.update(kv_before_wait=1),
+        r"kv_before_wait must be a bool, got 1",
     ),
 }
 

@@ -280,7 +280,7 @@ def test_sweep_measures_each_heuristic_value_and_restores_the_default(tmp_path):
     assert len(expected) == (2 + 2 + 2 + 3 + 2) * 5 + (3 + 3 + 2 + 2) * 2
     steps = {f"decode step [{sweep.constant.strip('_')}={value}]" for sweep in bench_kernels.SWEEPS
              if 1 in sweep.batches for value in sweep.values}
-    assert len(steps) == 2 + 2 + 2 + 3 + 2 + 3 + 3 + 2 + 2
+    assert len(steps) == 2 + 2 + 2 + 3 + 2 + 3 + 3 + 2 + 2 + 2  # the last: decode steps alone (no kernel cases)
     expected |= steps
     assert bench_kernels.GEMV_BATCHES == range(1, linear._GEMV_MAX_M + 1)
     assert bench_kernels.DOT_BATCHES.start == linear._GEMV_MAX_M + 1

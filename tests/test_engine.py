@@ -11,6 +11,7 @@ import torch
 from helpers import TINY, philox, random_state_dict
 from tolerances import tol
 
+import igpt_fast.decoder
 import igpt_fast.model
 from igpt_fast import ImageGPT, ImageGPTConfig, ReferenceImageGPT, backend
 
@@ -120,6 +121,14 @@ def test_greedy_and_per_step_logits_match_reference(backend, weights, reference)
         full = reference(out.sequences[:, :-1]).logits
     assert len(out.logits) == max_length - 1
     torch.testing.assert_close(torch.stack(out.logits, dim=1), full, **tol("model", torch.float32))
+
+
+def test_attention_reading_keys_before_its_wait_generates_the_same(weights, reference, monkeypatch):
+    """The decoder's ATTENTION_KV_BEFORE_WAIT (the sweep's alternative), through the Triton kernels."""
+    monkeypatch.setattr(igpt_fast.decoder, "ATTENTION_KV_BEFORE_WAIT", True)
+    context = torch.tensor([[TINY.sos_token_id], [3]])
+    out = ImageGPT(TINY, weights, backend="triton").generate(context, max_length=STEPS["triton"] + 1)
+    assert torch.equal(out, reference.generate(context, max_length=STEPS["triton"] + 1))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -469,6 +478,11 @@ def test_gpu_programmatic_dependent_launch_gives_the_same_tokens(small_weights, 
     monkeypatch.setenv(backend.PDL_ENV, "0")
     without = ImageGPT(SMALL, small_weights, device="cuda", dtype=torch.float16).generate(context, **kwargs)
     assert torch.equal(with_pdl, without)
+    # Decode attention reading pos and the cache rows before t ahead of its wait (the sweep's alternative).
+    monkeypatch.setenv(backend.PDL_ENV, "1")
+    monkeypatch.setattr(igpt_fast.decoder, "ATTENTION_KV_BEFORE_WAIT", True)
+    early = ImageGPT(SMALL, small_weights, device="cuda", dtype=torch.float16).generate(context, **kwargs)
+    assert torch.equal(early, without)
 
 
 @pytest.mark.gpu
