@@ -7,14 +7,14 @@ Softmax is computed online in float32 and in base 2 (exp2 of scores pre-multipli
 float32 inputs use IEEE fp32 dot products (input_precision="ieee", never TF32).
 
 Decode reads t from device memory (an int32 [1] tensor) so one captured CUDA graph serves every step.
-The key range 0..t is cut into NUM_SPLITS equal chunks (rounded up to whole BLOCK_N key blocks) at run
-time, so every step balances its work over all programs; splits whose chunk starts beyond t have no
-keys and store nothing, and the merge reads only the first cdiv(t+1, chunk) splits. Each split stores its
-normalised output and its log2-sum-exp2 into a float32 workspace, then counts itself in on its (batch, head)'s
-arrival counter; the split that arrives last merges, in the same launch (one kernel per layer, not two):
+The key range 0..t is cut into NUM_SPLITS equal chunks (rounded up to whole BLOCK_N key blocks, and at least
+_DECODE_MIN_SPLIT_KEYS) at run time, so every step balances its work over all programs; the first
+n_active = cdiv(t+1, chunk) splits hold keys, the others do nothing. Each active split stores its normalised
+output and its log2-sum-exp2 into a float32 workspace, then counts itself in on its (batch, head)'s arrival
+counter; the split that arrives n_active-th merges, in the same launch (one kernel per layer, not two):
     out = sum_s 2^(lse_s - max lse) o_s / sum_s 2^(lse_s - max lse)
-and sets the counter back to zero for the next launch. With a single split (large batch) the program writes
-`out` directly.
+and sets the counter back to zero for the next launch. With a single split (large batch), or when one split
+holds every key (a short cache), that program writes `out` directly.
 """
 
 import math
@@ -32,6 +32,11 @@ MAX_HEAD_DIM = 256
 # SM of an H100 (132 SMs), so batch 1 with 8 heads is split 16 ways on a 1024-long cache.
 _DECODE_BLOCK_N = 64
 _DECODE_TARGET_PROGRAMS = 512
+# Fewest keys a split of decode attention takes (rounded up to whole key blocks): below it, a short cache is
+# split fewer ways, and under one split's worth the launch writes its output with no merge at all. 64 (one block,
+# what the splits always took) until the sweep times 128 and 256: at batch 1 an image's first quarter would then skip
+# the merge (a counter and a reload of the partials) for one program reading up to 256 keys.
+_DECODE_MIN_SPLIT_KEYS = 64
 # Load the next key/value block while computing this one. Chosen without a GPU (for batches >= 64, where a program
 # walks its whole cache row, it keeps twice the bytes in flight); `benchmark --tasks sweep` measures both.
 _DECODE_PREFETCH = True
@@ -171,6 +176,7 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
+    MIN_CHUNK: tl.constexpr,  # fewest keys a split takes (a multiple of BLOCK_N)
     PREFETCH: tl.constexpr,
     PER_LANE: tl.constexpr,
     USE_PDL: tl.constexpr,
@@ -190,7 +196,7 @@ def _decode_kernel(
 
     t = tl.load(pos_ptr)
     n_keys = tl.minimum(tl.maximum(t, 0), max_len - 1) + 1  # a bad pos must not read outside the cache
-    chunk = tl.cdiv(tl.cdiv(n_keys, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.maximum(tl.cdiv(tl.cdiv(n_keys, NUM_SPLITS), BLOCK_N) * BLOCK_N, MIN_CHUNK)
     start = split * chunk
     end = tl.minimum(start + chunk, n_keys)  # start >= end: a split beyond t, the loop is skipped
     if KV_BEFORE_WAIT:
@@ -252,21 +258,23 @@ def _decode_kernel(
     if NUM_SPLITS == 1:
         tl.store(out_ptr + offs_d, (acc / l_i).to(out_ptr.dtype.element_ty), mask=d_mask)
     else:
-        active = start < n_keys
-        l_safe = tl.where(active, l_i, 1.0)  # an empty split stores nothing; avoid 0/0 all the same
-        stored_cols = tl.where(active, HEAD_DIM, 0)  # (the interpreter rejects block_mask & scalar_mask)
-        row = pid_bh * NUM_SPLITS + split
-        tl.store(part_out_ptr + row * HEAD_DIM + offs_d, acc / l_safe, mask=offs_d < stored_cols)
-        tl.store(part_lse_ptr + row, m_i + tl.log2(l_safe), mask=active)
-        # The barrier puts every thread's stores before the counter's release; the acq_rel increment makes the
-        # earlier splits' stores visible to the last one (the split-K semaphore pattern).
-        tl.debug_barrier()
-        arrived = tl.atomic_add(arrived_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
-        if arrived == NUM_SPLITS - 1:
-            out = _merge_splits(part_out_ptr, part_lse_ptr, pid_bh, tl.cdiv(n_keys, chunk), HEAD_DIM, BLOCK_D,
-                                NUM_SPLITS, BLOCK_SPLITS)
-            tl.store(out_ptr + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
-            tl.atomic_xchg(arrived_ptr + pid_bh, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+        n_active = tl.cdiv(n_keys, chunk)  # splits holding keys: the same in every program of this launch
+        if n_active == 1:  # split 0 holds every key: it writes out, with no partials, counter or merge
+            if split == 0:
+                tl.store(out_ptr + offs_d, (acc / l_i).to(out_ptr.dtype.element_ty), mask=d_mask)
+        elif split < n_active:  # empty splits neither store nor count
+            row = pid_bh * NUM_SPLITS + split
+            tl.store(part_out_ptr + row * HEAD_DIM + offs_d, acc / l_i, mask=d_mask)
+            tl.store(part_lse_ptr + row, m_i + tl.log2(l_i))
+            # The barrier puts every thread's stores before the counter's release; the acq_rel increment makes
+            # the earlier splits' stores visible to the last one (the split-K semaphore pattern).
+            tl.debug_barrier()
+            arrived = tl.atomic_add(arrived_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
+            if arrived == n_active - 1:
+                out = _merge_splits(part_out_ptr, part_lse_ptr, pid_bh, n_active, HEAD_DIM, BLOCK_D, NUM_SPLITS,
+                                    BLOCK_SPLITS)
+                tl.store(out_ptr + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+                tl.atomic_xchg(arrived_ptr + pid_bh, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 
 def _check_tensor(name: str, x, shape_doc: str, ndim: int) -> None:
@@ -388,9 +396,9 @@ def prefill_attention(q, k, v, *, scale: float, out=None) -> torch.Tensor:
 
 def decode_num_splits(batch: int, n_head: int, max_len: int) -> int:
     """How many ways decode cuts the key range: enough programs to fill the GPU (~_DECODE_TARGET_PROGRAMS),
-    a power of two, and never more splits than whole key blocks in a full cache."""
+    a power of two, and never more splits than a full cache has whole key blocks (or _DECODE_MIN_SPLIT_KEYS)."""
     wanted = triton.next_power_of_2(triton.cdiv(_DECODE_TARGET_PROGRAMS, batch * n_head))
-    return max(1, min(wanted, max_len // _DECODE_BLOCK_N))
+    return max(1, min(wanted, max_len // max(_DECODE_BLOCK_N, _DECODE_MIN_SPLIT_KEYS)))
 
 
 def _partial_floats(batch: int, n_head: int, head_dim: int, max_len: int) -> int:
@@ -516,6 +524,7 @@ def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace,
         BLOCK_N=_DECODE_BLOCK_N,
         NUM_SPLITS=num_splits,
         BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+        MIN_CHUNK=triton.cdiv(max(_DECODE_MIN_SPLIT_KEYS, 1), _DECODE_BLOCK_N) * _DECODE_BLOCK_N,
         PREFETCH=_DECODE_PREFETCH,
         PER_LANE=_DECODE_PER_LANE_SOFTMAX,
         USE_PDL=pdl,

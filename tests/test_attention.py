@@ -186,6 +186,19 @@ def test_decode_with_keys_read_before_the_wait(device, batch, n_head, head_dim, 
     run_decode_steps(device, batch, n_head, head_dim, max_len, dtype, steps, kv_before_wait=True)
 
 
+@pytest.mark.parametrize("min_keys", [128, 256])
+@pytest.mark.parametrize("batch,n_head,head_dim,max_len,dtype", [DECODE_CASES[0], DECODE_CASES[2]])
+def test_decode_splits_of_at_least_min_keys(device, batch, n_head, head_dim, max_len, dtype, min_keys, monkeypatch):
+    """The sweep's _DECODE_MIN_SPLIT_KEYS: short caches in one split (no merge), longer ones in fewer splits."""
+    monkeypatch.setattr(attention, "_DECODE_MIN_SPLIT_KEYS", min_keys)
+    splits = decode_num_splits(batch, n_head, max_len)
+    assert splits <= max(1, max_len // min_keys)  # no split could ever be empty for a full cache
+    assert splits == 2 or (batch, min_keys) != (1, 128)  # that case merges two splits of 128 keys at t >= 128
+    torch.manual_seed(min_keys + batch)
+    steps = sorted({0, 63, 64, 127, 128, 129, 255, max_len - 1} & set(range(max_len)))
+    run_decode_steps(device, batch, n_head, head_dim, max_len, dtype, steps)
+
+
 def test_decode_splits_are_exercised():
     """The CPU cases above do cover the split-K path: check the heuristic gives them several splits."""
     assert decode_num_splits(1, 1, 256) == 4
