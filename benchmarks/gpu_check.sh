@@ -18,10 +18,9 @@
 # A failing stage does not stop the later ones; the exit status says whether any failed.
 # Then, wherever OUT_DIR came back to: python -m igpt_fast.benchmark --from-json OUT_DIR/results.json --out OUT_DIR
 # --readme README.md puts the measured table into README's Performance section.
-# The full sweep does not fit in these 6 minutes (its decode-step rows alone are about 60 engines, each compiled and
-# captured under one value); give it a call of its own, with the device time left:
-#   python -m igpt_fast.benchmark --tasks sweep --dtypes float16 --batches 1,8,64 --systems igpt-fast \
-#       --out OUT_DIR/sweep --time-limit 300
+# The full sweep does not fit in these 6 minutes (its decode-step rows alone are about 80 engines, each compiled and
+# captured under one value), nor does batch 256: benchmarks/gpu_sweep.sh OUT_DIR [SECONDS] does both, in a call of
+# its own with the device time left.
 
 set -u -o pipefail
 export PYTHONUNBUFFERED=1

@@ -304,6 +304,24 @@ def test_the_gpu_check_script_parses_and_refuses_without_a_gpu(tmp_path):
     assert not (tmp_path / "out").exists()  # refused before writing anything
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_the_gpu_sweep_script_checks_its_arguments_and_refuses_without_a_gpu(tmp_path):
+    if shutil.which("bash") is None:
+        pytest.skip("no bash here")
+    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "gpu_sweep.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+
+    def run(*args):
+        return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=120)
+
+    assert run().returncode == 2 and "usage" in run().stderr
+    bad = run(str(tmp_path / "out"), "60")
+    assert bad.returncode == 2 and "SECONDS must be a whole number of at least 120, got '60'" in bad.stderr
+    refused = run(str(tmp_path / "out"))
+    assert refused.returncode == 2 and "no CUDA GPU" in refused.stderr
+    assert not (tmp_path / "out").exists()  # refused before writing anything
+
+
 def test_transformers_anchor_generates_what_the_reference_generates():
     """generate() must not take the SOS for padding (pad_token_id is the SOS): with top_k=1 the plain anchor's
     tokens are the reference's, for an SOS prompt and a longer one."""

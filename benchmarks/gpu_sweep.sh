@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The second GPU call, for what the 6-minute check (benchmarks/gpu_check.sh) leaves out: imagegpt-small fp16
+# generation at batch 256 (igpt-fast alone, whole images; its target is 3.0 ms/step), then the launch-heuristic sweep
+# (fp16, batch 1, 8, 64: every decode-step row first, then kernel rows) in the time that is left.
+#
+#   benchmarks/gpu_sweep.sh OUT_DIR [SECONDS]
+#
+# SECONDS (default 330) bounds the whole script; give the device call about 40 s more. Everything lands in OUT_DIR:
+# install.log, b256/ and sweep/ (results.json, summary.txt each). Same machine assumptions as gpu_check.sh: torch,
+# triton and transformers installed, nothing downloaded. Then, wherever OUT_DIR came back to, keep each sweep's
+# winner as the default (decode-step rows decide) and delete the losing code paths.
+
+set -u -o pipefail
+export PYTHONUNBUFFERED=1
+
+if [ $# -lt 1 ] || [ $# -gt 2 ]; then
+    echo "usage: $0 OUT_DIR [SECONDS]" >&2
+    exit 2
+fi
+budget=${2:-330}
+if ! [[ $budget =~ ^[0-9]+$ ]] || [ "$budget" -lt 120 ]; then
+    echo "$0: SECONDS must be a whole number of at least 120, got '$budget'" >&2
+    exit 2
+fi
+if ! python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    echo "$0: no CUDA GPU is visible to torch here; this sweep is for a GPU machine" >&2
+    exit 2
+fi
+mkdir -p "$1" || exit 2
+OUT=$(cd "$1" && pwd)
+cd "$(dirname "$0")/.." || exit 2
+
+failed=()
+echo "== install ($(date +%T))"
+timeout -k 5 60 python3 -m pip install --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || failed+=(install)
+
+echo "== batch 256 ($(date +%T))"
+timeout -k 10 90 python3 -m igpt_fast.benchmark --sizes core --dtypes float16 --batches 256 --systems igpt-fast \
+    --tasks generate,complete --out "$OUT/b256" --time-limit 60 >"$OUT/b256.log" 2>&1 || failed+=(b256)
+tail -n 8 "$OUT/b256/summary.txt" 2>/dev/null
+
+left=$((budget - SECONDS - 15))
+echo "== sweep, ${left} s ($(date +%T))"
+timeout -k 10 "$left" python3 -m igpt_fast.benchmark --tasks sweep --dtypes float16 --batches 1,8,64 \
+    --systems igpt-fast --out "$OUT/sweep" --time-limit $((left - 25)) >"$OUT/sweep.log" 2>&1 || failed+=(sweep)
+# The decode-step rows, the ones that decide defaults, from whatever results.json holds (a cut-short run too).
+python3 -m igpt_fast.benchmark --from-json "$OUT/sweep/results.json" --out "$OUT/sweep" >/dev/null 2>&1
+grep -E "^kernel|^-|decode step" "$OUT/sweep/summary.txt" 2>/dev/null
+
+if [ ${#failed[@]} -ne 0 ]; then
+    echo "== failed: ${failed[*]}"
+    exit 1
+fi
