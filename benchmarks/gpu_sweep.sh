@@ -6,9 +6,9 @@
 #   benchmarks/gpu_sweep.sh OUT_DIR [SECONDS]
 #
 # SECONDS (default 420) bounds the whole script; give the device call about 40 s more (its limit is 10 minutes).
-# Everything lands in OUT_DIR: install.log, b256/ and sweep/ (results.json, summary.txt each). Same machine assumptions as gpu_check.sh: torch,
-# triton and transformers installed, nothing downloaded. Then, wherever OUT_DIR came back to, keep each sweep's
-# winner as the default (decode-step rows decide) and delete the losing code paths.
+# Everything lands in OUT_DIR: install.log, b256/ and sweep/ (results.json, summary.txt each). Same machine
+# assumptions as gpu_check.sh: torch, triton and transformers installed, nothing downloaded. Then, wherever OUT_DIR
+# came back to, keep each sweep's winner as the default (decode-step rows decide) and delete the losing code paths.
 
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
