@@ -137,7 +137,7 @@ def _epilogue(
     n_start,  # offs_n[0]
     M,
     N,
-    bias,  # [BLOCK_N] float32 bias of these columns (from _early_loads; unused without HAS_BIAS)
+    bias,  # [BLOCK_N] float32 bias of these columns (_load_bias; unused without HAS_BIAS)
     residual,  # "residual": [BLOCK_M, BLOCK_N] float32, the residual tile as it was before this kernel
     pos,  # "qkv": int32 position of each sequence's first row
     out_ptr,  # "store": [M, N] output; "residual": [M, N] residual, updated in place; "qkv": [M, N // 3] q
