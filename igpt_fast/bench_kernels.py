@@ -34,13 +34,15 @@ NEAR_TIE = 1e-5
 @dataclass(frozen=True)
 class Sweep:
     """A launch heuristic to time under each of `values` (its default among them): the kernel cases whose names
-    start with one of `cases`, at the plan's batches that lie in `batches` (where the heuristic is read)."""
+    start with one of `cases`, at the plan's batches that lie in `batches` (where the heuristic is read), and,
+    unless it acts outside the decode step (steps=False), the whole decode step."""
 
     module: str
     constant: str
     values: tuple
     cases: tuple[str, ...]
     batches: range
+    steps: bool = True
 
 
 _LINEAR_CASES = ("norm_qkv", "linear_residual", "norm_linear")
@@ -64,6 +66,8 @@ SWEEPS = (
     Sweep("igpt_fast.kernels.linear", "_GEMV_PREFETCH", (1, 2), _LINEAR_CASES, GEMV_BATCHES),
     Sweep("igpt_fast.kernels.linear", "_GEMV_MIN_BLOCK_N", (2, 4, 8), _LINEAR_CASES, GEMV_BATCHES),
     Sweep("igpt_fast.kernels.linear", "_GEMV_NUM_WARPS", (4, 8), _LINEAR_CASES, GEMV_BATCHES),
+    Sweep("igpt_fast.kernels.attention", "_PREFILL_SPLIT_DIAGONAL", (True, False), ("prefill_attention",),
+          ALL_BATCHES, steps=False),
     Sweep("igpt_fast.kernels.attention", "_DECODE_PREFETCH", (True, False), ("decode_attention",), ALL_BATCHES),
     Sweep("igpt_fast.kernels.attention", "_DECODE_PER_LANE_SOFTMAX", (True, False), ("decode_attention",),
           ALL_BATCHES),

@@ -369,11 +369,11 @@ class Runner:
                 for value in sweep.values:
                     with heuristic(sweep.module, sweep.constant, value):
                         for batch in [b for b in self.plan.batches if b in sweep.batches]:
-                            if steps_pass:
+                            if steps_pass and sweep.steps:
                                 self.measure("kernel", f"decode step [{label}={value}]", model_name, dtype_name,
                                              batch, functools.partial(self.measure_sweep_step, config, weights,
                                                                       dtype_name, batch))
-                            elif sweep.cases:
+                            elif not steps_pass and sweep.cases:
                                 self.measure_sweep_kernels(config, model_name, dtype_name, batch, sweep.cases,
                                                            f"{label}={value}")
                             self.release()

@@ -54,6 +54,9 @@ PREFILL_CASES = [
     (3, 16, 17, 64, torch.float16, 0),
     (1, 1, 65, 96, torch.float16, 23),
     (1, 1, 17, 256, torch.float32, 0),
+    # Longer than one query block (64 in float32, 128 in 16-bit): blocks before the diagonal run unmasked.
+    (2, 2, 130, 96, torch.float32, 0),
+    (1, 1, 200, 64, torch.float16, 3),
 ]
 
 
@@ -66,6 +69,16 @@ def test_prefill_matches_reference(device, batch, n_head, seq_len, head_dim, dty
     returned = prefill_attention(q, k, v, scale=scale, out=out)
     assert returned is out
     torch.testing.assert_close(out.double(), reference_attention(q, k, v, scale), **tol("kernel", dtype))
+
+
+@pytest.mark.parametrize("split_diagonal", [True, False])
+def test_prefill_with_and_without_the_unmasked_loop(device, split_diagonal, monkeypatch):
+    """The sweep's _PREFILL_SPLIT_DIAGONAL: three query blocks (float32), the same either way."""
+    monkeypatch.setattr(attention, "_PREFILL_SPLIT_DIAGONAL", split_diagonal)
+    torch.manual_seed(130)
+    q, k, v = random_qkv((1, 2, 130, 64), torch.float32, device)
+    out = prefill_attention(q, k, v, scale=0.125)
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v, 0.125), **tol("kernel", torch.float32))
 
 
 def test_prefill_scale_is_honoured(device):
@@ -175,8 +188,8 @@ def test_decode_key_block_sizes_the_sweep_times(device, batch, n_head, head_dim,
     run_decode_steps(device, batch, n_head, head_dim, max_len, dtype, steps)
 
 
-@pytest.mark.parametrize("prefetch", [True, False])
-@pytest.mark.parametrize("batch,n_head,head_dim,max_len,dtype", DECODE_CASES)
+@pytest.mark.parametrize("batch,n_head,head_dim,max_len,dtype,prefetch",
+                         [(*case, True) for case in DECODE_CASES] + [(*DECODE_CASES[0], False)])
 def test_decode_with_keys_read_before_the_wait(device, batch, n_head, head_dim, max_len, dtype, prefetch, monkeypatch):
     """kv_before_wait: the first block without key t, then key t alone, add up to the block (every split, t at
     block edges; NaN past t is never read). Without prefetch the flag changes nothing."""
