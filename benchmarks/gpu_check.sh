@@ -6,13 +6,13 @@
 #
 # For a machine where torch, triton and transformers are installed and nothing can be downloaded. Everything
 # lands in OUT_DIR: env.txt, install.log, demo.log, demo_grid.png, gpu_tests.log (and one log per test process),
-# benchmark.log, results.json, summary.txt, images_per_s.png, pytest_benchmark.log, profile.txt, and
+# benchmark.log, results.json, summary.txt, images_per_s.png, pytest_benchmark.log, profile.txt, launch_floor.txt, and
 # (IGPT_FAST_SWEEP=1, time allowing) sweep.log and sweep/. Budget, about 6 minutes on an H100 (the two runs of
 # 2026-11-27 took 332 and 341 s, sweep included): install <= 60 s (about 10 s in practice), the main job on the
 # shipped demo model <= 40 s (5-8 s), tests <= 100 s (four processes at once; 64 s), benchmark <= 230 s (it starts
 # no measurement after 185 s and rewrites results.json after each one, so a cut-short run still reports), one test
-# of each pytest-benchmark file <= 60 s, the decode-step profile <= 60 s, and, only with IGPT_FAST_SWEEP=1, the
-# sweep with what is left.
+# of each pytest-benchmark file <= 60 s, the decode-step profile <= 60 s, the launch floor <= 60 s (a few seconds),
+# and, only with IGPT_FAST_SWEEP=1, the sweep with what is left.
 # The demo job is also the probe of programmatic dependent launch (on by default from sm_90): if it fails with PDL
 # and passes without, the rest runs with IGPT_FAST_PDL=0 (said loudly, and the check fails).
 # A failing stage does not stop the later ones; the exit status says whether any failed.
@@ -127,6 +127,10 @@ stage pytest-benchmark pytest_benchmark.log timeout -k 5 60 python3 -m pytest -m
 # the benchmark's table.
 stage profile profile.txt env IGPT_FAST_PDL=0 timeout -k 5 60 python3 benchmarks/profile_step.py --batches 1,8,64 \
     --steps 128
+
+# The floor of a chain of dependent launches here (a graph of 124 launches that do almost nothing, PDL on and off):
+# a few seconds. The engine's us/launch minus this is its kernels' own work.
+stage launch-floor launch_floor.txt timeout -k 5 60 python3 benchmarks/launch_floor.py
 
 # On request (IGPT_FAST_SWEEP=1) and with time left of the 6 minutes, the launch-heuristic sweep (fp16, batch 1,
 # 8, 64; sweep/ in OUT_DIR): the kernels under each alternative value of the constants not yet settled on a GPU.

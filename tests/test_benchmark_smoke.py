@@ -392,6 +392,23 @@ def test_cases_that_fail_to_build_are_recorded_and_the_run_goes_on(tmp_path, mon
     assert rows["kernel", "decode step [GEMV_NUM_WARPS=4]"]["status"] == "ok", rows  # the engine builds its own
 
 
+def test_the_launch_floor_script_checks_its_arguments_and_refuses_without_a_gpu():
+    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "launch_floor.py"
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
+
+    shown = run("--help")
+    assert shown.returncode == 0 and "--chain" in shown.stdout
+    odd = run("--chain", "5")
+    assert odd.returncode == 2 and "--chain must be an even number >= 2, got 5" in odd.stderr
+    none = run("--replays", "0")
+    assert none.returncode == 2 and "--replays must be >= 1, got 0" in none.stderr
+    if not torch.cuda.is_available():
+        refused = run()
+        assert refused.returncode == 2 and "needs a CUDA GPU" in refused.stderr
+
+
 def test_the_decode_step_profiler_checks_its_arguments_and_refuses_without_a_gpu():
     script = pathlib.Path(__file__).parents[1] / "benchmarks" / "profile_step.py"
 

@@ -1,0 +1,105 @@
+"""The floor of a chain of dependent launches on this GPU: what one kernel of a decode step costs when it does
+(almost) nothing but wait for its predecessor, read what that one wrote and write for the next.
+
+A decode step is a chain of about five launches per layer (124 at imagegpt-small), each reading what the one before
+wrote; at batch 1 a step took about 2.9 us per launch on an H100 (2026-11-27). This times the same shape of chain
+with no weights at all: CHAIN launches of a kernel that adds one to a buffer another copy of it wrote, captured in a
+CUDA graph, with and without programmatic dependent launch (PDL), for grids of 1, one per SM and two per SM programs.
+us/launch is then the least a launch of the engine can cost here; the engine's per-launch time minus it is what its
+kernels' own work (weight reads, reductions, merges) costs.
+
+    python benchmarks/launch_floor.py [--chain 124] [--replays 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+from igpt_fast.backend import FP_FUSION
+
+BLOCK = 512  # values each program reads and writes: a 1 KB fp16 row of imagegpt-small's residual stream (fp32 here)
+
+
+@triton.jit
+def _add_one_kernel(src_ptr, dst_ptr, USE_PDL: tl.constexpr, BLOCK: tl.constexpr):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(dst_ptr + offs, tl.load(src_ptr + offs) + 1.0)
+
+
+def chain_us_per_launch(programs: int, chain: int, replays: int, pdl: bool) -> float:
+    """Median over replays of a graph of `chain` dependent launches, per launch, in microseconds."""
+    buffers = [torch.zeros(programs * BLOCK, device="cuda") for _ in range(2)]
+
+    def run_chain():
+        for i in range(chain):
+            _add_one_kernel[(programs,)](buffers[i % 2], buffers[(i + 1) % 2], USE_PDL=pdl, BLOCK=BLOCK,
+                                         launch_pdl=pdl, num_warps=4, enable_fp_fusion=FP_FUSION)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run_chain()  # compile, outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run_chain()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / chain)
+    # Each run of the chain (warm-up, first replay, timed replays) adds `chain`, ending in buffers[0] (chain is even).
+    expected = float(chain * (replays + 2))
+    got = buffers[0][0].item()
+    if got != expected:
+        raise RuntimeError(f"the chain computed {got}, expected {expected}: a launch read before its predecessor "
+                           f"wrote (pdl={pdl}, programs={programs})")
+    return sorted(times)[len(times) // 2]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--chain", type=int, default=124, help="dependent launches per graph (default 124: one "
+                        "imagegpt-small decode step)")
+    parser.add_argument("--replays", type=int, default=50, help="timed graph replays (default 50)")
+    args = parser.parse_args(argv)
+    if args.chain < 2 or args.chain % 2:
+        parser.error(f"--chain must be an even number >= 2, got {args.chain}")
+    if args.replays < 1:
+        parser.error(f"--replays must be >= 1, got {args.replays}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("launch_floor.py: needs a CUDA GPU (torch sees none)", file=sys.stderr)
+        return 2
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    pdl_options = (False, True) if torch.cuda.get_device_capability()[0] >= 9 else (False,)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}: a graph of "
+          f"{args.chain} dependent launches, median of {args.replays} replays")
+    print(f"{'programs':>9} {'PDL':>4} {'us/launch':>10} {'us per 124':>11}")
+    for programs in (1, sms, 2 * sms):
+        for pdl in pdl_options:
+            us = chain_us_per_launch(programs, args.chain, args.replays, pdl)
+            print(f"{programs:9d} {'on' if pdl else 'off':>4} {us:10.2f} {124 * us:11.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
