@@ -6,7 +6,8 @@ wrote; at batch 1 a step took about 2.9 us per launch on an H100 (2026-11-27). T
 with no weights at all: CHAIN launches of a kernel that adds one to a buffer another copy of it wrote, captured in a
 CUDA graph, with and without programmatic dependent launch (PDL), for grids of 1, one per SM and two per SM programs.
 us/launch is then the least a launch of the engine can cost here; the engine's per-launch time minus it is what its
-kernels' own work (weight reads, reductions, merges) costs.
+kernels' own work (weight reads, reductions, merges) costs. Then the same chain as phases of one persistent launch
+separated by grid barriers (an arrival counter): what a one-kernel decode step would pay per phase instead.
 
     python benchmarks/launch_floor.py [--chain 124] [--replays 50]
 """
@@ -34,23 +35,33 @@ def _add_one_kernel(src_ptr, dst_ptr, USE_PDL: tl.constexpr, BLOCK: tl.constexpr
     tl.store(dst_ptr + offs, tl.load(src_ptr + offs) + 1.0)
 
 
-def chain_us_per_launch(programs: int, chain: int, replays: int, pdl: bool) -> float:
-    """Median over replays of a graph of `chain` dependent launches, per launch, in microseconds."""
-    buffers = [torch.zeros(programs * BLOCK, device="cuda") for _ in range(2)]
+@triton.jit
+def _load_acquire(ptr):
+    """ld.acquire.gpu: the loads after it see what was released before the value it reads."""
+    return tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32,
+                                     is_pure=False, pack=1)
 
-    def run_chain():
-        for i in range(chain):
-            _add_one_kernel[(programs,)](buffers[i % 2], buffers[(i + 1) % 2], USE_PDL=pdl, BLOCK=BLOCK,
-                                         launch_pdl=pdl, num_warps=4, enable_fp_fusion=FP_FUSION)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run_chain()  # compile, outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run_chain()
+@triton.jit
+def _barrier_chain_kernel(buf_ptr, counter_ptr, PHASES: tl.constexpr, BLOCK: tl.constexpr):
+    """One persistent launch doing the chain's work as PHASES phases with a grid barrier between them (an arrival
+    counter: release-add, then spin on acquire-loads), what a one-kernel decode step would pay instead of launches.
+    Program p reads what program p + 1 wrote the phase before. Every program must be resident at once."""
+    pid = tl.program_id(0)
+    n = tl.num_programs(0)
+    offs = tl.arange(0, BLOCK)
+    for phase in range(PHASES):
+        src = buf_ptr + (phase % 2) * n * BLOCK + ((pid + 1) % n) * BLOCK
+        dst = buf_ptr + ((phase + 1) % 2) * n * BLOCK + pid * BLOCK
+        tl.store(dst + offs, tl.load(src + offs, cache_modifier=".cg") + 1.0)  # .cg: L2, not this SM's stale L1
+        tl.debug_barrier()  # every thread's store before the release
+        tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+        while _load_acquire(counter_ptr) < (phase + 1) * n:
+            pass
+        tl.debug_barrier()
+
+
+def median_graph_us(graph: torch.cuda.CUDAGraph, replays: int) -> float:
     graph.replay()
     torch.cuda.synchronize()
     times = []
@@ -60,14 +71,56 @@ def chain_us_per_launch(programs: int, chain: int, replays: int, pdl: bool) -> f
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / chain)
-    # Each run of the chain (warm-up, first replay, timed replays) adds `chain`, ending in buffers[0] (chain is even).
-    expected = float(chain * (replays + 2))
-    got = buffers[0][0].item()
-    if got != expected:
-        raise RuntimeError(f"the chain computed {got}, expected {expected}: a launch read before its predecessor "
-                           f"wrote (pdl={pdl}, programs={programs})")
+        times.append(start.elapsed_time(end) * 1e3)
     return sorted(times)[len(times) // 2]
+
+
+def captured(fn) -> torch.cuda.CUDAGraph:
+    """fn run once on a side stream (compiling its kernels), then captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def check(got: float, expected: float, what: str) -> None:
+    if got != expected:
+        raise RuntimeError(f"{what} computed {got}, expected {expected}: a step read before its predecessor wrote")
+
+
+def barrier_us_per_phase(programs: int, chain: int, replays: int) -> float:
+    """Median over replays of one persistent launch of `chain` phases, per phase, in microseconds."""
+    buf = torch.zeros(2 * programs * BLOCK, device="cuda")
+    counter = torch.zeros(1, dtype=torch.int32, device="cuda")
+
+    def run():
+        counter.zero_()
+        _barrier_chain_kernel[(programs,)](buf, counter, PHASES=chain, BLOCK=BLOCK, num_warps=4,
+                                           enable_fp_fusion=FP_FUSION)
+
+    us = median_graph_us(captured(run), replays) / chain
+    check(buf[0].item(), float(chain * (replays + 2)), f"the barrier chain ({programs} programs)")
+    return us
+
+
+def chain_us_per_launch(programs: int, chain: int, replays: int, pdl: bool) -> float:
+    """Median over replays of a graph of `chain` dependent launches, per launch, in microseconds."""
+    buffers = [torch.zeros(programs * BLOCK, device="cuda") for _ in range(2)]
+
+    def run_chain():
+        for i in range(chain):
+            _add_one_kernel[(programs,)](buffers[i % 2], buffers[(i + 1) % 2], USE_PDL=pdl, BLOCK=BLOCK,
+                                         launch_pdl=pdl, num_warps=4, enable_fp_fusion=FP_FUSION)
+
+    us = median_graph_us(captured(run_chain), replays) / chain
+    # Each run of the chain (warm-up, first replay, timed replays) adds `chain`, ending in buffers[0] (chain is even).
+    check(buffers[0][0].item(), float(chain * (replays + 2)), f"the launch chain (pdl={pdl}, {programs} programs)")
+    return us
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -93,11 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     pdl_options = (False, True) if torch.cuda.get_device_capability()[0] >= 9 else (False,)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}: a graph of "
           f"{args.chain} dependent launches, median of {args.replays} replays")
-    print(f"{'programs':>9} {'PDL':>4} {'us/launch':>10} {'us per 124':>11}")
+    print(f"{'programs':>9}  {'chain of':<32} {'us each':>8} {'us per 124':>11}")
     for programs in (1, sms, 2 * sms):
         for pdl in pdl_options:
             us = chain_us_per_launch(programs, args.chain, args.replays, pdl)
-            print(f"{programs:9d} {'on' if pdl else 'off':>4} {us:10.2f} {124 * us:11.1f}")
+            print(f"{programs:9d}  {'launches, PDL ' + ('on' if pdl else 'off'):<32} {us:8.2f} {124 * us:11.1f}")
+    for programs in (sms, 2 * sms):  # one or two per SM: all resident at once, as the spin barrier needs
+        us = barrier_us_per_phase(programs, args.chain, args.replays)
+        print(f"{programs:9d}  {'grid barriers in one launch':<32} {us:8.2f} {124 * us:11.1f}")
     return 0
 
 
