@@ -9,7 +9,7 @@ us/launch is then the least a launch of the engine can cost here; the engine's p
 kernels' own work (weight reads, reductions, merges) costs. Then the same chain as phases of one persistent launch
 separated by grid barriers (an arrival counter): what a one-kernel decode step would pay per phase instead.
 
-    python benchmarks/launch_floor.py [--chain 124] [--replays 50]
+    python benchmarks/launch_floor.py [--chain 124] [--rep-ms 50]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import sys
 import torch
 import triton
 import triton.language as tl
+from triton.testing import do_bench
 
 from igpt_fast.backend import FP_FUSION
 
@@ -61,22 +62,9 @@ def _barrier_chain_kernel(buf_ptr, counter_ptr, PHASES: tl.constexpr, BLOCK: tl.
         tl.debug_barrier()
 
 
-def median_graph_us(graph: torch.cuda.CUDAGraph, replays: int) -> float:
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
-def captured(fn) -> torch.cuda.CUDAGraph:
-    """fn run once on a side stream (compiling its kernels), then captured."""
+def replayed_once(fn, result: torch.Tensor, expected: float, what: str) -> torch.cuda.CUDAGraph:
+    """fn run once on a side stream (compiling its kernels), captured, and replayed once; the graph, after checking
+    that `result` (what two runs leave) is `expected`: a stale read would leave it short."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -85,16 +73,21 @@ def captured(fn) -> torch.cuda.CUDAGraph:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
+    graph.replay()
+    got = result.item()
+    if got != expected:
+        raise RuntimeError(f"{what} computed {got}, expected {expected}: a step read before its predecessor wrote")
     return graph
 
 
-def check(got: float, expected: float, what: str) -> None:
-    if got != expected:
-        raise RuntimeError(f"{what} computed {got}, expected {expected}: a step read before its predecessor wrote")
+def us_per_step(graph: torch.cuda.CUDAGraph, steps: int, rep_ms: int) -> float:
+    """Median GPU time of a replay over rep_ms of them (events around each; a replay is far longer than its host
+    launch), per step."""
+    return 1e3 * do_bench(graph.replay, warmup=5, rep=rep_ms, return_mode="median") / steps
 
 
-def barrier_us_per_phase(programs: int, chain: int, replays: int) -> float:
-    """Median over replays of one persistent launch of `chain` phases, per phase, in microseconds."""
+def barrier_us_per_phase(programs: int, chain: int, rep_ms: int) -> float:
+    """One persistent launch of `chain` phases, per phase, in microseconds."""
     buf = torch.zeros(2 * programs * BLOCK, device="cuda")
     counter = torch.zeros(1, dtype=torch.int32, device="cuda")
 
@@ -103,13 +96,12 @@ def barrier_us_per_phase(programs: int, chain: int, replays: int) -> float:
         _barrier_chain_kernel[(programs,)](buf, counter, PHASES=chain, BLOCK=BLOCK, num_warps=4,
                                            enable_fp_fusion=FP_FUSION)
 
-    us = median_graph_us(captured(run), replays) / chain
-    check(buf[0].item(), float(chain * (replays + 2)), f"the barrier chain ({programs} programs)")
-    return us
+    graph = replayed_once(run, buf[0], 2.0 * chain, f"the barrier chain ({programs} programs)")
+    return us_per_step(graph, chain, rep_ms)
 
 
-def chain_us_per_launch(programs: int, chain: int, replays: int, pdl: bool) -> float:
-    """Median over replays of a graph of `chain` dependent launches, per launch, in microseconds."""
+def chain_us_per_launch(programs: int, chain: int, rep_ms: int, pdl: bool) -> float:
+    """A graph of `chain` dependent launches, per launch, in microseconds."""
     buffers = [torch.zeros(programs * BLOCK, device="cuda") for _ in range(2)]
 
     def run_chain():
@@ -117,10 +109,9 @@ def chain_us_per_launch(programs: int, chain: int, replays: int, pdl: bool) -> f
             _add_one_kernel[(programs,)](buffers[i % 2], buffers[(i + 1) % 2], USE_PDL=pdl, BLOCK=BLOCK,
                                          launch_pdl=pdl, num_warps=4, enable_fp_fusion=FP_FUSION)
 
-    us = median_graph_us(captured(run_chain), replays) / chain
-    # Each run of the chain (warm-up, first replay, timed replays) adds `chain`, ending in buffers[0] (chain is even).
-    check(buffers[0][0].item(), float(chain * (replays + 2)), f"the launch chain (pdl={pdl}, {programs} programs)")
-    return us
+    # Each run of the chain adds `chain`, ending in buffers[0] (chain is even).
+    graph = replayed_once(run_chain, buffers[0][0], 2.0 * chain, f"the launch chain (pdl={pdl}, {programs} programs)")
+    return us_per_step(graph, chain, rep_ms)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -128,12 +119,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chain", type=int, default=124, help="dependent launches per graph (default 124: one "
                         "imagegpt-small decode step)")
-    parser.add_argument("--replays", type=int, default=50, help="timed graph replays (default 50)")
+    parser.add_argument("--rep-ms", type=int, default=50, help="milliseconds of graph replays timed per row "
+                        "(do_bench's rep; default 50)")
     args = parser.parse_args(argv)
     if args.chain < 2 or args.chain % 2:
         parser.error(f"--chain must be an even number >= 2, got {args.chain}")
-    if args.replays < 1:
-        parser.error(f"--replays must be >= 1, got {args.replays}")
+    if args.rep_ms < 1:
+        parser.error(f"--rep-ms must be >= 1, got {args.rep_ms}")
     return args
 
 
@@ -145,14 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     pdl_options = (False, True) if torch.cuda.get_device_capability()[0] >= 9 else (False,)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}: a graph of "
-          f"{args.chain} dependent launches, median of {args.replays} replays")
+          f"{args.chain} dependent launches, median replay")
     print(f"{'programs':>9}  {'chain of':<32} {'us each':>8} {'us per 124':>11}")
     for programs in (1, sms, 2 * sms):
         for pdl in pdl_options:
-            us = chain_us_per_launch(programs, args.chain, args.replays, pdl)
+            us = chain_us_per_launch(programs, args.chain, args.rep_ms, pdl)
             print(f"{programs:9d}  {'launches, PDL ' + ('on' if pdl else 'off'):<32} {us:8.2f} {124 * us:11.1f}")
     for programs in (sms, 2 * sms):  # one or two per SM: all resident at once, as the spin barrier needs
-        us = barrier_us_per_phase(programs, args.chain, args.replays)
+        us = barrier_us_per_phase(programs, args.chain, args.rep_ms)
         print(f"{programs:9d}  {'grid barriers in one launch':<32} {us:8.2f} {124 * us:11.1f}")
     return 0
 
