@@ -5,7 +5,7 @@
 #
 #   benchmarks/gpu_sweep.sh OUT_DIR [SECONDS]
 #
-# SECONDS (default 420) bounds the whole script; give the device call about 40 s more (its limit is 10 minutes).
+# SECONDS (default 380) bounds the whole script; give the device call about 40 s more (its limit is 10 minutes).
 # Everything lands in OUT_DIR: install.log, b256/ and sweep/ (results.json, summary.txt each). Same machine
 # assumptions as gpu_check.sh: torch, triton and transformers installed, nothing downloaded. Then, wherever OUT_DIR
 # came back to, keep each sweep's winner as the default (decode-step rows decide) and delete the losing code paths.
@@ -17,7 +17,7 @@ if [ $# -lt 1 ] || [ $# -gt 2 ]; then
     echo "usage: $0 OUT_DIR [SECONDS]" >&2
     exit 2
 fi
-budget=${2:-420}
+budget=${2:-380}
 if ! [[ $budget =~ ^[0-9]+$ ]] || [ "$budget" -lt 120 ]; then
     echo "$0: SECONDS must be a whole number of at least 120, got '$budget'" >&2
     exit 2
