@@ -8,10 +8,10 @@ Per decode step, per layer (5 launches):
     linear_residual  x += attn @ c_proj + b
     norm_linear      ln_2 -> c_fc -> bias -> quick_gelu (the "layernorm-GELU" kernel)
     linear_residual  x += h @ mlp.c_proj + b
-plus embed before the layers and norm_linear (ln_f -> lm_head, float32 logits), sample_tokens and pos += 1
-after them. On sm_90+ the kernels are launched with programmatic dependent launch (igpt_fast.backend.use_pdl),
-and the captured graph keeps those launches' programmatic edges, so each kernel's launch and first weight reads
-overlap the previous kernel.
+plus embed before the layers and norm_linear (ln_f -> lm_head, float32 logits) and sample_tokens (which also
+advances pos, its last program writing pos + 1) after them: nothing but Triton kernels. On sm_90+ they are
+launched with programmatic dependent launch (igpt_fast.backend.use_pdl), and the captured graph keeps those
+launches' programmatic edges, so each kernel's launch and first weight reads overlap the previous kernel.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # every linear kernel, 1.3x at batch 1 and 2-3x at batch 8.
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Let decode attention read pos and the cached keys before t ahead of its wait on norm_qkv (decode_attention's
-# kv_before_wait): a step writes pos and the cache rows before t only between steps (pos += 1 after the sampler, in
-# a PyTorch kernel that completes before the step's first kernel; earlier rows in earlier steps or the prefill),
-# never in the kernel just before attention. Off until a GPU has timed it and run the GPU tests with it (the sweep's
+# kv_before_wait): pos and the cache rows before t change only between steps (pos by the previous step's sampler,
+# which the step's first kernel waits for; earlier rows in earlier steps or the prefill), never in the kernel just
+# before attention. Off until a GPU has timed it and run the GPU tests with it (the sweep's
 # decode-step rows time both).
 ATTENTION_KV_BEFORE_WAIT = False
 
@@ -123,6 +123,7 @@ class BucketState:
     top_k: torch.Tensor  # int32 [batch]
     top_p: torch.Tensor  # float32 [batch]
     workspace: torch.Tensor  # decode attention's split-K partials
+    sample_arrivals: torch.Tensor  # int32 [1]: the sampler's arrival counter, with which it advances pos
     graphs: dict = field(default_factory=dict)  # greedy flag -> torch.cuda.CUDAGraph
 
 
@@ -183,6 +184,7 @@ class StaticDecoder:
             top_k=torch.full((batch,), c.n_clusters, device=dev, dtype=torch.int32),
             top_p=torch.ones(batch, device=dev, dtype=torch.float32),
             workspace=self.ops.decode_workspace(batch, c.n_head, c.head_dim, c.n_positions, dev),
+            sample_arrivals=torch.zeros(1, device=dev, dtype=torch.int32),
         )
         self.states[batch] = state
         return state
@@ -244,11 +246,12 @@ class StaticDecoder:
         P = prompt.shape[1]
         if self.use_cuda_graphs and greedy not in state.graphs:
             self._capture(state, greedy)  # before the prompt: warm-up steps scribble on the state
-        # Split-K decode attention's arrival counters must be zero between launches, and every complete launch
-        # leaves them so; a launch stopped between its splits (Ctrl-C or an error under the Triton interpreter)
-        # did not, and the stale count made every later step of this bucket merge early. One small memset per
-        # call, outside the graph, starts each call clean.
+        # Split-K decode attention's and the sampler's arrival counters must be zero between launches, and every
+        # complete launch leaves them so; a launch stopped between its programs (Ctrl-C or an error under the
+        # Triton interpreter) did not, and the stale count made every later step of this bucket merge early. Small
+        # memsets per call, outside the graph, start each call clean.
         state.workspace.zero_()
+        state.sample_arrivals.zero_()
         cache = state.kv_cache
         x = self.prefill(prompt, lambda i: (cache[i, 0], cache[i, 1]))
         last = x.view(state.batch, P, -1)[:, -1]
@@ -257,8 +260,7 @@ class StaticDecoder:
         state.pos.fill_(P - 1)
         self.ops.sample_tokens(state.logits, temperature=state.temperature, top_k=state.top_k, top_p=state.top_p,
                                seed=state.seed, pos=state.pos, out_ids=state.ids, sequences=state.sequences,
-                               greedy=greedy)
-        state.pos.fill_(P)
+                               greedy=greedy, arrivals=state.sample_arrivals)  # pos: P after it
 
     def step(self, state: BucketState, *, greedy: bool) -> None:
         """Feed ids at pos, sample the token at pos + 1, advance pos: a graph replay when captured."""
@@ -285,8 +287,8 @@ class StaticDecoder:
             ops.linear_residual(s.hidden, layer.mlp_proj_w, layer.mlp_proj_b, s.x)
         self.lm_head(s.x, out=s.logits)
         ops.sample_tokens(s.logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
-                          pos=s.pos, out_ids=s.ids, sequences=s.sequences, greedy=greedy)
-        s.pos.add_(1)
+                          pos=s.pos, out_ids=s.ids, sequences=s.sequences, greedy=greedy,
+                          arrivals=s.sample_arrivals)  # and pos += 1, in the same launch
 
     def _capture(self, state: BucketState, greedy: bool) -> None:
         """Warm up (compiles the kernels) on a side stream, then capture one decode step into a graph that

@@ -77,7 +77,8 @@ def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace, 
     return out.copy_((probs[:, :, None, :] @ v_cache[:, :, :t + 1].float())[:, :, 0])
 
 
-def sample_tokens(logits, *, temperature, top_k, top_p, seed, pos, out_ids, sequences=None, greedy=False):
+def sample_tokens(logits, *, temperature, top_k, top_p, seed, pos, out_ids, sequences=None, greedy=False,
+                  arrivals=None):
     t = int(pos[0])
     uniforms = None
     if not greedy:
@@ -87,6 +88,8 @@ def sample_tokens(logits, *, temperature, top_k, top_p, seed, pos, out_ids, sequ
     out_ids.copy_(ids)
     if sequences is not None:
         sequences[:, t + 1] = ids
+    if arrivals is not None:
+        pos.add_(1)
 
 
 # Elements of the [pixels, clusters] distance matrix the quantize stand-in holds at once (32 MB of float32).

@@ -49,12 +49,14 @@ def _sample_kernel(
     pos_ptr,  # int32 [1]: the decode step t (offsets of the uniforms, and where sequences is written)
     out_ids_ptr,  # int64 [B]: the chosen token of each row
     sequences_ptr,  # int64 [B, L], row stride stride_sequences; written at [b, t + 1] if WRITE_SEQUENCES
+    arrivals_ptr,  # int32 [1], zero between launches: with ADVANCE_POS, the programs that have read pos so far
     stride_logits,
     stride_sequences,
     V,
     BLOCK_V: tl.constexpr,
     GREEDY: tl.constexpr,
     WRITE_SEQUENCES: tl.constexpr,
+    ADVANCE_POS: tl.constexpr,  # pos[0] += 1 once every program has read it (the last to arrive writes it)
     USE_PDL: tl.constexpr,
 ):
     if USE_PDL:  # the logits are the previous kernel's output
@@ -109,6 +111,14 @@ def _sample_kernel(
     tl.store(out_ids_ptr + row, token)
     if WRITE_SEQUENCES:
         tl.store(sequences_ptr + row * stride_sequences + pos + 1, token)
+    if ADVANCE_POS:
+        # Every program read pos (above, and in _row_uniforms) before its acq_rel increment; the last to arrive
+        # advances it for the next step and leaves the counter zero for the next launch.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(arrivals_ptr, 1, sem="acq_rel", scope="gpu")
+        if arrived == tl.num_programs(0) - 1:
+            tl.store(pos_ptr, pos + 1)
+            tl.atomic_xchg(arrivals_ptr, 0, sem="relaxed", scope="gpu")
 
 
 def _check(tensor, name, dtype, shape, device):
@@ -135,15 +145,20 @@ def sample_tokens(
     out_ids: torch.Tensor,
     sequences: torch.Tensor | None = None,
     greedy: bool = False,
+    arrivals: torch.Tensor | None = None,
 ) -> None:
-    """Choose one token per row of logits and write it to out_ids (and sequences[:, pos[0] + 1]).
+    """Choose one token per row of logits and write it to out_ids (and sequences[:, pos[0] + 1]); with `arrivals`,
+    also advance pos[0] by one.
 
     logits float32 [B, V] (any row stride, contiguous columns); temperature float32 [B], top_k int32 [B],
     top_p float32 [B]: per-row parameters on the device (top_k = V and top_p = 1.0 switch a filter off;
     their values are checked at the API boundary by igpt_fast.sampling.check_sampling_args, not here,
     because reading them would sync the host); seed int64 [1]; pos int32 [1]; out_ids int64 [B];
     sequences int64 [B, L] with L > pos[0] + 1, or None. With greedy=True the argmax of the raw logits is
-    taken and the sampling parameters are not read. No allocation, no host sync: safe to capture.
+    taken and the sampling parameters are not read. arrivals: int32 [1], zero between launches (every complete
+    launch leaves it so), or None: the programs count themselves in on it after reading pos, and the last one
+    writes pos[0] + 1, so a decode step needs no launch of its own to advance. No allocation, no host sync: safe
+    to capture.
     """
     if not isinstance(logits, torch.Tensor) or logits.dtype != torch.float32 or logits.dim() != 2:
         got = f"{logits.dtype} {list(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -167,6 +182,8 @@ def sample_tokens(
     _check(seed, "seed", torch.int64, (1,), device)
     _check(pos, "pos", torch.int32, (1,), device)
     _check(out_ids, "out_ids", torch.int64, (batch,), device)
+    if arrivals is not None:
+        _check(arrivals, "arrivals", torch.int32, (1,), device)
     if sequences is not None:
         if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2:
             raise ValueError(f"sample_tokens: sequences must be an int64 [B, L] tensor or None, got {sequences!r}")
@@ -188,12 +205,14 @@ def sample_tokens(
         pos,
         out_ids,
         sequences if sequences is not None else out_ids,  # never written without WRITE_SEQUENCES
+        arrivals if arrivals is not None else pos,  # never touched without ADVANCE_POS
         logits.stride(0),
         sequences.stride(0) if sequences is not None else 0,
         vocab,
         BLOCK_V=block_v,
         GREEDY=greedy,
         WRITE_SEQUENCES=sequences is not None,
+        ADVANCE_POS=arrivals is not None,
         USE_PDL=pdl,
         launch_pdl=pdl,
         num_warps=num_warps,

@@ -214,6 +214,24 @@ def test_sequences_written_at_pos_plus_one_only(device):
     assert out.min() >= 0
 
 
+@pytest.mark.parametrize("greedy", [False, True])
+def test_arrivals_advance_pos_once_per_launch(device, greedy):
+    """With an arrival counter the launch also advances pos (once, whatever the batch), leaves the counter zero,
+    and picks the same tokens (from the pos it read) as without."""
+    batch, vocab = 5, 33
+    logits = torch.randn(batch, vocab).to(device)
+    t, k, p = sampling_tensors(0.9, 7, 0.95, batch=batch, vocab=vocab, device=device)
+    pos = torch.tensor([4], dtype=torch.int32, device=device)
+    arrivals = torch.zeros(1, dtype=torch.int32, device=device)
+    for step in range(3):
+        out = torch.full((batch,), POISON, dtype=torch.int64, device=device)
+        sample_tokens(logits, temperature=t, top_k=k, top_p=p, seed=torch.tensor([11], device=device), pos=pos,
+                      out_ids=out, greedy=greedy, arrivals=arrivals)
+        assert int(pos[0]) == 5 + step and int(arrivals[0]) == 0
+        expected = run_kernel(logits, 0.9, 7, 0.95, seed=11, pos=4 + step, greedy=greedy)
+        assert torch.equal(out, expected)
+
+
 # --- the distribution -----------------------------------------------------------------------------------
 
 # One distribution with some weight everywhere: top-k = 6 keeps 6 tokens, top-p = 0.8 keeps 5 (4 after top-k).
@@ -377,6 +395,7 @@ def test_sample_tokens_rejects_bad_tensors(device):
         # machine without a GPU too (a cpu seed beside CUDA logits takes the same check)
         ({"seed": torch.zeros(1, dtype=torch.int64, device="meta")}, logits, f"seed is on meta, logits on {device}"),
         ({"top_p": torch.ones(batch, device="meta")}, logits, f"top_p is on meta, logits on {device}"),
+        ({"arrivals": torch.zeros(1, dtype=torch.int64, device=device)}, logits, "arrivals must be torch.int32"),
     ]
     for override, bad_logits, message in bad_cases:
         with pytest.raises((TypeError, ValueError), match=message):
