@@ -80,7 +80,7 @@ from igpt_fast.reference import ReferenceImageGPT
 
 SWEEP_STEPS = 128  # decode steps each sweep value's whole-step row times (a quarter of the image at most)
 TASKS = ("generate", "complete", "features", "likelihood", "startup", "kernels", "sweep")
-PRESET_TASKS = TASKS[:-1]  # the sweep runs on request only (--tasks sweep): about a minute on a GPU
+PRESET_TASKS = TASKS[:-1]  # the sweep runs on request only (--tasks sweep): minutes on a GPU (gpu_sweep.sh)
 ENGINES = (ENGINE, ENGINE_NO_PDL)
 SYSTEM_TASKS = {
     ENGINE: ("generate", "complete", "features", "likelihood"),

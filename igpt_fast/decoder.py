@@ -34,8 +34,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Let decode attention read pos and the cached keys before t ahead of its wait on norm_qkv (decode_attention's
 # kv_before_wait): pos and the cache rows before t change only between steps (pos by the previous step's sampler,
 # which the step's first kernel waits for; earlier rows in earlier steps or the prefill), never in the kernel just
-# before attention. Off until a GPU has timed it and run the GPU tests with it (the sweep's
-# decode-step rows time both).
+# before attention. Off until a GPU has timed it and run the GPU tests with it (the sweep's decode-step rows time
+# both).
 ATTENTION_KV_BEFORE_WAIT = False
 
 
