@@ -392,11 +392,14 @@ def test_cases_that_fail_to_build_are_recorded_and_the_run_goes_on(tmp_path, mon
     assert rows["kernel", "decode step [GEMV_NUM_WARPS=4]"]["status"] == "ok", rows  # the engine builds its own
 
 
-def test_the_launch_floor_script_checks_its_arguments_and_refuses_without_a_gpu():
-    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "launch_floor.py"
+def run_benchmark_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    script = pathlib.Path(__file__).parents[1] / "benchmarks" / name
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
 
+
+def test_the_launch_floor_script_checks_its_arguments_and_refuses_without_a_gpu():
     def run(*args):
-        return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
+        return run_benchmark_script("launch_floor.py", *args)
 
     shown = run("--help")
     assert shown.returncode == 0 and "--chain" in shown.stdout
@@ -410,10 +413,8 @@ def test_the_launch_floor_script_checks_its_arguments_and_refuses_without_a_gpu(
 
 
 def test_the_decode_step_profiler_checks_its_arguments_and_refuses_without_a_gpu():
-    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "profile_step.py"
-
     def run(*args):
-        return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
+        return run_benchmark_script("profile_step.py", *args)
 
     shown = run("--help")
     assert shown.returncode == 0 and "--batches" in shown.stdout

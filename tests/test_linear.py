@@ -95,6 +95,19 @@ def test_norm_linear_quick_gelu(device, path, M, K, N, k_contiguous):
         assert torch.equal(before, after), "norm_linear modified an input"
 
 
+def check_gelu_and_residual(device, path, M, K, N):
+    """norm_linear with quick_gelu and linear_residual on one float32 [M, K] x [K, N] case, exact to float64."""
+    x, norm_weight, weight, bias = make_linear(M, K, N, torch.float32, device, k_contiguous=True)
+    out = nan_like((M, N), torch.float32, device)
+    norm_linear(x, norm_weight, weight, bias, eps=EPS, activation="quick_gelu", out=out, path=path)
+    expected = ref_norm_linear(x, norm_weight, weight, bias, EPS, "quick_gelu")
+    torch.testing.assert_close(out.double(), expected, **tol("exact", torch.float32))
+    residual = torch.randn(M, N, device=device)
+    expected = residual.double() + ref_norm_linear(x, None, weight, bias, EPS)
+    linear_residual(x, weight, bias, residual, path=path)
+    torch.testing.assert_close(residual.double(), expected, **tol("exact", torch.float32))
+
+
 @pytest.mark.parametrize("M,K,N", [(1, 96, 160), (3, 600, 160), (16, 450, 96)])  # 1, 2 and 4 K blocks
 def test_gemv_with_two_blocks_in_flight(device, monkeypatch, M, K, N):
     """The sweep's deeper GEMV prefetch (two W blocks ahead) computes the same, for one K block or several."""
@@ -103,15 +116,7 @@ def test_gemv_with_two_blocks_in_flight(device, monkeypatch, M, K, N):
         linear._gemv_config(M, N, K)
     monkeypatch.setattr(linear, "_GEMV_PREFETCH", 2)
     assert linear._gemv_config(M, N, K)["PREFETCH"] == 2
-    x, norm_weight, weight, bias = make_linear(M, K, N, torch.float32, device, k_contiguous=True)
-    out = nan_like((M, N), torch.float32, device)
-    norm_linear(x, norm_weight, weight, bias, eps=EPS, activation="quick_gelu", out=out, path="gemv")
-    expected = ref_norm_linear(x, norm_weight, weight, bias, EPS, "quick_gelu")
-    torch.testing.assert_close(out.double(), expected, **tol("exact", torch.float32))
-    residual = torch.randn(M, N, device=device)
-    expected = residual.double() + ref_norm_linear(x, None, weight, bias, EPS)
-    linear_residual(x, weight, bias, residual, path="gemv")
-    torch.testing.assert_close(residual.double(), expected, **tol("exact", torch.float32))
+    check_gelu_and_residual(device, "gemv", M, K, N)
 
 
 # (M, K, N, _GEMV_TILE, _GEMV_PREFETCH): one K block; four (the last ragged) with two in flight; three K blocks
@@ -125,15 +130,7 @@ def test_gemv_row_loop(device, monkeypatch, M, K, N, tile, prefetch):
     monkeypatch.setattr(linear, "_GEMV_PREFETCH", prefetch)
     config = _gemv_config(M, N, K)
     assert config["ROW_LOOP"] and config["BLOCK_K"] == min(tile // config["BLOCK_N"], triton.next_power_of_2(K))
-    x, norm_weight, weight, bias = make_linear(M, K, N, torch.float32, device, k_contiguous=True)
-    out = nan_like((M, N), torch.float32, device)
-    norm_linear(x, norm_weight, weight, bias, eps=EPS, activation="quick_gelu", out=out, path="gemv")
-    expected = ref_norm_linear(x, norm_weight, weight, bias, EPS, "quick_gelu")
-    torch.testing.assert_close(out.double(), expected, **tol("exact", torch.float32))
-    residual = torch.randn(M, N, device=device)
-    expected = residual.double() + ref_norm_linear(x, None, weight, bias, EPS)
-    linear_residual(x, weight, bias, residual, path="gemv")
-    torch.testing.assert_close(residual.double(), expected, **tol("exact", torch.float32))
+    check_gelu_and_residual(device, "gemv", M, K, N)
     if K % 2 == 0 and M <= 3:  # decode into the cache: batch M, 2 heads of K / 2
         run_norm_qkv_case(device, torch.float32, path="gemv", batch=M, seq_len=1, pos=3, n_head=2,
                           head_dim=K // 2, cache_batch=M + 1, cache_len=6, permuted_v=False)
@@ -143,15 +140,7 @@ def test_gemv_row_loop(device, monkeypatch, M, K, N, tile, prefetch):
 def test_epilogue_loads_after_the_sum_compute_the_same(device, monkeypatch, path):
     """The sweep's _EARLY_LOADS=False: bias, residual and position read in the epilogue, as before."""
     monkeypatch.setattr(linear, "_EARLY_LOADS", False)
-    x, norm_weight, weight, bias = make_linear(3, 96, 160, torch.float32, device, k_contiguous=True)
-    out = nan_like((3, 160), torch.float32, device)
-    norm_linear(x, norm_weight, weight, bias, eps=EPS, activation="quick_gelu", out=out, path=path)
-    expected = ref_norm_linear(x, norm_weight, weight, bias, EPS, "quick_gelu")
-    torch.testing.assert_close(out.double(), expected, **tol("exact", torch.float32))
-    residual = torch.randn(3, 160, device=device)
-    expected = residual.double() + ref_norm_linear(x, None, weight, bias, EPS)
-    linear_residual(x, weight, bias, residual, path=path)
-    torch.testing.assert_close(residual.double(), expected, **tol("exact", torch.float32))
+    check_gelu_and_residual(device, path, 3, 96, 160)
     run_norm_qkv_case(device, torch.float32, path=path, batch=3, seq_len=1, pos=5, n_head=2, head_dim=48,
                       cache_batch=4, cache_len=8, permuted_v=False)
 
