@@ -1,13 +1,16 @@
 """The floor of a chain of dependent launches on this GPU: what one kernel of a decode step costs when it does
 (almost) nothing but wait for its predecessor, read what that one wrote and write for the next.
 
-A decode step is a chain of about five launches per layer (124 at imagegpt-small), each reading what the one before
-wrote; at batch 1 a step took about 2.9 us per launch on an H100 (2026-11-27). This times the same shape of chain
+A decode step is a chain of about five launches per layer (124 at imagegpt-small when an H100 timed it, 123 since the
+sampler advances the position), each reading what the one before wrote; at batch 1 a step took about 2.9 us per
+launch there (2026-11-27). This times the same shape of chain
 with no weights at all: CHAIN launches of a kernel that adds one to a buffer another copy of it wrote, captured in a
 CUDA graph, with and without programmatic dependent launch (PDL), for grids of 1, one per SM and two per SM programs.
 us/launch is then the least a launch of the engine can cost here; the engine's per-launch time minus it is what its
 kernels' own work (weight reads, reductions, merges) costs. Then the same chain as phases of one persistent launch
-separated by grid barriers (an arrival counter): what a one-kernel decode step would pay per phase instead.
+separated by grid barriers (an arrival counter): what a one-kernel decode step would pay per phase instead. And
+what a graph boundary costs (two replays of half the chain against one of all of it): what capturing several
+decode steps per graph would save per step.
 
     python benchmarks/launch_floor.py [--chain 124] [--rep-ms 50]
 """
@@ -100,8 +103,8 @@ def barrier_us_per_phase(programs: int, chain: int, rep_ms: int) -> float:
     return us_per_step(graph, chain, rep_ms)
 
 
-def chain_us_per_launch(programs: int, chain: int, rep_ms: int, pdl: bool) -> float:
-    """A graph of `chain` dependent launches, per launch, in microseconds."""
+def chain_graph(programs: int, chain: int, pdl: bool) -> torch.cuda.CUDAGraph:
+    """A checked graph of `chain` (even) dependent launches."""
     buffers = [torch.zeros(programs * BLOCK, device="cuda") for _ in range(2)]
 
     def run_chain():
@@ -110,20 +113,33 @@ def chain_us_per_launch(programs: int, chain: int, rep_ms: int, pdl: bool) -> fl
                                          launch_pdl=pdl, num_warps=4, enable_fp_fusion=FP_FUSION)
 
     # Each run of the chain adds `chain`, ending in buffers[0] (chain is even).
-    graph = replayed_once(run_chain, buffers[0][0], 2.0 * chain, f"the launch chain (pdl={pdl}, {programs} programs)")
-    return us_per_step(graph, chain, rep_ms)
+    return replayed_once(run_chain, buffers[0][0], 2.0 * chain, f"the launch chain (pdl={pdl}, {programs} programs)")
+
+
+def chain_us_per_launch(programs: int, chain: int, rep_ms: int, pdl: bool) -> float:
+    """A graph of `chain` dependent launches, per launch, in microseconds."""
+    return us_per_step(chain_graph(programs, chain, pdl), chain, rep_ms)
+
+
+def graph_boundary_us(programs: int, chain: int, rep_ms: int, pdl: bool) -> float:
+    """What ending one graph and replaying the next costs over the same launches in one graph: two replays of a
+    chain/2-launch graph against one replay of a chain-launch graph (what capturing two decode steps per graph
+    would save per step)."""
+    half, whole = chain_graph(programs, chain // 2, pdl), chain_graph(programs, chain, pdl)
+    two_halves = do_bench(lambda: (half.replay(), half.replay()), warmup=5, rep=rep_ms, return_mode="median")
+    return 1e3 * (two_halves - do_bench(whole.replay, warmup=5, rep=rep_ms, return_mode="median"))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--chain", type=int, default=124, help="dependent launches per graph (default 124: one "
-                        "imagegpt-small decode step)")
+    parser.add_argument("--chain", type=int, default=124, help="dependent launches per graph, a multiple of 4 "
+                        "(default 124: about one imagegpt-small decode step)")
     parser.add_argument("--rep-ms", type=int, default=50, help="milliseconds of graph replays timed per row "
                         "(do_bench's rep; default 50)")
     args = parser.parse_args(argv)
-    if args.chain < 2 or args.chain % 2:
-        parser.error(f"--chain must be an even number >= 2, got {args.chain}")
+    if args.chain < 4 or args.chain % 4:  # halved for the graph-boundary row, each half even
+        parser.error(f"--chain must be a multiple of 4, got {args.chain}")
     if args.rep_ms < 1:
         parser.error(f"--rep-ms must be >= 1, got {args.rep_ms}")
     return args
@@ -146,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     for programs in (sms, 2 * sms):  # one or two per SM: all resident at once, as the spin barrier needs
         us = barrier_us_per_phase(programs, args.chain, args.rep_ms)
         print(f"{programs:9d}  {'grid barriers in one launch':<32} {us:8.2f} {124 * us:11.1f}")
+    for pdl in pdl_options:
+        us = graph_boundary_us(2 * sms, args.chain, args.rep_ms, pdl)
+        print(f"{2 * sms:9d}  {'a graph boundary, PDL ' + ('on' if pdl else 'off'):<32} {us:8.2f}")
     return 0
 
 

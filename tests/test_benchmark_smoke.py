@@ -403,8 +403,8 @@ def test_the_launch_floor_script_checks_its_arguments_and_refuses_without_a_gpu(
 
     shown = run("--help")
     assert shown.returncode == 0 and "--chain" in shown.stdout
-    odd = run("--chain", "5")
-    assert odd.returncode == 2 and "--chain must be an even number >= 2, got 5" in odd.stderr
+    odd = run("--chain", "6")
+    assert odd.returncode == 2 and "--chain must be a multiple of 4, got 6" in odd.stderr
     none = run("--rep-ms", "0")
     assert none.returncode == 2 and "--rep-ms must be >= 1, got 0" in none.stderr
     if not torch.cuda.is_available():
