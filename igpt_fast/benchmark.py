@@ -376,6 +376,8 @@ class Runner:
                             elif not steps_pass and sweep.cases:
                                 self.measure_sweep_kernels(config, model_name, dtype_name, batch, sweep.cases,
                                                            f"{label}={value}")
+                            else:
+                                continue  # nothing measured: nothing to release
                             self.release()
 
     def measure_sweep_kernels(self, config: ImageGPTConfig, model_name: str, dtype_name: str, batch: int,
