@@ -6,11 +6,19 @@ The summary table, ratios to the anchors and the plot come from `python -m igpt_
 the same measurements pytest-benchmark's statistics, grouping and --benchmark-compare.
 """
 
-import pytest
-import torch
+import sys
+from pathlib import Path
 
-from igpt_fast.bench_measure import random_weights
-from igpt_fast.config import ImageGPTConfig
+# As in tests/conftest.py: the checkout's top-level kernels/ must not shadow Hugging Face's `kernels` package, which
+# transformers >= 5.25 imports when it loads a model (the transformers anchors here).
+_CHECKOUT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _CHECKOUT]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from igpt_fast.bench_measure import random_weights  # noqa: E402
+from igpt_fast.config import ImageGPTConfig  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 

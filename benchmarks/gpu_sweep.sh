@@ -12,6 +12,9 @@
 
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
+# `python3 -m` from the checkout would put it first on sys.path, where its top-level kernels/ shadows Hugging Face's
+# `kernels` package, which transformers >= 5.25 imports (the transformers anchors). igpt_fast comes from the install.
+export PYTHONSAFEPATH=1
 
 if [ $# -lt 1 ] || [ $# -gt 2 ]; then
     echo "usage: $0 OUT_DIR [SECONDS]" >&2

@@ -6,8 +6,18 @@ imports torch, which does not import triton.
 """
 
 import os
+import sys
+from pathlib import Path
 
-import torch
+# This checkout's top-level kernels/ (shipped as igpt_fast.kernels) must not be importable as `kernels`: transformers
+# >= 5.25 depends on Hugging Face's `kernels` package and imports it when it loads a model, and `python -m pytest` puts
+# the checkout first on sys.path, where our directory would shadow it. igpt_fast itself comes from the installed
+# (editable) package, not from the checkout's path. Child Pythons (3.11+) get the same through PYTHONSAFEPATH.
+_CHECKOUT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _CHECKOUT]
+os.environ.setdefault("PYTHONSAFEPATH", "1")
+
+import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

@@ -1,8 +1,12 @@
 """Checkpoint folders: round trips with transformers, legacy .bin buffers, shards, the hub cache, bad files."""
 
+import importlib.util
 import json
 import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +23,19 @@ def assert_same_state(a: dict, b: dict):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_the_checkout_kernels_folder_does_not_shadow_the_kernels_package_transformers_imports():
+    """transformers >= 5.25 imports Hugging Face's `kernels`; run from this checkout, `kernels` must not name our
+    kernels/ (igpt_fast.kernels), here or in a child Python started in the checkout (the harness sees to both)."""
+    from igpt_fast import kernels as ours
+
+    checkout = Path(ours.__file__).resolve().parent.parent
+    child = subprocess.run([sys.executable, "-c", "import importlib.util as u; s = u.find_spec('kernels'); "
+                            "print(s.origin if s else None)"], cwd=checkout, capture_output=True, text=True, timeout=60)
+    assert child.returncode == 0, child.stderr
+    for origin in (str(getattr(importlib.util.find_spec("kernels"), "origin", None)), child.stdout.strip()):
+        assert origin == "None" or Path(origin).resolve() != Path(ours.__file__).resolve()
 
 
 def test_save_then_transformers_load_then_our_load(tmp_path):
