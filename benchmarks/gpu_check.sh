@@ -11,7 +11,7 @@
 # 2026-11-27 took 332 and 341 s, sweep included): install <= 60 s (about 10 s in practice), the main job on the
 # shipped demo model <= 40 s (5-8 s), tests <= 100 s (four processes at once; 64 s), benchmark <= 230 s (it starts
 # no measurement after 185 s and rewrites results.json after each one, so a cut-short run still reports), one test
-# of each pytest-benchmark file <= 60 s, the decode-step profile <= 60 s, the launch floor <= 60 s (a few seconds),
+# of each pytest-benchmark file <= 60 s, the decode-step profile <= 90 s, the launch floor <= 60 s (a few seconds),
 # and, only with IGPT_FAST_SWEEP=1, the sweep with what is left.
 # The demo job is also the probe of programmatic dependent launch (on by default from sm_90): if it fails with PDL
 # and passes without, the rest runs with IGPT_FAST_PDL=0 (said loudly, and the check fails).
@@ -125,11 +125,11 @@ stage pytest-benchmark pytest_benchmark.log timeout -k 5 60 python3 -m pytest -m
     "benchmarks/test_bench_kernels.py::test_kernel[norm_linear (ln_2, c_fc, gelu)-triton-float16-8]" \
     "benchmarks/test_bench_kernels.py::test_quantize_throughput[kernel]"
 
-# Where a decode step's GPU time goes, per kernel (fp16, batch 1, 8, 64): about 20 s. Without PDL, so that each
-# kernel's duration is its own (with PDL it includes waiting for its predecessor); the step's wall with PDL is in
-# the benchmark's table.
-stage profile profile.txt env IGPT_FAST_PDL=0 timeout -k 5 60 python3 benchmarks/profile_step.py --batches 1,8,64 \
-    --steps 128
+# Where a decode step's GPU time goes (fp16, batch 1, 8, 64, a whole image): per kernel, and the critical path by
+# role (what each launch adds to the chain), with PDL as the engine runs (a kernel's own duration then includes
+# waiting for its predecessor; the no-PDL step is in the benchmark's table). About 30 s; profiling 3 x 1023 steps
+# of 123 launches is most of it.
+stage profile profile.txt timeout -k 5 90 python3 benchmarks/profile_step.py --batches 1,8,64 --steps 1023
 
 # The floor of a chain of dependent launches here (a graph of 124 launches that do almost nothing, PDL on and off):
 # a few seconds. The engine's us/launch minus this is its kernels' own work.

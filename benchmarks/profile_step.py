@@ -1,12 +1,14 @@
 """Where a decode step's GPU time goes: generate() under torch.profiler at each batch, then, per kernel, its
 launches and GPU microseconds per decode step, and the step's wall time beside the kernels' busy time (the rest
-is gaps between launches). Needs a CUDA GPU; random weights of the named model size.
+is gaps between launches); then the step's critical path by role (norm_qkv, attention, ...): each launch charged
+with the time from its predecessor's end to its own end, so the roles add up to the step and a kernel's share
+counts only what it adds to the chain. Needs a CUDA GPU; random weights of the named model size.
 
     python benchmarks/profile_step.py --model small --dtype float16 --batches 1,8,64 --steps 128
 
 With programmatic dependent launch (on by default from sm_90) a kernel starts while its predecessor drains and
-its profiled duration includes that wait, so the kernels' sum can exceed the wall (seen on an H100: 133-165%).
-IGPT_FAST_PDL=0 gives each kernel's own time, as the GPU check runs it.
+its profiled duration includes that wait, so the kernels' sum can exceed the wall (seen on an H100: 133-165%);
+the critical path is the measure that holds either way. IGPT_FAST_PDL=0 gives each kernel's own time.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from collections import defaultdict
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from igpt_fast.backend import use_pdl
@@ -49,6 +52,55 @@ def kernel_time_us(event) -> float:
     return getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
 
 
+# The launches of one decode step in order (igpt_fast.decoder.StaticDecoder._decode_step), by role, and the Triton
+# kernel each role runs (the linears run the GEMV or the dot kernel, chosen by batch).
+LAYER_ROLES = ("norm_qkv", "attention", "attn c_proj", "ln_2 c_fc gelu", "mlp c_proj")
+_LINEAR_KERNELS = ("_gemv_kernel", "_dot_kernel")
+_ROLE_KERNELS = {"embed": ("_embed_kernel",), "attention": ("_decode_kernel",), "sample": ("_sample_kernel",)}
+
+
+def step_roles(n_layer: int) -> list[str]:
+    return ["embed", *LAYER_ROLES * n_layer, "ln_f lm_head", "sample"]
+
+
+def critical_path(kernels: list[tuple[str, float, float]], n_layer: int) -> tuple[dict[str, float], int]:
+    """Per role, the microseconds that its launches add to the chain, summed over every decode step found.
+
+    kernels: (name, start, end) of every GPU kernel, in any order. A decode step is a run of consecutive launches
+    whose kernels are exactly step_roles' (a prefill is not); each of its launches is charged end - the end of the
+    launch before it, so the embed row also holds the gap between one step's graph and the next. Returns the sums
+    (roles in step order) and the number of steps.
+    """
+    kernels = sorted(kernels, key=lambda kernel: kernel[1])  # launch order: one stream, starts in order under PDL
+    roles = step_roles(n_layer)
+    totals = dict.fromkeys(roles, 0.0)
+    steps = 0
+    for first in range(1, len(kernels) - len(roles) + 1):
+        window = kernels[first:first + len(roles)]
+        if any(name not in _ROLE_KERNELS.get(role, _LINEAR_KERNELS)
+               for role, (name, _, _) in zip(roles, window, strict=True)):
+            continue
+        ends = [kernels[first - 1][2]] + [end for _, _, end in window]
+        for role, before, after in zip(roles, ends[:-1], ends[1:], strict=True):
+            totals[role] += after - before
+        steps += 1
+    return totals, steps
+
+
+def print_critical_path(kernels: list[tuple[str, float, float]], n_layer: int) -> None:
+    totals, steps = critical_path(kernels, n_layer)
+    if steps == 0:
+        print("critical path: no decode step found among the profiled kernels")
+        return
+    step_us = sum(totals.values()) / steps
+    print(f"critical path, {steps} steps of {step_us:.1f} us (a launch's end minus its predecessor's end; embed "
+          f"includes the gap between graph replays)")
+    print(f"{'us/step':>8} {'% of step':>10} {'us/launch':>10}  role")
+    for role, us in totals.items():
+        launches = n_layer if role in LAYER_ROLES else 1
+        print(f"{us / steps:8.1f} {100 * us / steps / step_us:9.0f}% {us / steps / launches:10.2f}  {role}")
+
+
 def profile_batch(model: ImageGPT, batch: int, steps: int, seed: int) -> None:
     config = model.config
     prompt = torch.full((batch, 1), config.sos_token_id, device="cuda")
@@ -78,6 +130,9 @@ def profile_batch(model: ImageGPT, batch: int, steps: int, seed: int) -> None:
     print(f"{'us/step':>8} {'launches/step':>14} {'us/launch':>10}  kernel")
     for name, (count, us) in sorted(per_kernel.items(), key=lambda item: -item[1][1])[:20]:
         print(f"{us / steps:8.1f} {count / steps:14.2f} {us / max(count, 1):10.2f}  {name[:100]}")
+    kernels = [(event.name, event.time_range.start, event.time_range.end) for event in prof.events()
+               if event.device_type == DeviceType.CUDA]
+    print_critical_path(kernels, config.n_layer)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,3 +60,18 @@ def make_checkpoint(folder, config: ImageGPTConfig = TINY, seed: int = 0):
     state = random_state_dict(config, seed)
     save_pretrained(folder, config, state, clusters=random_clusters(config.n_clusters, seed))
     return state
+
+
+def decode_step_kernels(model, batch: int, monkeypatch) -> list[str]:
+    """The Triton kernels one captured-shape decode step of `model` (backend "triton", under the interpreter) launches,
+    in order, at `batch` sequences."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    context = torch.full((batch, 1), model.config.sos_token_id)
+    model.generate(context, max_new_tokens=2, do_sample=True, seed=1)
+    launched = []
+    run = InterpretedFunction.run
+    monkeypatch.setattr(InterpretedFunction, "run",
+                        lambda self, *args, **kwargs: launched.append(self.fn.__name__) or run(self, *args, **kwargs))
+    model.decoder.step(model.decoder.states[batch], greedy=False)
+    return launched

@@ -7,6 +7,7 @@ whose ids are unlike the kernel's is a failure. No timing is asserted.
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import io
 import json
 import pathlib
@@ -16,11 +17,12 @@ import sys
 
 import pytest
 import torch
-from helpers import TINY, random_state_dict
+from helpers import TINY, decode_step_kernels, random_state_dict
 
 from igpt_fast import bench_kernels, bench_measure, bench_report, benchmark
 from igpt_fast.anchors import StaticCacheAnchor
 from igpt_fast.config import ImageGPTConfig
+from igpt_fast.model import ImageGPT
 from igpt_fast.reference import ReferenceImageGPT
 
 SMOKE_BATCHES = (1, 2)
@@ -425,3 +427,27 @@ def test_the_decode_step_profiler_checks_its_arguments_and_refuses_without_a_gpu
     if not torch.cuda.is_available():
         refused = run("--batches", "1")
         assert refused.returncode == 2 and "needs a CUDA GPU" in refused.stderr
+
+
+def test_the_profilers_critical_path_charges_each_role_what_it_adds_to_the_chain(monkeypatch):
+    """Decode steps are found by the kernels the engine really launches (under the interpreter), in any event
+    order, among launches that are not a step; each launch is charged from its predecessor's end to its own."""
+    spec = importlib.util.spec_from_file_location("profile_step", pathlib.Path(__file__).parents[1] / "benchmarks"
+                                                  / "profile_step.py")
+    profiler = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profiler)
+    config = TINY.replace(n_positions=128)
+    step = decode_step_kernels(ImageGPT(config, random_state_dict(config), backend="triton"), 2, monkeypatch)
+    roles = profiler.step_roles(config.n_layer)
+    assert len(step) == len(roles)
+    charge = {role: 1.0 + i for i, role in enumerate(dict.fromkeys(roles))}  # us each launch of a role adds
+    whole = [*zip(step, [charge[role] for role in roles], strict=True)]
+    prefill = [(name, 0.5) for name in ["_embed_kernel", "_gemv_kernel", "_prefill_attention_kernel", *step[3:]]]
+    broken = [*whole[:5], ("Memcpy DtoD", 0.5), *whole[5:]]  # not a decode step
+    kernels, end = [], 0.0
+    for name, us in prefill + whole + broken + whole:
+        end += us
+        kernels.append((name, end - 3.0, end))  # each starts before its predecessor ends, as under PDL
+    totals, steps = profiler.critical_path(kernels[::-1], config.n_layer)
+    assert steps == 2
+    assert totals == {role: 2 * charge[role] * roles.count(role) for role in charge}

@@ -8,7 +8,7 @@ the kernels inside the real control flow. GPU-marked tests run imagegpt-small sh
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, philox, random_state_dict
+from helpers import TINY, decode_step_kernels, philox, random_state_dict
 from tolerances import tol
 
 import igpt_fast.decoder
@@ -543,20 +543,11 @@ def test_a_decode_step_allocates_nothing_and_never_reads_the_device(weights, mon
 def test_a_decode_step_is_five_launches_per_layer(monkeypatch):
     """Launch gaps decide small-batch speed (shared/docs/performance.md): a decode step launches embed, five kernels
     per layer (QKV, attention with its merge, two projections, the MLP), lm_head and sampling, nothing else."""
-    from triton.runtime.interpreter import InterpretedFunction
-
     from igpt_fast.kernels.attention import decode_num_splits
 
     config = TINY.replace(n_positions=128)  # long enough for split-K decode, whose merge needs no launch of its own
     assert decode_num_splits(2, config.n_head, config.n_positions) == 2
     model = ImageGPT(config, random_state_dict(config), backend="triton")
-    context = torch.full((2, 1), config.sos_token_id)
-    model.generate(context, max_new_tokens=2, do_sample=True, seed=1)
-    state = model.decoder.states[2]
-    launched = []
-    run = InterpretedFunction.run
-    monkeypatch.setattr(InterpretedFunction, "run",
-                        lambda self, *args, **kwargs: launched.append(self.fn.__name__) or run(self, *args, **kwargs))
-    model.decoder.step(state, greedy=False)
+    launched = decode_step_kernels(model, 2, monkeypatch)
     per_layer = ["_gemv_kernel", "_decode_kernel", "_gemv_kernel", "_gemv_kernel", "_gemv_kernel"]
     assert launched == ["_embed_kernel", *per_layer * config.n_layer, "_gemv_kernel", "_sample_kernel"], launched
