@@ -40,8 +40,7 @@ def test_igpt_fast_decode_steps(benchmark, synchronized, small, weights, device,
     decoder.step(state, greedy=False)
 
     def steps():
-        for _ in range(STEPS):
-            decoder.step(state, greedy=False)
+        decoder.decode(state, STEPS, greedy=False)
 
     benchmark.group = f"decode {dtype} b{batch}"
     benchmark.pedantic(synchronized(steps), setup=synchronized(lambda: decoder.start(state, prompt, greedy=False)),

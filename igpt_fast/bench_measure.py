@@ -247,8 +247,8 @@ def _peak_since(device: torch.device, baseline: int) -> int | None:
 
 
 class EngineSystem:
-    """igpt-fast through its per-step primitives: decoder.start (prefill + first token; captures the bucket's
-    graph on its first call) and decoder.step (a graph replay on CUDA)."""
+    """igpt-fast through its decoder's primitives: decoder.start (prefill + first token; captures the bucket's
+    graphs on its first call) and decoder.decode (graph replays on CUDA)."""
 
     warmup_tokens = 2  # start + one step: Triton compile and graph capture
 
@@ -268,8 +268,7 @@ class EngineSystem:
         clock.mark()
         decoder.start(state, prompt, greedy=False)
         clock.mark()
-        for _ in range(new_tokens - 1):
-            decoder.step(state, greedy=False)
+        decoder.decode(state, new_tokens - 1, greedy=False)
         clock.mark()
         return clock.run(state.sequences[:, :prompt.shape[1] + new_tokens].clone(), new_tokens - 1)
 

@@ -422,9 +422,11 @@ class ImageGPT:
         self.decoder.start(state, prompt, greedy=greedy)
         if logits_out is not None:
             logits_out.append(state.logits[:batch].clone())
-        for _ in range(new_tokens - 1):
-            self.decoder.step(state, greedy=greedy)
-            if logits_out is not None:
+        if logits_out is None:
+            self.decoder.decode(state, new_tokens - 1, greedy=greedy)
+        else:  # every step's logits: one step at a time
+            for _ in range(new_tokens - 1):
+                self.decoder.step(state, greedy=greedy)
                 logits_out.append(state.logits[:batch].clone())
         # The graph overwrites its buffers on the next call: hand back a copy.
         return state.sequences[:batch, :prefix + new_tokens].clone()

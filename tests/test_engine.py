@@ -457,6 +457,17 @@ def test_gpu_eager_switch_gives_the_same_tokens(small_weights):
 
 
 @pytest.mark.gpu
+def test_gpu_several_steps_per_graph_give_the_same_tokens(small_weights, monkeypatch):
+    monkeypatch.setattr(igpt_fast.decoder, "STEPS_PER_GRAPH", 4)
+    context = torch.full((2, 1), SMALL.sos_token_id, device="cuda")
+    graphed = ImageGPT(SMALL, small_weights, device="cuda", dtype=torch.float16)
+    eager = ImageGPT(SMALL, small_weights, device="cuda", dtype=torch.float16, use_cuda_graphs=False)
+    kwargs = dict(max_new_tokens=127, do_sample=True, seed=42, top_k=40)  # 126 steps: 31 replays of 4, then 2 of 1
+    assert torch.equal(graphed.generate(context, **kwargs), eager.generate(context, **kwargs))
+    assert set(graphed.decoder.states[2].graphs) == {(False, 1), (False, 4)}
+
+
+@pytest.mark.gpu
 def test_gpu_a_cuda_generator_picks_the_stream(small_weights):
     """generate(generator=) draws the seed on the generator's device: torch refuses a CUDA generator on the CPU."""
     model = ImageGPT(SMALL, small_weights, device="cuda", dtype=torch.float16)
