@@ -46,9 +46,10 @@ left=$((budget - SECONDS - 15))
 echo "== sweep, ${left} s ($(date +%T))"
 timeout -k 10 "$left" python3 -m igpt_fast.benchmark --tasks sweep --dtypes float16 --batches 1,8,64 \
     --systems igpt-fast --out "$OUT/sweep" --time-limit $((left - 25)) >"$OUT/sweep.log" 2>&1 || failed+=(sweep)
-# The decode-step rows, the ones that decide defaults, from whatever results.json holds (a cut-short run too).
+# The verdicts of the decode-step rows, the ones that decide defaults, from whatever results.json holds (a cut-short
+# run too).
 python3 -m igpt_fast.benchmark --from-json "$OUT/sweep/results.json" --out "$OUT/sweep" >/dev/null 2>&1
-grep -E "^kernel|^-|decode step" "$OUT/sweep/summary.txt" 2>/dev/null
+sed -n '/^Sweep: /,/^$/p' "$OUT/sweep/summary.txt" 2>/dev/null
 
 if [ ${#failed[@]} -ne 0 ]; then
     echo "== failed: ${failed[*]}"

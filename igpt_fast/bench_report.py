@@ -5,15 +5,17 @@ generation table last) under the run's card and versions, and the plot of images
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from igpt_fast.anchors import ANCHORS
-from igpt_fast.bench_kernels import QUANTIZE_CLUSTERS, QUANTIZE_SIDE
+from igpt_fast.bench_kernels import QUANTIZE_CLUSTERS, QUANTIZE_SIDE, SWEEPS
 from igpt_fast.bench_measure import ENGINE, MODELS, SYSTEMS, TOP_K, Result
 
 if TYPE_CHECKING:
@@ -147,6 +149,32 @@ def kernel_table(rows: list[dict]) -> str:
                    "torch equivalent"], lines, range(4, 9))
 
 
+_SWEEP_STEP = re.compile(r"decode step \[(?P<name>\w+)=(?P<value>[^\]]+)\]")
+
+
+def sweep_table(rows: list[dict]) -> str:
+    """The sweep's whole-decode-step rows, the ones that decide a default: per heuristic, model, dtype and batch, each
+    value's ms per step, the default (the value the code holds now) first and the others' change against it, then
+    the fastest value."""
+    groups: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        match = _SWEEP_STEP.fullmatch(r["system"]) if r["task"] == "kernel" and r["status"] == "ok" else None
+        if match:
+            groups.setdefault((match["name"], r["model"], r["dtype"], r["batch"]), {})[match["value"]] = r["ms"]
+    defaults = {s.constant.strip("_"): str(getattr(importlib.import_module(s.module), s.constant)) for s in SWEEPS}
+    lines = []
+    for (name, model, dtype, batch), ms in groups.items():
+        default = defaults.get(name)
+        cells = [f"{value}: {ms[value]:.4f}" + ("" if value == default or default not in ms else
+                                                 f" ({100 * (ms[value] / ms[default] - 1):+.1f}%)")
+                 for value in sorted(ms, key=lambda value: value != default)]
+        fastest = min(ms, key=ms.get)
+        lines.append([name, model, dtype, str(batch), ", ".join(cells),
+                      f"{fastest} (default)" if fastest == default else fastest])
+    return _table(["heuristic", "model", "dtype", "batch", "ms/step by value (default first)", "fastest"], lines,
+                  range(3, 4))
+
+
 def startup_verdict(row: dict) -> str:
     """met / NOT met for each first-call target (set for imagegpt-small), else ''."""
     if row["model"] != "small":
@@ -200,6 +228,9 @@ def summary(rows: list[dict]) -> str:
     if any(r["task"] == "kernel" for r in rows):
         parts += ["", "Kernels (one decode step's launches; torch: the unfused PyTorch equivalent)",
                   kernel_table(rows)]
+    if any(_SWEEP_STEP.fullmatch(r["system"]) for r in rows if r["task"] == "kernel" and r["status"] == "ok"):
+        parts += ["", "Sweep: the whole decode step under each value of a launch heuristic (these rows decide "
+                      "defaults; the kernel rows above say why)", sweep_table(rows)]
     if any(r["task"] == "quantize" for r in rows):
         parts += ["", f"Quantization throughput (uint8 {QUANTIZE_SIDE}x{QUANTIZE_SIDE} images to ids over "
                       f"{QUANTIZE_CLUSTERS} random clusters; the processor on the host CPU, the others on the card)",

@@ -296,6 +296,24 @@ def test_sweep_measures_each_heuristic_value_and_restores_the_default(tmp_path):
     assert linear._GEMV_MIN_BLOCK_N == 4 and linear._gemv_config(1, 512, 512)["BLOCK_N"] == 4
 
 
+def test_the_sweep_table_puts_each_default_first_and_names_the_fastest(monkeypatch):
+    from igpt_fast.kernels import linear
+
+    monkeypatch.setattr(linear, "_GEMV_PREFETCH", 1)  # the default, whatever the code holds
+
+    def row(system, ms, batch=1, status="ok"):
+        return dict(task="kernel", system=system, model="small", dtype="float16", batch=batch, ms=ms, status=status)
+
+    rows = [row("decode step [GEMV_PREFETCH=2]", 0.30), row("decode step [GEMV_PREFETCH=1]", 0.40),
+            row("decode step [GEMV_PREFETCH=1]", 0.50, batch=8), row("decode step [GEMV_PREFETCH=2]", 0.55, batch=8),
+            row("decode step [STEPS_PER_GRAPH=4]", 0.1, status="failed"), row("norm_qkv [GEMV_PREFETCH=2]", 0.01)]
+    lines = bench_report.sweep_table(rows).splitlines()[2:]
+    assert len(lines) == 2  # a failed row and kernel rows are not verdicts
+    cells = [[cell.strip() for cell in line.split("|")] for line in lines]
+    assert cells[0] == ["GEMV_PREFETCH", "small", "float16", "1", "1: 0.4000, 2: 0.3000 (-25.0%)", "2"]
+    assert cells[1] == ["GEMV_PREFETCH", "small", "float16", "8", "1: 0.5000, 2: 0.5500 (+10.0%)", "1 (default)"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_the_gpu_check_script_parses_and_refuses_without_a_gpu(tmp_path):
     if shutil.which("bash") is None:
