@@ -2,25 +2,25 @@
 # The one-call GPU check: install the project (no downloads), run the GPU-marked tests, run the benchmark at the
 # core sizes (imagegpt-small; batch 1, 8, 64; fp16 and fp32; anchors included) and print its summary table last.
 #
-#   benchmarks/gpu_check.sh OUT_DIR
+#   benchmarks/gpu_check.sh OUT_DIR [SECONDS]
 #
 # For a machine where torch, triton and transformers are installed and nothing can be downloaded. Everything
 # lands in OUT_DIR: env.txt, install.log, demo.log, demo_grid.png, gpu_tests.log (and one log per test process),
-# benchmark.log, results.json, summary.txt, images_per_s.png, pytest_benchmark.log, profile.txt, launch_floor.txt, and
-# (IGPT_FAST_SWEEP=1, time allowing) sweep.log and sweep/. Budget, about 6 minutes on an H100 (the two runs of
-# 2026-11-27 took 332 and 341 s, sweep included): install <= 60 s (about 10 s in practice), the main job on the
-# shipped demo model <= 40 s (5-8 s), tests <= 100 s (four processes at once; 64 s), benchmark <= 230 s (it starts
-# no measurement after 185 s and rewrites results.json after each one, so a cut-short run still reports), one test
-# of each pytest-benchmark file <= 60 s, the decode-step profile <= 90 s, the launch floor <= 60 s (a few seconds),
-# and, only with IGPT_FAST_SWEEP=1, the sweep with what is left.
+# benchmark.log, results.json, summary.txt, images_per_s.png, pytest_benchmark.log, profile.txt, launch_floor.txt.
+# Budget, about 6 minutes on an H100 (the two runs of 2026-11-27 took 332 and 341 s): install <= 60 s (about 10 s in
+# practice), the main job on the shipped demo model <= 40 s (5-8 s), tests <= 100 s (four processes at once; 64 s),
+# benchmark <= 230 s (it starts no measurement after 185 s and rewrites results.json after each one, so a cut-short
+# run still reports), one test of each pytest-benchmark file <= 60 s, the decode-step profile <= 90 s, the launch
+# floor <= 60 s (a few seconds).
+# SECONDS (default 360, the 6 minutes; at least that) bounds the whole script. What it leaves after those stages, if
+# 120 s or more, goes to benchmarks/gpu_sweep.sh in OUT_DIR/more/ (batch 256, then the launch-heuristic sweep, whose
+# verdicts it prints), so one device call of `gpu_check.sh OUT 560` (timeout_s 600) does everything: a device lease
+# of 15 minutes, start-up included, has room for one such call but hardly for two.
 # The demo job is also the probe of programmatic dependent launch (on by default from sm_90): if it fails with PDL
 # and passes without, the rest runs with IGPT_FAST_PDL=0 (said loudly, and the check fails).
 # A failing stage does not stop the later ones; the exit status says whether any failed.
 # Then, wherever OUT_DIR came back to: python -m igpt_fast.benchmark --from-json OUT_DIR/results.json --out OUT_DIR
 # --readme README.md puts the measured table into README's Performance section.
-# The full sweep does not fit in these 6 minutes (its decode-step rows alone are about 80 engines, each compiled and
-# captured under one value), nor does batch 256: benchmarks/gpu_sweep.sh OUT_DIR [SECONDS] does both, in a call of
-# its own with the device time left.
 
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -28,8 +28,13 @@ export PYTHONUNBUFFERED=1
 # `kernels` package, which transformers >= 5.25 imports (the transformers anchors). igpt_fast comes from the install.
 export PYTHONSAFEPATH=1
 
-if [ $# -ne 1 ]; then
-    echo "usage: $0 OUT_DIR" >&2
+if [ $# -lt 1 ] || [ $# -gt 2 ]; then
+    echo "usage: $0 OUT_DIR [SECONDS]" >&2
+    exit 2
+fi
+budget=${2:-360}
+if ! [[ $budget =~ ^[0-9]+$ ]] || [ "$budget" -lt 360 ]; then
+    echo "$0: SECONDS must be a whole number of at least 360 (the check's own 6 minutes), got '$budget'" >&2
     exit 2
 fi
 if ! python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
@@ -135,16 +140,13 @@ stage profile profile.txt timeout -k 5 90 python3 benchmarks/profile_step.py --b
 # a few seconds. The engine's us/launch minus this is its kernels' own work.
 stage launch-floor launch_floor.txt timeout -k 5 60 python3 benchmarks/launch_floor.py
 
-# On request (IGPT_FAST_SWEEP=1) and with time left of the 6 minutes, the launch-heuristic sweep (fp16, batch 1,
-# 8, 64; sweep/ in OUT_DIR): the kernels under each alternative value of the constants not yet settled on a GPU.
-if [ "${IGPT_FAST_SWEEP:-0}" = 1 ]; then
-    sweep_budget=$((345 - SECONDS))
-    if [ $sweep_budget -ge 45 ]; then
-        stage sweep sweep.log timeout -k 5 $sweep_budget python3 -m igpt_fast.benchmark --tasks sweep \
-            --dtypes float16 --batches 1,8,64 --systems igpt-fast --out "$OUT/sweep" --time-limit $((sweep_budget - 20))
-    else
-        echo "== sweep skipped: ${sweep_budget} s left of the 6 minutes"
-    fi
+# With SECONDS above the 6 minutes: batch 256 and the sweep in what is left (gpu_sweep.sh; it finds the project
+# installed and prints the sweep's verdicts).
+left=$((budget - SECONDS - 10))
+if [ $left -ge 120 ]; then
+    stage more - bash benchmarks/gpu_sweep.sh "$OUT/more" $left
+elif [ "$budget" -gt 360 ]; then
+    echo "== batch 256 and the sweep skipped: ${left} s left of ${budget}"
 fi
 
 if [ ${#failed[@]} -ne 0 ]; then

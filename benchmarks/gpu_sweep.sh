@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The second GPU call, for what the 6-minute check (benchmarks/gpu_check.sh) leaves out: imagegpt-small fp16
-# generation at batch 256 (igpt-fast alone, whole images; its target is 3.0 ms/step), then the launch-heuristic sweep
-# (fp16, batch 1, 8, 64: every decode-step row first, then kernel rows) in the time that is left.
+# What the 6-minute check (benchmarks/gpu_check.sh) leaves out: imagegpt-small fp16 generation at batch 256
+# (igpt-fast alone, whole images; its target is 3.0 ms/step), then the launch-heuristic sweep (fp16, batch 1, 8, 64:
+# every decode-step row first, then kernel rows) in the time that is left. gpu_check.sh OUT SECONDS runs it with
+# what its SECONDS leave; on its own, it is a call of its own.
 #
 #   benchmarks/gpu_sweep.sh OUT_DIR [SECONDS]
 #
 # SECONDS (default 380) bounds the whole script; give the device call about 40 s more (its limit is 10 minutes).
-# Everything lands in OUT_DIR: install.log, b256/ and sweep/ (results.json, summary.txt each). Same machine
+# Everything lands in OUT_DIR: install.log (unless this checkout is installed already), b256/ and sweep/
+# (results.json, summary.txt each). Same machine
 # assumptions as gpu_check.sh: torch, triton and transformers installed, nothing downloaded. Then, wherever OUT_DIR
 # came back to, keep each sweep's winner as the default (decode-step rows decide) and delete the losing code paths.
 
@@ -34,8 +36,15 @@ OUT=$(cd "$1" && pwd)
 cd "$(dirname "$0")/.." || exit 2
 
 failed=()
-echo "== install ($(date +%T))"
-timeout -k 5 60 python3 -m pip install --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || failed+=(install)
+installed_here='import pathlib, sys, igpt_fast
+sys.exit(pathlib.Path(igpt_fast.__file__).resolve().parent != pathlib.Path("igpt_fast").resolve())'
+if python3 -c "$installed_here" 2>/dev/null; then
+    echo "== install: this checkout is installed already"
+else
+    echo "== install ($(date +%T))"
+    timeout -k 5 60 python3 -m pip install --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 ||
+        failed+=(install)
+fi
 
 echo "== batch 256 ($(date +%T))"
 timeout -k 10 90 python3 -m igpt_fast.benchmark --sizes core --dtypes float16 --batches 256 --systems igpt-fast \

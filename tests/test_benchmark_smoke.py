@@ -315,13 +315,22 @@ def test_the_sweep_table_puts_each_default_first_and_names_the_fastest(monkeypat
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-def test_the_gpu_check_script_parses_and_refuses_without_a_gpu(tmp_path):
+def test_the_gpu_check_script_checks_its_arguments_and_refuses_without_a_gpu(tmp_path):
     if shutil.which("bash") is None:
         pytest.skip("no bash here")
     script = pathlib.Path(__file__).parents[1] / "benchmarks" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0  # a syntax error fails
-    done = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "no CUDA GPU" in done.stderr
+
+    def run(*args):
+        return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=120)
+
+    assert run().returncode == 2 and "usage" in run().stderr
+    short = run(str(tmp_path / "out"), "300")
+    assert short.returncode == 2 and "SECONDS must be a whole number of at least 360" in short.stderr
+    assert "got '300'" in short.stderr
+    for seconds in ((), ("560",)):
+        refused = run(str(tmp_path / "out"), *seconds)
+        assert refused.returncode == 2 and "no CUDA GPU" in refused.stderr
     assert not (tmp_path / "out").exists()  # refused before writing anything
 
 
