@@ -10,6 +10,7 @@ import functools
 import importlib.util
 import io
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -479,3 +480,33 @@ def test_the_profilers_critical_path_charges_each_role_what_it_adds_to_the_chain
     totals, steps = profiler.critical_path(kernels[::-1], config.n_layer)
     assert steps == 2
     assert totals == {role: 2 * charge[role] * roles.count(role) for role in charge}
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash here")
+def test_the_gpu_check_gives_what_its_seconds_leave_to_batch_256_and_the_sweep(tmp_path):
+    """The scripts' order and time arithmetic, with a stand-in python3 that says CUDA is there and does nothing but
+    log its arguments: a script bug found on the GPU machine costs device time that comes a few times a month."""
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    calls = tmp_path / "calls.log"
+    (shims / "python3").write_text(f'#!/usr/bin/env bash\necho "$*" >> "{calls}"\n')
+    (shims / "python3").chmod(0o755)
+    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "gpu_check.sh"
+    env = {**os.environ, "PATH": f"{shims}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(script), str(tmp_path / "out"), "560"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    logged = calls.read_text().splitlines()
+    benchmark_calls = [line for line in logged if line.startswith("-m igpt_fast.benchmark")]
+    assert [call.split()[2] for call in benchmark_calls] == ["--sizes", "--sizes", "--tasks", "--from-json",
+                                                             "--from-json"], benchmark_calls
+    core, b256, sweep, verdicts, summary = benchmark_calls
+    assert "--time-limit 185" in core and "--batches 256" in b256
+    sweep_limit = int(sweep.split("--time-limit ")[1].split()[0])
+    # 560 less what the stand-in stages took (a second or two), 10 s of gpu_check's margin, 15 of gpu_sweep's and
+    # the 25 s the sweep keeps to write its tables
+    assert 560 - 10 - 15 - 25 - 5 <= sweep_limit <= 560 - 10 - 15 - 25
+    assert "/more/sweep/results.json" in verdicts
+    assert summary == f"-m igpt_fast.benchmark --from-json {tmp_path / 'out'}/results.json --out {tmp_path / 'out'}"
+    assert logged[-1] == summary  # the summary table is printed last
+    assert "== install: this checkout is installed already" in done.stdout  # gpu_sweep.sh does not install again
+    assert not any("pip install" in line for line in logged[logged.index(b256) - 1:])
