@@ -194,9 +194,20 @@ def _sampling_kwargs(args, model) -> dict:  # --batch-size: checked by _check_se
     return kwargs
 
 
-def cmd_generate(args) -> int:
+def _pixel_bar(total: int, desc: str):
+    """A progress bar over the pixels a command generates, moved by generate(progress=...) as they finish: a batch
+    of images takes minutes on a CPU, where a bar per batch would not move."""
     from tqdm import tqdm
 
+    return tqdm(total=total, unit="px", unit_scale=True, desc=desc, file=sys.stderr)
+
+
+def _moves(bar, before: int):
+    """generate's progress callback: the bar at `before` (the pixels of earlier batches) plus this call's."""
+    return lambda done, total: bar.update(before + done - bar.n)
+
+
+def cmd_generate(args) -> int:
     from igpt_fast.grid import default_scale, image_grid, save_png
 
     if args.num_images < 1:
@@ -209,17 +220,16 @@ def cmd_generate(args) -> int:
     _check_seeds(args, args.num_images)
     model, processor = _load(args)
     sampling = _sampling_kwargs(args, model)
-    sos = model.config.sos_token_id
+    sos, pixels = model.config.sos_token_id, model.config.n_positions
     ids, start = [], time.perf_counter()
-    with tqdm(total=args.num_images, unit="img", desc="generating", file=sys.stderr) as bar:
+    with _pixel_bar(args.num_images * pixels, "generating") as bar:
         for first in range(0, args.num_images, args.batch_size):
             batch = min(args.batch_size, args.num_images - first)
             context = torch.full((batch, 1), sos, dtype=torch.long)
             # seed + first: image i depends only on (seed, i), whatever the batch size
-            out = model.generate(context, max_length=model.config.n_positions + 1, seed=args.seed + first,
-                                 **sampling)
+            out = model.generate(context, max_length=pixels + 1, seed=args.seed + first,
+                                 progress=_moves(bar, first * pixels), **sampling)
             ids.append(out[:, 1:].cpu())
-            bar.update(batch)
     elapsed = time.perf_counter() - start
     ids = torch.cat(ids)
     images = processor.decode(ids)
@@ -286,8 +296,6 @@ def _in_batches(model, processor, images: list, batch_size: int, desc: str, comp
 
 
 def cmd_complete(args) -> int:
-    from tqdm import tqdm
-
     from igpt_fast.grid import default_scale, image_grid, save_png
 
     if args.samples < 1:
@@ -305,13 +313,12 @@ def cmd_complete(args) -> int:
     ids = processor(images)["input_ids"]  # [N, side*side]
     sos = torch.full((len(images), 1), model.config.sos_token_id, dtype=torch.long)
     prompts = torch.cat([sos, ids[:, :rows * side]], dim=1).repeat_interleave(args.samples, dim=0)
-    completions = []
-    with tqdm(total=len(prompts), unit="img", desc="completing", file=sys.stderr) as bar:
+    completions, new = [], side * side - rows * side
+    with _pixel_bar(len(prompts) * new, "completing") as bar:
         for first in range(0, len(prompts), args.batch_size):
             out = model.generate(prompts[first:first + args.batch_size], max_length=side * side + 1,
-                                 seed=args.seed + first, **sampling)
+                                 seed=args.seed + first, progress=_moves(bar, first * new), **sampling)
             completions.append(out[:, 1:].cpu())
-            bar.update(len(out))
     completions = processor.decode(torch.cat(completions)).reshape(len(images), args.samples, side, side, 3)
     originals = processor.decode(ids)
     kept = originals.copy()

@@ -70,6 +70,9 @@ IGNORE_INDEX = -100  # labels that the loss skips, as in transformers (torch's c
 # Whole-image forwards (logits, features, likelihood) run this many tokens at a time: 64 images of 1024 pixels,
 # enough rows to keep an H100 busy, and at imagegpt-large about 1.6 GB of activations in 16-bit.
 FORWARD_CHUNK_TOKENS = 65536
+# generate(progress=...) reports every this many decode steps: 32 reports an image. Each waits on a CUDA event of
+# the run before the one already queued, so reporting costs the GPU nothing.
+PROGRESS_STEPS = 32
 
 
 def _on_model_device(method):
@@ -335,7 +338,7 @@ class ImageGPT:
                  top_p=None, num_return_sequences: int = 1, seed: int | None = None,
                  generator: torch.Generator | None = None, return_dict_in_generate: bool = False,
                  output_logits: bool = False, attention_mask=None, pad_token_id: int | None = None,
-                 use_cache: bool = True, **unused):
+                 use_cache: bool = True, progress=None, **unused):
         """transformers' call: ids [B, P] (the SOS column, or SOS + pixels to complete) -> LongTensor
         [B, max_length] on the input's device. `pixel_values=` is the older model card's name for input_ids.
         max_length defaults to a whole image (n_positions + 1). Sampling: temperature, then top-k (default 50
@@ -345,7 +348,10 @@ class ImageGPT:
         does: rows b*n .. b*n + n - 1 of the output continue row b (per-row sampling values follow their row).
         Arguments transformers code passes to silence its warnings are taken where they change nothing here: an
         all-ones attention_mask (prompts are never padded), pad_token_id (no sequence ends early, so nothing is
-        padded) and use_cache (the engine always caches; the tokens are the same)."""
+        padded) and use_cache (the engine always caches; the tokens are the same).
+        progress: called as progress(done, total) with the tokens generated so far of total = rows * new tokens, as
+        they finish on the device, every PROGRESS_STEPS steps (for a progress bar; None: no reports and no host
+        sync before the end)."""
         if unused:
             raise ValueError(f"generate() got arguments it does not use: {sorted(unused)}")
         if (input_ids is None) == (pixel_values is None):
@@ -357,6 +363,8 @@ class ImageGPT:
             raise TypeError(f"generator must be a torch.Generator, got {generator!r}")
         _check_bools(return_dict_in_generate=return_dict_in_generate, output_logits=output_logits,
                      use_cache=use_cache)
+        if progress is not None and not callable(progress):
+            raise TypeError(f"progress must be a callable progress(done, total) or None, got {progress!r}")
         if pad_token_id is not None:
             _check_int(pad_token_id, "pad_token_id", -2**63, 2**63, "an int")
         given = input_ids if input_ids is not None else pixel_values
@@ -395,9 +403,13 @@ class ImageGPT:
         chunks, step_logits = [], []
         for start in range(0, batch, self.max_batch):
             rows = slice(start, min(start + self.max_batch, batch))
+            report = None
+            if progress is not None:  # this chunk's rows times its steps done, after the rows before it
+                def report(steps, before=start * new_tokens, width=rows.stop - start):
+                    progress(before + width * steps, batch * new_tokens)
             chunk = self._generate_chunk(ids[rows], new_tokens, greedy=not do_sample, seed=_wrap_int64(seed + start),
                                          params=(temperature[rows], top_k[rows], top_p[rows]),
-                                         logits_out=step_logits if output_logits else None)
+                                         logits_out=step_logits if output_logits else None, report=report)
             chunks.append(chunk.to(out_device))
         sequences = torch.cat(chunks)
         if not return_dict_in_generate:
@@ -408,7 +420,7 @@ class ImageGPT:
         return GenerateOutput(sequences=sequences, logits=logits)
 
     def _generate_chunk(self, ids: torch.Tensor, new_tokens: int, *, greedy: bool, seed: int, params,
-                        logits_out: list | None) -> torch.Tensor:
+                        logits_out: list | None, report=None) -> torch.Tensor:
         batch, prefix = ids.shape
         bucket = bucket_for(batch, self.max_batch)
         state = self.decoder.state(bucket)
@@ -419,17 +431,51 @@ class ImageGPT:
             buffer[:batch].copy_(values)
             buffer[batch:].copy_(values[:1].expand(bucket - batch))
         state.seed.fill_(seed)
-        self.decoder.start(state, prompt, greedy=greedy)
+        self.decoder.start(state, prompt, greedy=greedy)  # samples the first new token
         if logits_out is not None:
             logits_out.append(state.logits[:batch].clone())
-        if logits_out is None:
-            self.decoder.decode(state, new_tokens - 1, greedy=greedy)
-        else:  # every step's logits: one step at a time
-            for _ in range(new_tokens - 1):
-                self.decoder.step(state, greedy=greedy)
-                logits_out.append(state.logits[:batch].clone())
+
+        def decode(steps):
+            if logits_out is None:
+                self.decoder.decode(state, steps, greedy=greedy)
+            else:  # every step's logits: one step at a time
+                for _ in range(steps):
+                    self.decoder.step(state, greedy=greedy)
+                    logits_out.append(state.logits[:batch].clone())
+
+        if report is None:
+            decode(new_tokens - 1)
+        else:
+            self._decode_reporting(decode, new_tokens - 1, lambda steps: report(1 + steps))
         # The graph overwrites its buffers on the next call: hand back a copy.
         return state.sequences[:batch, :prefix + new_tokens].clone()
+
+    def _decode_reporting(self, decode, steps: int, report) -> None:
+        """decode(n) runs of PROGRESS_STEPS steps, report(steps done) as each finishes on the device. Each run is
+        queued before the host waits for the one before, so the GPU never idles for the host's report."""
+        finished = None  # (CUDA event recorded after a run or None off CUDA, steps done when it fires)
+        done = 0
+        while done < steps:
+            run = min(PROGRESS_STEPS, steps - done)
+            decode(run)
+            done += run
+            event = None
+            if self.device.type == "cuda":
+                event = torch.cuda.Event()
+                event.record()
+            if finished is not None:
+                _report_when_done(*finished, report)
+            finished = (event, done)
+        if finished is not None:
+            _report_when_done(*finished, report)
+        else:  # nothing after the first token
+            report(0)
+
+
+def _report_when_done(event, steps: int, report) -> None:
+    if event is not None:
+        event.synchronize()
+    report(steps)
 
 
 def _named_dtype(dtype, name: str):

@@ -27,6 +27,7 @@ def test_generate_with_no_checkpoint_uses_the_demo_model(tmp_path, capsys):
     assert "wrote 3 images" in out and "images/s" in out
     processor = ImageProcessor.from_pretrained(demo_model_path())
     side = int(processor.size)
+    assert "generating: 100%" in err and f"{3 * side * side}/{3 * side * side} [" in err  # a bar over the pixels
     ids = np.load(ids_path)
     assert ids.shape == (3, side * side) and ids.max() < processor.n_clusters
     with Image.open(grid) as picture:
@@ -57,6 +58,8 @@ def test_complete_keeps_the_top_rows_exactly(tmp_path, capsys):
                           "--device", "cpu"], capsys)
     assert code == 0, err
     assert "top 5 of" in out
+    new_pixels = 2 * 3 * (side * side - 5 * side)  # 2 images x 3 samples
+    assert "completing: 100%" in err and f"{new_pixels / 1000:.2f}k/{new_pixels / 1000:.2f}k [" in err
     with Image.open(out_png) as picture:
         grid = np.asarray(picture)
     scale = max(1, 64 // side)

@@ -246,6 +246,30 @@ def test_generate_does_not_mutate_its_input(weights):
     assert torch.equal(context, before)
 
 
+@pytest.mark.parametrize("output_logits", [False, True])
+def test_progress_reports_the_tokens_done_after_each_run_of_steps(weights, monkeypatch, output_logits):
+    monkeypatch.setattr(igpt_fast.model, "PROGRESS_STEPS", 5)
+    model = ImageGPT(TINY, weights, backend="torch", max_batch=2)  # 3 rows: chunks of 2 and 1
+    context = torch.full((3, 1), TINY.sos_token_id)
+    kwargs = dict(do_sample=True, seed=3, return_dict_in_generate=True, output_logits=output_logits)
+    reports = []
+    out = model.generate(context, progress=lambda done, total: reports.append((done, total)), **kwargs)
+    # 24 new tokens a row: the first, then runs of 5, 5, 5, 5 and 3 decode steps
+    per_row = [6, 11, 16, 21, 24]
+    assert reports == [(2 * n, 72) for n in per_row] + [(48 + n, 72) for n in per_row]
+    plain = model.generate(context, **kwargs)  # reporting changes no token
+    assert torch.equal(out.sequences, plain.sequences)
+    if output_logits:
+        assert all(torch.equal(a, b) for a, b in zip(out.logits, plain.logits, strict=True))
+
+
+def test_progress_of_a_single_new_token_is_reported_once(weights):
+    reports = []
+    ImageGPT(TINY, weights, backend="torch").generate(torch.full((2, 1), TINY.sos_token_id), max_new_tokens=1,
+                                                       progress=lambda done, total: reports.append((done, total)))
+    assert reports == [(2, 2)]
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(input_ids=torch.tensor([[TINY.vocab_size]])), ValueError, f"token id {TINY.vocab_size}"),
     (dict(input_ids=torch.tensor([[-3]])), ValueError, "token id -3"),
@@ -282,6 +306,8 @@ def test_generate_does_not_mutate_its_input(weights):
     (dict(input_ids=torch.zeros(1, 1, dtype=torch.long), do_sample=True, seed=2**63), ValueError,
      r"seed must be an int in \[-2\*\*63, 2\*\*63\), got 9223372036854775808"),
     (dict(input_ids=torch.zeros(1, 1, dtype=torch.long), do_sample=True, seed=1.5), ValueError, "got 1.5"),
+    (dict(input_ids=torch.zeros(1, 1, dtype=torch.long), progress="bar"), TypeError,
+     "progress must be a callable progress\\(done, total\\) or None, got 'bar'"),
 ])
 def test_bad_input_is_refused_and_the_next_call_works(weights, kwargs, error, match):
     model = ImageGPT(TINY, weights, backend="torch")
@@ -465,6 +491,18 @@ def test_gpu_several_steps_per_graph_give_the_same_tokens(small_weights, monkeyp
     kwargs = dict(max_new_tokens=127, do_sample=True, seed=42, top_k=40)  # 126 steps: 31 replays of 4, then 2 of 1
     assert torch.equal(graphed.generate(context, **kwargs), eager.generate(context, **kwargs))
     assert set(graphed.decoder.states[2].graphs) == {(False, 1), (False, 4)}
+
+
+@pytest.mark.gpu
+def test_gpu_progress_reports_as_runs_finish_and_changes_no_token(small_weights, monkeypatch):
+    monkeypatch.setattr(igpt_fast.model, "PROGRESS_STEPS", 32)
+    context = torch.full((2, 1), SMALL.sos_token_id, device="cuda")
+    model = ImageGPT(SMALL, small_weights, device="cuda", dtype=torch.float16)
+    kwargs = dict(max_new_tokens=100, do_sample=True, seed=42, top_k=40)
+    reports = []
+    out = model.generate(context, progress=lambda done, total: reports.append((done, total)), **kwargs)
+    assert reports == [(2 * n, 200) for n in (33, 65, 97, 100)]  # the first token, then runs of 32, 32, 32 and 3
+    assert torch.equal(out, model.generate(context, **kwargs))
 
 
 @pytest.mark.gpu
