@@ -136,8 +136,9 @@ stage pytest-benchmark pytest_benchmark.log timeout -k 5 60 python3 -m pytest -m
 # of 123 launches is most of it.
 stage profile profile.txt timeout -k 5 90 python3 benchmarks/profile_step.py --batches 1,8,64 --steps 1023
 
-# The floor of a chain of dependent launches here (a graph of 124 launches that do almost nothing, PDL on and off):
-# a few seconds. The engine's us/launch minus this is its kernels' own work.
+# The floor of a chain of dependent launches here (a graph of 124 launches that do almost nothing, PDL on and off),
+# the same as grid barriers in one launch, and both moving a decode step's weights: a few seconds. The engine's
+# us/launch minus the floor is its kernels' own work; the weighted rows say whether a one-kernel step would pay.
 stage launch-floor launch_floor.txt timeout -k 5 60 python3 benchmarks/launch_floor.py
 
 # With SECONDS above the 6 minutes: batch 256 and the sweep in what is left (gpu_sweep.sh; it finds the project
