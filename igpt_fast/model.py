@@ -350,8 +350,8 @@ class ImageGPT:
         all-ones attention_mask (prompts are never padded), pad_token_id (no sequence ends early, so nothing is
         padded) and use_cache (the engine always caches; the tokens are the same).
         progress: called as progress(done, total) with the tokens generated so far of total = rows * new tokens, as
-        they finish on the device, every PROGRESS_STEPS steps (for a progress bar; None: no reports and no host
-        sync before the end)."""
+        they finish on the device: after the first token, then every PROGRESS_STEPS steps (for a progress bar;
+        None: no reports, and no host sync before the end)."""
         if unused:
             raise ValueError(f"generate() got arguments it does not use: {sorted(unused)}")
         if (input_ids is None) == (pixel_values is None):
@@ -451,25 +451,25 @@ class ImageGPT:
         return state.sequences[:batch, :prefix + new_tokens].clone()
 
     def _decode_reporting(self, decode, steps: int, report) -> None:
-        """decode(n) runs of PROGRESS_STEPS steps, report(steps done) as each finishes on the device. Each run is
-        queued before the host waits for the one before, so the GPU never idles for the host's report."""
-        finished = None  # (CUDA event recorded after a run or None off CUDA, steps done when it fires)
-        done = 0
-        while done < steps:
+        """decode(steps) in runs of PROGRESS_STEPS, calling report(steps done) once the first token (sampled by
+        start) and then each run have finished on the device. The host waits for a run only once the next is
+        queued, so the GPU never idles for a report."""
+        finished = (self._recorded_event(), 0)
+        for done in range(0, steps, PROGRESS_STEPS):
             run = min(PROGRESS_STEPS, steps - done)
             decode(run)
-            done += run
-            event = None
-            if self.device.type == "cuda":
-                event = torch.cuda.Event()
-                event.record()
-            if finished is not None:
-                _report_when_done(*finished, report)
-            finished = (event, done)
-        if finished is not None:
+            queued = (self._recorded_event(), done + run)
             _report_when_done(*finished, report)
-        else:  # nothing after the first token
-            report(0)
+            finished = queued
+        _report_when_done(*finished, report)
+
+    def _recorded_event(self) -> torch.cuda.Event | None:
+        """A CUDA event recorded after the work queued so far (None off CUDA, where that work is done)."""
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
 
 
 def _report_when_done(event, steps: int, report) -> None:
