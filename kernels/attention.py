@@ -341,18 +341,25 @@ def _prefill_launch_config(block_d: int, dtype: torch.dtype) -> tuple[int, int, 
     (checked for sm_90), and the float32 accumulator [BLOCK_M, BLOCK_D] is at most 64 values a thread (ptxas
     reports no spills: tests/test_sm90_compile.py)."""
     if dtype == torch.float32:  # IEEE fp32 runs on FMA units: smaller tiles, fewer stages
-        block_m, block_n, num_stages = 64, 32, 2
+        # Key blocks of 16 for heads wider than 64: with 32, heads of 96 and 128 (imagegpt-large and -medium) spilled
+        # 0.9-1.2 KB of registers a thread on sm_90; with 16, none (110-120 registers).
+        block_m, block_n, num_stages = 64, 32 if block_d <= 64 else 16, 2
     else:
         block_m, block_n, num_stages = 128, 64, 3
     if block_d > 128:
-        block_m, block_n = block_m // 2, block_n // 2
+        block_m, block_n = block_m // 2, max(block_n // 2, 16)  # tl.dot tiles are at least 16 wide
     num_warps = min(8, max(4, block_m * block_d // 512))
     return block_m, block_n, num_warps, num_stages
 
 
-def _decode_num_warps(block_d: int, dtype: torch.dtype) -> int:
-    """4 warps while one [BLOCK_N, BLOCK_D] key tile is <= 8 KB, else 8 (keeps registers spill-free)."""
-    return 4 if _DECODE_BLOCK_N * block_d * dtype.itemsize <= 8192 else 8
+def _decode_tile(block_d: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_N, num_warps): _DECODE_BLOCK_N keys a block, halved while one [BLOCK_N, BLOCK_D] key tile is over 32 KB
+    (256-wide float32 heads: with 64 keys they spilled 3.7 KB of registers a thread on sm_90); 4 warps while a tile
+    is <= 8 KB, else 8 (keeps registers spill-free)."""
+    block_n = _DECODE_BLOCK_N
+    while block_n > 16 and block_n * block_d * dtype.itemsize > 32768:
+        block_n //= 2
+    return block_n, 4 if block_n * block_d * dtype.itemsize <= 8192 else 8
 
 
 def prefill_attention(q, k, v, *, scale: float, out=None) -> torch.Tensor:
@@ -522,7 +529,7 @@ def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace,
     part_lse = workspace[n_rows * head_dim : n_rows * (head_dim + 1)]
     arrived = workspace[workspace.numel() - batch * n_head :].view(torch.int32) if num_splits > 1 else workspace
     block_d = triton.next_power_of_2(head_dim)
-    num_warps = _decode_num_warps(block_d, q.dtype)
+    block_n, num_warps = _decode_tile(block_d, q.dtype)
     qk_scale_log2 = scale * math.log2(math.e)
     pdl = backend.use_pdl(q.device)
     _decode_kernel[(batch * n_head, num_splits)](
@@ -549,10 +556,10 @@ def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace,
         qk_scale_log2,
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
-        BLOCK_N=_DECODE_BLOCK_N,
+        BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
         BLOCK_SPLITS=triton.next_power_of_2(num_splits),
-        MIN_CHUNK=triton.cdiv(max(_DECODE_MIN_SPLIT_KEYS, 1), _DECODE_BLOCK_N) * _DECODE_BLOCK_N,
+        MIN_CHUNK=triton.cdiv(max(_DECODE_MIN_SPLIT_KEYS, 1), block_n) * block_n,
         PREFETCH=_DECODE_PREFETCH,
         PER_LANE=_DECODE_PER_LANE_SOFTMAX,
         USE_PDL=pdl,

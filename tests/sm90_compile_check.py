@@ -81,11 +81,16 @@ def describe(fn, args, kwargs):
 
 
 # (config, batches, dtypes, PDL) the engine runs at: imagegpt-small in every dtype (and once without PDL), a config
-# with imagegpt-large's 96-wide heads, and the shipped demo model.
+# with imagegpt-large's 96-wide heads, the shipped demo model, imagegpt-medium and -large, and 256-wide heads.
 ENGINE_CASES = [(ImageGPTConfig.small(), (1, 8, 64), (torch.float16, torch.float32, torch.bfloat16), True),
                 (ImageGPTConfig.small(), (1, 8, 64), (torch.float16,), False),
                 (ImageGPTConfig(n_embd=192, n_head=2, n_layer=1), (1, 64), (torch.float16,), True),
-                (ImageGPTConfig.from_json_file(demo_model_path() / "config.json"), (16,), (torch.float16,), True)]
+                (ImageGPTConfig.from_json_file(demo_model_path() / "config.json"), (16,), (torch.float16,), True),
+                # imagegpt-medium and -large: their widths (1024, 1536), MLPs and heads of 128 and 96, in one layer
+                # (every layer launches the same variants); and the widest heads the kernels take (256)
+                (ImageGPTConfig.medium(n_layer=1), (1, 8, 64), (torch.float16, torch.float32), True),
+                (ImageGPTConfig.large(n_layer=1), (1, 8, 64), (torch.float16, torch.float32), True),
+                (ImageGPTConfig(n_embd=512, n_head=2, n_layer=1), (1, 8), (torch.float16, torch.float32), True)]
 # Where the sweep times its alternatives (bench_kernels.SWEEPS): imagegpt-small, fp16, with PDL.
 SWEEP_CASES = [(ImageGPTConfig.small(), (1, 8, 64), (torch.float16,), True)]
 

@@ -188,6 +188,19 @@ def test_decode_key_block_sizes_the_sweep_times(device, batch, n_head, head_dim,
     run_decode_steps(device, batch, n_head, head_dim, max_len, dtype, steps)
 
 
+@pytest.mark.parametrize("head_dim", [200, 256])
+def test_decode_of_the_widest_float32_heads_walks_smaller_key_blocks(device, head_dim, monkeypatch):
+    """A 64-key block of 256 float32 values a key is 64 KB (it spilled on sm_90): such heads walk 32-key blocks,
+    and the splits, their chunks and their merge follow."""
+    assert attention._decode_tile(256, torch.float32) == (32, 8)  # BLOCK_D of both head widths
+    assert attention._decode_tile(128, torch.float32) == (64, 8)  # imagegpt-medium's heads keep 64 keys
+    assert attention._decode_tile(64, torch.float16) == (64, 4)  # and imagegpt-small's
+    monkeypatch.setattr(attention, "_DECODE_TARGET_PROGRAMS", 2)
+    assert decode_num_splits(1, 1, 160) == 2  # chunks of 64 keys or more: 2 blocks of 32, or 3 past t = 127
+    torch.manual_seed(head_dim)
+    run_decode_steps(device, 1, 1, head_dim, 160, torch.float32, [0, 31, 32, 33, 63, 64, 65, 100, 159])
+
+
 @pytest.mark.parametrize("batch,n_head,head_dim,max_len,dtype,prefetch",
                          [(*case, True) for case in DECODE_CASES] + [(*DECODE_CASES[0], False)])
 def test_decode_with_keys_read_before_the_wait(device, batch, n_head, head_dim, max_len, dtype, prefetch, monkeypatch):
