@@ -2,15 +2,15 @@
 # What the 6-minute check (benchmarks/gpu_check.sh) leaves out: imagegpt-small fp16 generation at batch 256
 # (igpt-fast alone, whole images; its target is 3.0 ms/step), then the launch-heuristic sweep (fp16, batch 1, 8, 64:
 # every decode-step row first, then kernel rows) in the time that is left. gpu_check.sh OUT SECONDS runs it with
-# what its SECONDS leave; on its own, it is a call of its own.
+# what its SECONDS leave; it also runs alone, as a device call of its own.
 #
 #   benchmarks/gpu_sweep.sh OUT_DIR [SECONDS]
 #
 # SECONDS (default 380) bounds the whole script; give the device call about 40 s more (its limit is 10 minutes).
 # Everything lands in OUT_DIR: install.log (unless this checkout is installed already), b256/ and sweep/
-# (results.json, summary.txt each). Same machine
-# assumptions as gpu_check.sh: torch, triton and transformers installed, nothing downloaded. Then, wherever OUT_DIR
-# came back to, keep each sweep's winner as the default (decode-step rows decide) and delete the losing code paths.
+# (results.json, summary.txt each). Same machine assumptions as gpu_check.sh: torch, triton and transformers
+# installed, nothing downloaded. Then, wherever OUT_DIR came back to, keep each sweep's winner as the default
+# (decode-step rows decide) and delete the losing code paths.
 
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
