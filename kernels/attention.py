@@ -25,6 +25,8 @@ import triton.language as tl
 
 from igpt_fast import backend
 
+from . import sync
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 
@@ -209,17 +211,61 @@ def _decode_kernel(
     USE_PDL: tl.constexpr,
     KV_BEFORE_WAIT: tl.constexpr,  # with PREFETCH: pos and the first block's keys before t read before gdc_wait
 ):
-    pid_bh = tl.program_id(0)
-    split = tl.program_id(1)
+    """Grid (batch * head, split): one _decode_program each."""
+    _decode_program(tl.program_id(0), tl.program_id(1), q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, part_out_ptr,
+                    part_lse_ptr, arrived_ptr, stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb,
+                    stride_vh, stride_vs, stride_ob, stride_oh, n_head, max_len, qk_scale_log2, HEAD_DIM, BLOCK_D,
+                    BLOCK_N, NUM_SPLITS, BLOCK_SPLITS, MIN_CHUNK, PREFETCH, PER_LANE, USE_PDL, KV_BEFORE_WAIT,
+                    GRID_SYNC=0, sync_ptr=pos_ptr, wait_phase=-1)
+
+
+@triton.jit
+def _decode_program(
+    pid_bh,  # batch * n_head + head
+    split,  # which part of the keys 0..t
+    q_ptr,  # [B, H, D] one query per (batch, head), last dim contiguous
+    k_ptr,  # [B, H, T, D] key cache, last dim contiguous; keys 0..t are read
+    v_ptr,  # [B, H, T, D] value cache, last dim contiguous; values 0..t are read
+    pos_ptr,  # int32 [1]: t, index of the newest key
+    out_ptr,  # [B, H, D] output
+    part_out_ptr,  # float32 [B*H, NUM_SPLITS, HEAD_DIM]: each split's normalised output
+    part_lse_ptr,  # float32 [B*H, NUM_SPLITS]: each split's log2(sum 2^score)
+    arrived_ptr,  # int32 [B*H]: splits done so far in this launch; 0 before and after it
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_ob,
+    stride_oh,
+    n_head,
+    max_len,
+    qk_scale_log2,  # caller's scale * log2(e)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
+    MIN_CHUNK: tl.constexpr,  # fewest keys a split takes (a multiple of BLOCK_N)
+    PREFETCH: tl.constexpr,
+    PER_LANE: tl.constexpr,
+    USE_PDL: tl.constexpr,
+    KV_BEFORE_WAIT: tl.constexpr,  # with PREFETCH: pos and the first block's keys before t read before gdc_wait
+    GRID_SYNC: tl.constexpr,  # see sync.wait_for_inputs: 0 in a launch of its own
+    sync_ptr,  # with GRID_SYNC: the persistent launch's sync buffer
+    wait_phase,  # with GRID_SYNC: the phase whose outputs this one reads (< 0: already waited for)
+):
     b = (pid_bh // n_head).to(tl.int64)
     h = (pid_bh % n_head).to(tl.int64)
     k_ptr += b * stride_kb + h * stride_kh
     v_ptr += b * stride_vb + h * stride_vh
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    if not KV_BEFORE_WAIT and USE_PDL:  # everything read here (q, the cache, pos) is written by earlier kernels
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    if not KV_BEFORE_WAIT:  # everything read here (q, the cache, pos) is written by earlier kernels
+        sync.wait_for_inputs(USE_PDL, GRID_SYNC, sync_ptr, wait_phase)
 
     t = tl.load(pos_ptr)
     n_keys = tl.minimum(tl.maximum(t, 0), max_len - 1) + 1  # a bad pos must not read outside the cache
@@ -232,9 +278,7 @@ def _decode_kernel(
         # the previous kernel writes, is read after the wait. Masked rows load as zeros, so the two add exactly.
         k_next, v_next = _kv_block(k_ptr, v_ptr, start, tl.minimum(end, n_keys - 1), offs_d, d_mask, stride_ks,
                                    stride_vs, BLOCK_N)
-        if USE_PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        sync.wait_for_inputs(USE_PDL, GRID_SYNC, sync_ptr, wait_phase)
         k_t, v_t = _kv_block(k_ptr, v_ptr, start, end, offs_d, d_mask, stride_ks, stride_vs, BLOCK_N, lo=n_keys - 1)
         k_next += k_t
         v_next += v_t

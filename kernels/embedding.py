@@ -12,6 +12,7 @@ import triton.language as tl
 
 from igpt_fast import backend
 
+from . import sync
 from .linear import _check_pos, _check_seq_len, _check_shape, _check_tensor, _fail
 
 
@@ -29,11 +30,32 @@ def _embed_kernel(
     BLOCK_D: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    """One program per row."""
-    if USE_PDL:  # ids and pos come from the previous step's sampling
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    row = tl.program_id(0).to(tl.int64)
+    """One program per row: _embed_row."""
+    _embed_row(tl.program_id(0), ids_ptr, wte_ptr, wpe_ptr, pos_ptr, out_ptr, seq_len, d, stride_ids, stride_om,
+               BLOCK_D, USE_PDL, GRID_SYNC=0, sync_ptr=pos_ptr, wait_phase=-1)
+
+
+@triton.jit
+def _embed_row(
+    row,  # which row of out
+    ids_ptr,  # [M] token ids, any stride
+    wte_ptr,  # [V, d] token embedding, contiguous
+    wpe_ptr,  # [P, d] position embedding, contiguous
+    pos_ptr,  # int32 [1], position of each sequence's first row
+    out_ptr,  # [M, d] output, last dim contiguous
+    seq_len,
+    d,
+    stride_ids,
+    stride_om,
+    BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
+    GRID_SYNC: tl.constexpr,  # see sync.wait_for_inputs: 0 in a launch of its own
+    sync_ptr,  # with GRID_SYNC: the persistent launch's sync buffer
+    wait_phase,  # with GRID_SYNC: the phase whose outputs this one reads (< 0: already waited for)
+):
+    """Row `row` of out."""
+    sync.wait_for_inputs(USE_PDL, GRID_SYNC, sync_ptr, wait_phase)  # ids and pos come from the previous step
+    row = row.to(tl.int64)
     token = tl.load(ids_ptr + row * stride_ids).to(tl.int64)
     position = tl.load(pos_ptr).to(tl.int64) + row % seq_len
     offs = tl.arange(0, BLOCK_D)

@@ -35,6 +35,8 @@ import triton.language as tl
 
 from igpt_fast import backend
 
+from . import sync
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ACTIVATIONS = (None, "quick_gelu")
 _PATHS = (None, "gemv", "dot")
@@ -218,7 +220,50 @@ def _gemv_kernel(
     ROW_LOOP: tl.constexpr,  # multiply the W block by one row of x at a time (BLOCK_K not shrunk by BLOCK_M)
     EARLY_LOADS: tl.constexpr,  # the epilogue's bias before gdc_wait, its residual or pos right after it
 ):
-    """Grid (column stripes, row blocks). Products on CUDA cores in float32 (exact for float32 inputs).
+    """Grid (column stripes, row blocks): one _gemv_program each."""
+    _gemv_program(tl.program_id(0), tl.program_id(1), x_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, k_ptr, v_ptr, pos_ptr,
+                  M, N, K, stride_xm, stride_om, stride_wk, stride_wn, eps, seq_len, head_dim,
+                  stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+                  HAS_NORM, HAS_BIAS, ACTIVATION, EPILOGUE, ONE_PART, USE_PDL, BLOCK_M, BLOCK_N, BLOCK_K, PREFETCH,
+                  ROW_LOOP, EARLY_LOADS, GRID_SYNC=0, sync_ptr=x_ptr, wait_phase=-1)
+
+
+@triton.jit
+def _gemv_program(
+    pid_n,
+    pid_m,
+    x_ptr,  # [M, K] input rows, last dim contiguous
+    nw_ptr,  # [K] RMS-norm weight (not read without HAS_NORM)
+    w_ptr,  # [K, N] weight, contiguous along K or N (stride_wk, stride_wn)
+    b_ptr,  # [N] bias (not read without HAS_BIAS)
+    out_ptr,  # see _epilogue
+    k_ptr,  # see _epilogue
+    v_ptr,  # see _epilogue
+    pos_ptr,  # see _epilogue
+    M, N, K,
+    stride_xm, stride_om,
+    stride_wk, stride_wn,
+    eps,
+    seq_len, head_dim,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    HAS_NORM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    ONE_PART: tl.constexpr,
+    USE_PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PREFETCH: tl.constexpr,  # 1 or 2: W blocks loaded ahead of the one in use
+    ROW_LOOP: tl.constexpr,  # multiply the W block by one row of x at a time (BLOCK_K not shrunk by BLOCK_M)
+    EARLY_LOADS: tl.constexpr,  # the epilogue's bias before gdc_wait, its residual or pos right after it
+    GRID_SYNC: tl.constexpr,  # see sync.wait_for_inputs: 0 in a launch of its own
+    sync_ptr,  # with GRID_SYNC: the persistent launch's sync buffer
+    wait_phase,  # with GRID_SYNC: the phase whose outputs this one reads (< 0: already waited for)
+):
+    """Column stripe pid_n of row block pid_m. Products on CUDA cores in float32 (exact for float32 inputs).
 
     W is read PREFETCH blocks ahead of its use: the first blocks before waiting on the previous kernel (weights
     are never written during a step, so under programmatic dependent launch that read overlaps the previous
@@ -227,9 +272,9 @@ def _gemv_kernel(
     compiled for sm_90 with K-contiguous W, the loop has 1-2 layout conversions (shared-memory round trips)
     instead of 3-4, and from batch 8 the sum over K stays inside a warp.
     """
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    rows = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     offs_k = tl.arange(0, BLOCK_K)
     w_next = tl.load(w_ptr + offs_k[None, :, None] * stride_wk + offs_n[None, None, :] * stride_wn,
@@ -240,9 +285,8 @@ def _gemv_kernel(
                           mask=(offs_k < K)[None, :, None] & n_mask[None, None, :], other=0.0)
     if EARLY_LOADS:
         bias = _load_bias(b_ptr, offs_n, N, HAS_BIAS)
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()  # the previous kernel's writes (x, the residual, the cache) are visible after this
-        tl.extra.cuda.gdc_launch_dependents()
+    # the previous kernel's (or phase's) writes (x, the residual, the cache) are visible after this
+    sync.wait_for_inputs(USE_PDL, GRID_SYNC, sync_ptr, wait_phase)
     if EARLY_LOADS:  # issued with the first x loads, not after the sum over K
         residual, pos = _load_activations(out_ptr, pos_ptr, rows, offs_n, M, N, stride_om, EPILOGUE)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -265,7 +309,7 @@ def _gemv_kernel(
                 nw = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
             row_ids = tl.arange(0, BLOCK_M)
             for i in tl.static_range(BLOCK_M):
-                row = tl.program_id(1).to(tl.int64) * BLOCK_M + i
+                row = pid_m.to(tl.int64) * BLOCK_M + i
                 in_rows = (row + tl.zeros([BLOCK_K], tl.int64)) < M  # a vector: the interpreter refuses scalar & vector
                 x = tl.load(x_ptr + row * stride_xm + offs_k, mask=k_mask & in_rows, other=0.0).to(tl.float32)
                 if HAS_NORM:
@@ -288,7 +332,7 @@ def _gemv_kernel(
     if not EARLY_LOADS:
         bias = _load_bias(b_ptr, offs_n, N, HAS_BIAS)
         residual, pos = _load_activations(out_ptr, pos_ptr, rows, offs_n, M, N, stride_om, EPILOGUE)
-    _epilogue(acc, rows, offs_n, tl.program_id(0) * BLOCK_N, M, N, bias, residual, pos, out_ptr, stride_om, k_ptr,
+    _epilogue(acc, rows, offs_n, pid_n * BLOCK_N, M, N, bias, residual, pos, out_ptr, stride_om, k_ptr,
               v_ptr, seq_len, head_dim, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
               HAS_BIAS, ACTIVATION, EPILOGUE, ONE_PART)
 

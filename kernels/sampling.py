@@ -20,6 +20,8 @@ import triton.language as tl
 
 from igpt_fast import backend
 
+from . import sync
+
 
 @triton.jit
 def _order_keys(scores):
@@ -59,10 +61,39 @@ def _sample_kernel(
     ADVANCE_POS: tl.constexpr,  # pos[0] += 1 once every program has read it (the last to arrive writes it)
     USE_PDL: tl.constexpr,
 ):
-    if USE_PDL:  # the logits are the previous kernel's output
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    row = tl.program_id(0).to(tl.int64)
+    """One program per row: _sample_row."""
+    _sample_row(tl.program_id(0), tl.num_programs(0), logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, seed_ptr,
+                pos_ptr, out_ids_ptr, sequences_ptr, arrivals_ptr, stride_logits, stride_sequences, V, BLOCK_V, GREEDY,
+                WRITE_SEQUENCES, ADVANCE_POS, USE_PDL, GRID_SYNC=0, sync_ptr=pos_ptr, wait_phase=-1)
+
+
+@triton.jit
+def _sample_row(
+    row,  # which row of logits
+    n_rows,  # B: how many programs count themselves in on arrivals
+    logits_ptr,  # float32 [B, V], row stride stride_logits, columns contiguous
+    temperature_ptr,  # float32 [B]
+    top_k_ptr,  # int32 [B]
+    top_p_ptr,  # float32 [B]
+    seed_ptr,  # int64 [1]: the Philox seed of row 0 (row b uses seed + b)
+    pos_ptr,  # int32 [1]: the decode step t (offsets of the uniforms, and where sequences is written)
+    out_ids_ptr,  # int64 [B]: the chosen token of each row
+    sequences_ptr,  # int64 [B, L], row stride stride_sequences; written at [b, t + 1] if WRITE_SEQUENCES
+    arrivals_ptr,  # int32 [1], zero between launches: with ADVANCE_POS, the programs that have read pos so far
+    stride_logits,
+    stride_sequences,
+    V,
+    BLOCK_V: tl.constexpr,
+    GREEDY: tl.constexpr,
+    WRITE_SEQUENCES: tl.constexpr,
+    ADVANCE_POS: tl.constexpr,  # pos[0] += 1 once every program has read it (the last to arrive writes it)
+    USE_PDL: tl.constexpr,
+    GRID_SYNC: tl.constexpr,  # see sync.wait_for_inputs: 0 in a launch of its own
+    sync_ptr,  # with GRID_SYNC: the persistent launch's sync buffer
+    wait_phase,  # with GRID_SYNC: the phase whose outputs this one reads (< 0: already waited for)
+):
+    sync.wait_for_inputs(USE_PDL, GRID_SYNC, sync_ptr, wait_phase)  # the logits are the previous kernel's output
+    row = row.to(tl.int64)
     cols = tl.arange(0, BLOCK_V)
     in_row = cols < V
     logits = tl.load(logits_ptr + row * stride_logits + cols, mask=in_row, other=float("-inf"))
@@ -116,7 +147,7 @@ def _sample_kernel(
         # advances it for the next step and leaves the counter zero for the next launch.
         tl.debug_barrier()
         arrived = tl.atomic_add(arrivals_ptr, 1, sem="acq_rel", scope="gpu")
-        if arrived == tl.num_programs(0) - 1:
+        if arrived == n_rows - 1:
             tl.store(pos_ptr, pos + 1)
             tl.atomic_xchg(arrivals_ptr, 0, sem="relaxed", scope="gpu")
 
