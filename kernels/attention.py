@@ -108,8 +108,8 @@ def _prefill_attention_kernel(
     pid_bh = tl.program_id(0)
     # Heaviest query blocks (most keys under the causal mask) are scheduled first.
     block_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = (pid_bh // n_head).to(tl.int64)  # int64: the cache behind the views can exceed 2^31 elements
-    h = (pid_bh % n_head).to(tl.int64)
+    b = tl.cast(pid_bh // n_head, tl.int64)  # int64: the cache behind the views can exceed 2^31 elements
+    h = tl.cast(pid_bh % n_head, tl.int64)
     q_ptr += b * stride_qb + h * stride_qh
     k_ptr += b * stride_kb + h * stride_kh
     v_ptr += b * stride_vb + h * stride_vh
@@ -258,8 +258,8 @@ def _decode_program(
     sync_ptr,  # with GRID_SYNC: the persistent launch's sync buffer
     wait_phase,  # with GRID_SYNC: the phase whose outputs this one reads (< 0: already waited for)
 ):
-    b = (pid_bh // n_head).to(tl.int64)
-    h = (pid_bh % n_head).to(tl.int64)
+    b = tl.cast(pid_bh // n_head, tl.int64)
+    h = tl.cast(pid_bh % n_head, tl.int64)
     k_ptr += b * stride_kb + h * stride_kh
     v_ptr += b * stride_vb + h * stride_vh
     offs_d = tl.arange(0, BLOCK_D)

@@ -55,7 +55,7 @@ def _embed_row(
 ):
     """Row `row` of out."""
     sync.wait_for_inputs(USE_PDL, GRID_SYNC, sync_ptr, wait_phase)  # ids and pos come from the previous step
-    row = row.to(tl.int64)
+    row = tl.cast(row, tl.int64)
     token = tl.load(ids_ptr + row * stride_ids).to(tl.int64)
     position = tl.load(pos_ptr).to(tl.int64) + row % seq_len
     offs = tl.arange(0, BLOCK_D)

@@ -274,7 +274,7 @@ def _gemv_program(
     """
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.cast(pid_m, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     offs_k = tl.arange(0, BLOCK_K)
     w_next = tl.load(w_ptr + offs_k[None, :, None] * stride_wk + offs_n[None, None, :] * stride_wn,
@@ -309,7 +309,7 @@ def _gemv_program(
                 nw = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
             row_ids = tl.arange(0, BLOCK_M)
             for i in tl.static_range(BLOCK_M):
-                row = pid_m.to(tl.int64) * BLOCK_M + i
+                row = tl.cast(pid_m, tl.int64) * BLOCK_M + i
                 in_rows = (row + tl.zeros([BLOCK_K], tl.int64)) < M  # a vector: the interpreter refuses scalar & vector
                 x = tl.load(x_ptr + row * stride_xm + offs_k, mask=k_mask & in_rows, other=0.0).to(tl.float32)
                 if HAS_NORM:
@@ -378,7 +378,7 @@ def _dot_kernel(
     pid_m = first_m + (pid % group_size) % group_m
     pid_n = (pid % group_size) // group_m
 
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.cast(pid_m, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < M
     if EARLY_LOADS:
@@ -427,13 +427,15 @@ def _choose_path(M: int, path: str | None) -> str:
     return "gemv" if M <= _GEMV_MAX_M else "dot"
 
 
-def _gemv_config(M: int, N: int, K: int) -> dict:
+def _gemv_config(M: int, N: int, K: int, target_programs: int | None = None) -> dict:
     if _GEMV_PREFETCH not in (1, 2):  # the kernel rotates one or two blocks; any other depth would skip blocks
         raise ValueError(f"_GEMV_PREFETCH must be 1 or 2, got {_GEMV_PREFETCH!r}")
     block_m = min(triton.next_power_of_2(M), _GEMV_MAX_M)
     row_blocks = triton.cdiv(M, block_m)
-    # Column stripes: enough of them that about _TARGET_PROGRAMS programs each stream a disjoint part of W.
-    block_n = min(max(triton.next_power_of_2(triton.cdiv(N * row_blocks, _TARGET_PROGRAMS)), _GEMV_MIN_BLOCK_N), 128)
+    # Column stripes: enough of them that about _TARGET_PROGRAMS programs (or target_programs: one persistent
+    # launch's grid) each stream a disjoint part of W.
+    target_programs = target_programs or _TARGET_PROGRAMS
+    block_n = min(max(triton.next_power_of_2(triton.cdiv(N * row_blocks, target_programs)), _GEMV_MIN_BLOCK_N), 128)
     row_loop = _GEMV_ROW_LOOP and block_m > 1
     product_rows = 1 if row_loop else block_m  # rows of x multiplied by a W block at once
     block_k = min(max(_GEMV_TILE // (product_rows * block_n), 16), max(triton.next_power_of_2(K), 16))

@@ -93,7 +93,7 @@ def _sample_row(
     wait_phase,  # with GRID_SYNC: the phase whose outputs this one reads (< 0: already waited for)
 ):
     sync.wait_for_inputs(USE_PDL, GRID_SYNC, sync_ptr, wait_phase)  # the logits are the previous kernel's output
-    row = row.to(tl.int64)
+    row = tl.cast(row, tl.int64)
     cols = tl.arange(0, BLOCK_V)
     in_row = cols < V
     logits = tl.load(logits_ptr + row * stride_logits + cols, mask=in_row, other=float("-inf"))
