@@ -258,7 +258,7 @@ def decode_step(*, ids, pos, wte, wpe, layers: dict, ln_f, lm_head_w, qk_scale_l
     if not isinstance(layers, dict) or set(layers) != set(LAYER_WEIGHTS):
         _fail(f"layers must be a dict of {LAYER_WEIGHTS}, got {sorted(layers) if isinstance(layers, dict) else layers}")
     inner = layers["c_fc_b"].shape[-1] if isinstance(layers["c_fc_b"], torch.Tensor) else -1
-    n_clusters = lm_head_w.shape[0] if isinstance(lm_head_w, torch.Tensor) else -1
+    n_clusters = logits.shape[-1] if isinstance(logits, torch.Tensor) else -1
     shapes = {"ln_1": (n_layer, d), "c_attn_w": (n_layer, 3 * d, d), "c_attn_b": (n_layer, 3 * d),
               "attn_proj_w": (n_layer, d, d), "attn_proj_b": (n_layer, d), "ln_2": (n_layer, d),
               "c_fc_w": (n_layer, inner, d), "c_fc_b": (n_layer, inner), "mlp_proj_w": (n_layer, d, inner),
