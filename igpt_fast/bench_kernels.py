@@ -52,6 +52,8 @@ GEMV_BATCHES, DOT_BATCHES, ALL_BATCHES = range(1, 17), range(17, 257), range(1, 
 # (2026-11-27) and so left out: the weight layout, _TARGET_PROGRAMS, _GEMV_TILE below 8192 and _GEMV_MIN_BLOCK_N
 # above 8 (see their comments).
 SWEEPS = (
+    # The one-launch decode step against the separate launches (decode steps only; batches of the GEMV path)
+    Sweep("igpt_fast.decoder", "PERSISTENT_DECODE", (False, True), (), GEMV_BATCHES),
     Sweep("igpt_fast.kernels.linear", "_GEMV_ROW_LOOP", (False, True), _LINEAR_CASES, range(2, 17)),
     Sweep("igpt_fast.kernels.linear", "_EARLY_LOADS", (True, False), _LINEAR_CASES, ALL_BATCHES),
     Sweep("igpt_fast.kernels.linear", "_DOT_SMALL_TILE_BLOCK_K", (64, 128, 256), _LINEAR_CASES, DOT_BATCHES),

@@ -136,19 +136,19 @@ def _decode_step_kernel(
     stride_cache_kv = B * n_head * max_len * HEAD_DIM
     for layer in range(n_layer):
         phase = 5 * layer  # the phase this layer's first reads (embed, or the previous layer's mlp c_proj)
-        k_ptr = cache_ptr + tl.cast(2 * layer, tl.int64) * stride_cache_kv
+        at = tl.cast(layer, tl.int64)  # 64-bit offsets: a large model's stacked weights or cache pass 2^31
+        k_ptr = cache_ptr + 2 * at * stride_cache_kv
         v_ptr = k_ptr + stride_cache_kv
-        ln_1 = ln_1_ptr + layer * d
-        _gemv_phase(pid, programs, phase, sync_ptr, x_ptr, ln_1, c_attn_w_ptr + tl.cast(layer, tl.int64) * 3 * d * d,
-                    c_attn_b_ptr + layer * 3 * d, q_ptr, k_ptr, v_ptr, pos_ptr, B, 3 * d, d, d, eps,
+        ln_1, ln_2 = ln_1_ptr + at * d, ln_2_ptr + at * d
+        _gemv_phase(pid, programs, phase, sync_ptr, x_ptr, ln_1, c_attn_w_ptr + at * 3 * d * d,
+                    c_attn_b_ptr + at * 3 * d, q_ptr, k_ptr, v_ptr, pos_ptr, B, 3 * d, d, d, eps,
                     HEAD_DIM, n_head * max_len * HEAD_DIM, max_len * HEAD_DIM, HEAD_DIM,
                     True, None, "qkv", QKV_ONE_PART, BLOCK_M, QKV_BLOCK_N, QKV_BLOCK_K, PREFETCH, ROW_LOOP,
                     EARLY_LOADS, GRID_SYNC)
-        qk_scale_log2 = tl.load(qk_scale_log2_ptr + layer)
+        qk_scale_log2 = tl.load(qk_scale_log2_ptr + at)
         for item in range(pid, B * n_head * NUM_SPLITS, programs):
-            bh = item // NUM_SPLITS
-            _decode_program(bh, item % NUM_SPLITS, q_ptr, k_ptr, v_ptr, pos_ptr, attn_ptr, part_out_ptr,
-                            part_lse_ptr, arrived_ptr, n_head * HEAD_DIM, HEAD_DIM,
+            _decode_program(item // NUM_SPLITS, item % NUM_SPLITS, q_ptr, k_ptr, v_ptr, pos_ptr, attn_ptr,
+                            part_out_ptr, part_lse_ptr, arrived_ptr, n_head * HEAD_DIM, HEAD_DIM,
                             n_head * max_len * HEAD_DIM, max_len * HEAD_DIM, HEAD_DIM,
                             n_head * max_len * HEAD_DIM, max_len * HEAD_DIM, HEAD_DIM,
                             n_head * HEAD_DIM, HEAD_DIM, n_head, max_len, qk_scale_log2, HEAD_DIM, ATT_BLOCK_D,
@@ -156,18 +156,16 @@ def _decode_step_kernel(
                             ATT_PREFETCH,  # pos and the keys before t are final for the whole launch
                             GRID_SYNC=GRID_SYNC, sync_ptr=sync_ptr, wait_phase=tl.where(item == pid, phase + 1, -1))
         sync.grid_arrive(sync_ptr, phase + 2)
-        _gemv_phase(pid, programs, phase + 2, sync_ptr, attn_ptr, ln_1, attn_proj_w_ptr + tl.cast(layer, tl.int64) * d * d,
-                    attn_proj_b_ptr + layer * d, x_ptr, x_ptr, x_ptr, pos_ptr, B, d, d, d, eps, 1, 0, 0, 0,
+        _gemv_phase(pid, programs, phase + 2, sync_ptr, attn_ptr, ln_1, attn_proj_w_ptr + at * d * d,
+                    attn_proj_b_ptr + at * d, x_ptr, x_ptr, x_ptr, pos_ptr, B, d, d, d, eps, 1, 0, 0, 0,
                     False, None, "residual", False, BLOCK_M, O_BLOCK_N, O_BLOCK_K, PREFETCH, ROW_LOOP, EARLY_LOADS,
                     GRID_SYNC)
-        _gemv_phase(pid, programs, phase + 3, sync_ptr, x_ptr, ln_2_ptr + layer * d,
-                    c_fc_w_ptr + tl.cast(layer, tl.int64) * inner * d, c_fc_b_ptr + layer * inner, hidden_ptr, x_ptr, x_ptr,
-                    pos_ptr, B, inner, d, inner, eps, 1, 0, 0, 0,
+        _gemv_phase(pid, programs, phase + 3, sync_ptr, x_ptr, ln_2, c_fc_w_ptr + at * inner * d,
+                    c_fc_b_ptr + at * inner, hidden_ptr, x_ptr, x_ptr, pos_ptr, B, inner, d, inner, eps, 1, 0, 0, 0,
                     True, "quick_gelu", "store", False, BLOCK_M, FC_BLOCK_N, FC_BLOCK_K, PREFETCH, ROW_LOOP,
                     EARLY_LOADS, GRID_SYNC)
-        _gemv_phase(pid, programs, phase + 4, sync_ptr, hidden_ptr, ln_2_ptr,
-                    mlp_proj_w_ptr + tl.cast(layer, tl.int64) * d * inner, mlp_proj_b_ptr + layer * d, x_ptr, x_ptr, x_ptr,
-                    pos_ptr, B, d, inner, d, eps, 1, 0, 0, 0,
+        _gemv_phase(pid, programs, phase + 4, sync_ptr, hidden_ptr, ln_2, mlp_proj_w_ptr + at * d * inner,
+                    mlp_proj_b_ptr + at * d, x_ptr, x_ptr, x_ptr, pos_ptr, B, d, inner, d, eps, 1, 0, 0, 0,
                     False, None, "residual", False, BLOCK_M, PROJ_BLOCK_N, PROJ_BLOCK_K, PREFETCH, ROW_LOOP,
                     EARLY_LOADS, GRID_SYNC)
     last = 5 * n_layer
@@ -211,6 +209,12 @@ def default_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1
+
+
+def grid_sync_mode(device: torch.device):
+    """How barriers read their counters: plain acquire loads on a GPU, acquire atomics under the interpreter (which
+    cannot run inline PTX)."""
+    return sync.ACQUIRE_LOAD if device.type == "cuda" else sync.ACQUIRE_ATOMIC
 
 
 def attention_splits(batch: int, n_head: int, max_len: int, programs: int) -> int:
@@ -314,6 +318,6 @@ def decode_step(*, ids, pos, wte, wpe, layers: dict, ln_f, lm_head_w, qk_scale_l
         ATT_PREFETCH=attention._DECODE_PREFETCH, PER_LANE=attention._DECODE_PER_LANE_SOFTMAX,
         BLOCK_V=triton.next_power_of_2(n_clusters), GREEDY=greedy,
         PHASE_BLOCK=triton.next_power_of_2(num_phases(n_layer)),
-        GRID_SYNC=sync.ACQUIRE_ATOMIC if backend.triton_interpreter_on() else sync.ACQUIRE_LOAD,
+        GRID_SYNC=grid_sync_mode(device),
         num_warps=num_warps, enable_fp_fusion=backend.FP_FUSION,
     )

@@ -2,10 +2,11 @@
 
 The interpreter proves the kernels' math on the CPU but not that they compile. This script runs the real engine
 (prefill, decode steps, sampling) at imagegpt-small shapes (with and without programmatic dependent launch), a
-96-wide-head config and the shipped demo model, with every launch recorded instead of run (JITFunction.run
-patched), then compiles each distinct launch (same constexprs, argument types, 16-byte alignment and unit ints as
-the launch would specialize on) with triton.compile for sm_90, and checks shared memory and, from ptxas's log
-(a fresh Triton cache, so ptxas runs for every variant), that no variant spills registers to local memory.
+96-wide-head config, the shipped demo model and the one-launch decode step (decoder.PERSISTENT_DECODE), with
+every launch recorded instead of run (JITFunction.run patched), then compiles each distinct launch (same
+constexprs, argument types, 16-byte alignment and unit ints as the launch would specialize on) with triton.compile
+for sm_90, and checks shared memory and, from ptxas's log (a fresh Triton cache, so ptxas runs for every variant),
+that no variant spills registers to local memory.
 Run by tests/test_sm90_compile.py in a subprocess, because kernels must be imported with TRITON_INTERPRET=0.
 
     python tests/sm90_compile_check.py            # prints one line per variant, exits 1 on any failure
@@ -37,7 +38,7 @@ from igpt_fast.bench_kernels import SWEEPS, heuristic  # noqa: E402
 from igpt_fast.checkpoint import expected_shapes  # noqa: E402
 from igpt_fast.decoder import PackedWeights, StaticDecoder  # noqa: E402
 from igpt_fast.demo import demo_model_path  # noqa: E402
-from igpt_fast.kernels import clusters  # noqa: E402
+from igpt_fast.kernels import clusters, persistent  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 H100_SHARED_MEMORY = 227 * 1024
@@ -91,6 +92,13 @@ ENGINE_CASES = [(ImageGPTConfig.small(), (1, 8, 64), (torch.float16, torch.float
                 (ImageGPTConfig.medium(n_layer=1), (1, 8, 64), (torch.float16, torch.float32), True),
                 (ImageGPTConfig.large(n_layer=1), (1, 8, 64), (torch.float16, torch.float32), True),
                 (ImageGPTConfig(n_embd=512, n_head=2, n_layer=1), (1, 8), (torch.float16, torch.float32), True)]
+# The one-launch decode step (decoder.PERSISTENT_DECODE, off by default) at the batches it takes: imagegpt-small in
+# every dtype, and one layer of imagegpt-medium and -large.
+PERSISTENT_CASES = [(ImageGPTConfig.small(), (1, 8, 16), (torch.float16,), True),
+                    (ImageGPTConfig.small(), (1,), (torch.float32, torch.bfloat16), True),
+                    (ImageGPTConfig.medium(n_layer=1), (1,), (torch.float16,), True),
+                    (ImageGPTConfig.large(n_layer=1), (8,), (torch.float16,), True)]
+H100_SMS = 132  # the persistent step's grid: one program per SM
 # Where the sweep times its alternatives (bench_kernels.SWEEPS): imagegpt-small, fp16, with PDL.
 SWEEP_CASES = [(ImageGPTConfig.small(), (1, 8, 64), (torch.float16,), True)]
 
@@ -103,6 +111,8 @@ def record_engine_launches(cases) -> dict:
         launches.setdefault(key, variant)
 
     triton.runtime.JITFunction.run = record
+    persistent.default_programs = lambda device: H100_SMS
+    persistent.grid_sync_mode = lambda device: persistent.sync.ACQUIRE_LOAD  # a GPU's, not the interpreter's
     # The launchers accept CPU tensors only under the interpreter; nothing runs here, so let them through.
     for module in [m for name, m in sys.modules.items() if name.startswith("igpt_fast")]:
         for check in ("use_triton", "triton_interpreter_on"):
@@ -173,6 +183,9 @@ def main(argv: list[str]) -> int:
                         "(each value of bench_kernels.SWEEPS, imagegpt-small fp16): none may fail or spill")
     args = parser.parse_args(argv)
     launches = record_engine_launches(ENGINE_CASES)
+    with heuristic("igpt_fast.decoder", "PERSISTENT_DECODE", True):
+        for key, variant in record_engine_launches(PERSISTENT_CASES).items():
+            launches.setdefault(key, variant)
     if args.sweeps:
         for sweep in SWEEPS:
             for value in sweep.values:
