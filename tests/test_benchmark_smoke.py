@@ -39,6 +39,21 @@ def smoke_run(tmp_path_factory):
     return out, code, printed.getvalue()
 
 
+@pytest.mark.parametrize("backend, batch", [("triton", 1), ("torch", 1), ("triton", 32)])
+def test_the_one_launch_engine_runs_on_the_triton_kernels_at_batches_up_to_16(backend, batch, tmp_path):
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = benchmark.main(["--sizes", "smoke", "--device", "cpu", "--backend", backend, "--systems",
+                               bench_measure.ENGINE_ONE_LAUNCH, "--tasks", "generate", "--batches", str(batch),
+                               "--out", str(tmp_path)])
+    assert code == 0
+    (row,) = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert row["system"] == bench_measure.ENGINE_ONE_LAUNCH and row["batch"] == batch
+    if backend == "triton" and batch <= 16:
+        assert row["status"] == "ok" and row["ms"] > 0, row
+    else:
+        assert row["status"] == "skipped" and row["note"] == "Triton kernels and batches <= 16 only", row
+
+
 def test_smoke_run_measures_every_system_and_task(smoke_run):
     out, code, _ = smoke_run
     assert code == 0
