@@ -9,9 +9,11 @@ Per decode step, per layer (5 launches):
     norm_linear      ln_2 -> c_fc -> bias -> quick_gelu (the "layernorm-GELU" kernel)
     linear_residual  x += h @ mlp.c_proj + b
 plus embed before the layers and norm_linear (ln_f -> lm_head, float32 logits) and sample_tokens (which also
-advances pos, its last program writing pos + 1) after them: nothing but Triton kernels. On sm_90+ they are
-launched with programmatic dependent launch (igpt_fast.backend.use_pdl), and the captured graph keeps those
-launches' programmatic edges, so each kernel's launch and first weight reads overlap the previous kernel.
+advances pos, its last program writing pos + 1) after them: nothing but Triton kernels. (With PERSISTENT_DECODE,
+a bucket of at most 16 rows runs the same sequence as phases of one persistent launch: kernels/persistent.py.)
+On sm_90+ they are launched with programmatic dependent launch (igpt_fast.backend.use_pdl), and the captured graph
+keeps those launches' programmatic edges, so each kernel's launch and first weight reads overlap the previous
+kernel.
 """
 
 from __future__ import annotations

@@ -52,15 +52,16 @@ def grid_wait(sync_ptr, phase, GRID_SYNC: tl.constexpr):
     """Wait until every program of this 1-D grid arrived at `phase`, or give up after the spin limit (flagged)."""
     counter_ptr = sync_ptr + PHASES + phase
     programs = tl.num_programs(0)
-    if tl.load(sync_ptr + ERROR, volatile=True) == 0:
-        limit = tl.load(sync_ptr + SPIN_LIMIT)
-        spins = 0
+    # Three independent loads, in flight together: the barrier costs one round trip when it is already complete
+    error = tl.load(sync_ptr + ERROR, volatile=True)
+    limit = tl.load(sync_ptr + SPIN_LIMIT)
+    arrived = _arrivals(counter_ptr, GRID_SYNC)
+    spins = 0
+    while (arrived < programs) & (error == 0) & (spins < limit):
+        spins += 1
         arrived = _arrivals(counter_ptr, GRID_SYNC)
-        while (arrived < programs) & (spins < limit):
-            spins += 1
-            arrived = _arrivals(counter_ptr, GRID_SYNC)
-        if arrived < programs:
-            tl.store(sync_ptr + ERROR, 1)
+    if (arrived < programs) & (error == 0):
+        tl.store(sync_ptr + ERROR, 1)
 
 
 @triton.jit
