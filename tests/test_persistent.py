@@ -143,12 +143,12 @@ def test_gpu_fp32_greedy_equals_reference_over_a_whole_image(small_weights, pers
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("batch", [1, 8, 16])
+@pytest.mark.parametrize("batch", [1, 8])
 def test_gpu_captured_steps_sample_what_eager_steps_sample(batch, small_weights, persistent_decode):
     """The persistent kernel in CUDA graphs against the same kernel launched eagerly: the same tokens, and no
     launch gave up at a barrier (generate would raise)."""
     context = torch.full((batch, 1), SMALL.sos_token_id, device="cuda")
-    kwargs = dict(max_new_tokens=200, do_sample=True, seed=3, top_k=40)
+    kwargs = dict(max_new_tokens=128, do_sample=True, seed=3, top_k=40)
     graphed = ImageGPT(SMALL, small_weights, device="cuda", dtype=torch.float16)
     eager = ImageGPT(SMALL, small_weights, device="cuda", dtype=torch.float16, use_cuda_graphs=False)
     out = graphed.generate(context, **kwargs)
