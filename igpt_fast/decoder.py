@@ -166,6 +166,9 @@ class StaticDecoder:
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda" and backend == "triton"
         self.states: dict[int, BucketState] = {}
         self._graph_pool = None
+        # int64 [programs, persistent.timing_slots(n_layer)] or None: where a persistent step stamps its phases'
+        # times (benchmarks/profile_step.py --one-launch; read at launch, so set it before steps are captured)
+        self.phase_timing = None
 
     # ---- memory ----
     def bucket_bytes(self, batch: int) -> int:
@@ -332,7 +335,7 @@ class StaticDecoder:
                 qk_scale_log2=w.qk_scale_log2, kv_cache=s.kv_cache, x=s.x, q=s.q, attn=s.attn, hidden=s.hidden,
                 logits=s.logits, workspace=s.workspace, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                 seed=s.seed, sequences=s.sequences, sync_buffer=s.sync, eps=c.layer_norm_epsilon, greedy=greedy,
-                work_programs=PERSISTENT_WORK_PROGRAMS)
+                work_programs=PERSISTENT_WORK_PROGRAMS, timing=self.phase_timing)
             return
         B, H, D, eps = s.batch, c.n_head, c.head_dim, c.layer_norm_epsilon
         ops.embed(s.ids, w.wte, w.wpe, s.pos, seq_len=1, out=s.x)

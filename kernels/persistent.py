@@ -50,6 +50,20 @@ def num_phases(n_layer: int) -> int:
     return 5 * n_layer + 2
 
 
+def timing_slots(n_layer: int) -> int:
+    """Time stamps a program takes with phase timing: the start, then as each phase is done (sampling included)."""
+    return 5 * n_layer + 4
+
+
+def phase_spans(timing: torch.Tensor) -> torch.Tensor:
+    """Each phase's span in nanoseconds, from one launch's stamps [programs, timing_slots]: from the moment the
+    last program finished the phase before (for the first, from the first program's start) to the moment the last
+    program finished this one: the step's critical path, phase by phase (on the device: no sync)."""
+    done = timing[:, 1:].amax(dim=0)
+    before = torch.cat([timing[:, :1].amin(dim=0), done[:-1]])
+    return (done - before).double()
+
+
 def sync_buffer(n_layer: int, device) -> torch.Tensor:
     """The int32 sync buffer of a persistent step (see kernels/sync.py), ready for a launch."""
     buffer = torch.zeros(sync.PHASES.value + num_phases(n_layer), dtype=torch.int32, device=device)
@@ -66,6 +80,12 @@ def reset_sync(buffer: torch.Tensor) -> None:
 def launch_failed(buffer: torch.Tensor) -> bool:
     """Whether a launch since the last reset_sync gave up at a barrier (reads the device: a host sync)."""
     return bool(buffer[sync.ERROR.value].item())
+
+
+@triton.jit
+def _stamp(timing_ptr, pid, slots, slot, TIMING: tl.constexpr):
+    if TIMING:
+        tl.store(timing_ptr + pid * slots + slot, tl.extra.cuda.globaltimer())
 
 
 @triton.jit
@@ -109,6 +129,7 @@ def _decode_step_kernel(
     sequences_ptr,  # int64 [B, n_positions + 1]
     stride_sequences,
     sync_ptr,  # int32: kernels/sync.py's buffer
+    timing_ptr,  # with TIMING: int64 [programs, timing_slots(n_layer)], each program's %globaltimer at each stamp
     B, n_layer, d, inner, n_clusters, n_head, max_len, eps,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -124,14 +145,18 @@ def _decode_step_kernel(
     BLOCK_V: tl.constexpr, GREEDY: tl.constexpr,
     PHASE_BLOCK: tl.constexpr,  # >= the number of phases
     GRID_SYNC: tl.constexpr,  # sync.ACQUIRE_ATOMIC or sync.ACQUIRE_LOAD
+    TIMING: tl.constexpr,  # stamp the time at the start and as each phase is done (a GPU's %globaltimer)
 ):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
+    slots = 5 * n_layer + 4
+    _stamp(timing_ptr, pid, slots, 0, TIMING)
     # Phase 0: embed (its inputs are the previous step's: no wait)
     for row in range(pid, B, programs):
         _embed_row(row, ids_ptr, wte_ptr, wpe_ptr, pos_ptr, x_ptr, 1, d, 1, d, EMBED_BLOCK, False,
                    GRID_SYNC=GRID_SYNC, sync_ptr=sync_ptr, wait_phase=-1)
     sync.grid_arrive(sync_ptr, 0)
+    _stamp(timing_ptr, pid, slots, 1, TIMING)
 
     stride_cache_kv = B * n_head * max_len * HEAD_DIM
     for layer in range(n_layer):
@@ -145,6 +170,7 @@ def _decode_step_kernel(
                     HEAD_DIM, n_head * max_len * HEAD_DIM, max_len * HEAD_DIM, HEAD_DIM,
                     True, None, "qkv", QKV_ONE_PART, BLOCK_M, QKV_BLOCK_N, QKV_BLOCK_K, PREFETCH, ROW_LOOP,
                     EARLY_LOADS, GRID_SYNC)
+        _stamp(timing_ptr, pid, slots, phase + 2, TIMING)
         qk_scale_log2 = tl.load(qk_scale_log2_ptr + at)
         for item in range(pid, B * n_head * NUM_SPLITS, programs):
             _decode_program(item // NUM_SPLITS, item % NUM_SPLITS, q_ptr, k_ptr, v_ptr, pos_ptr, attn_ptr,
@@ -156,27 +182,33 @@ def _decode_step_kernel(
                             ATT_PREFETCH,  # pos and the keys before t are final for the whole launch
                             GRID_SYNC=GRID_SYNC, sync_ptr=sync_ptr, wait_phase=tl.where(item == pid, phase + 1, -1))
         sync.grid_arrive(sync_ptr, phase + 2)
+        _stamp(timing_ptr, pid, slots, phase + 3, TIMING)
         _gemv_phase(pid, programs, phase + 2, sync_ptr, attn_ptr, ln_1, attn_proj_w_ptr + at * d * d,
                     attn_proj_b_ptr + at * d, x_ptr, x_ptr, x_ptr, pos_ptr, B, d, d, d, eps, 1, 0, 0, 0,
                     False, None, "residual", False, BLOCK_M, O_BLOCK_N, O_BLOCK_K, PREFETCH, ROW_LOOP, EARLY_LOADS,
                     GRID_SYNC)
+        _stamp(timing_ptr, pid, slots, phase + 4, TIMING)
         _gemv_phase(pid, programs, phase + 3, sync_ptr, x_ptr, ln_2, c_fc_w_ptr + at * inner * d,
                     c_fc_b_ptr + at * inner, hidden_ptr, x_ptr, x_ptr, pos_ptr, B, inner, d, inner, eps, 1, 0, 0, 0,
                     True, "quick_gelu", "store", False, BLOCK_M, FC_BLOCK_N, FC_BLOCK_K, PREFETCH, ROW_LOOP,
                     EARLY_LOADS, GRID_SYNC)
+        _stamp(timing_ptr, pid, slots, phase + 5, TIMING)
         _gemv_phase(pid, programs, phase + 4, sync_ptr, hidden_ptr, ln_2, mlp_proj_w_ptr + at * d * inner,
                     mlp_proj_b_ptr + at * d, x_ptr, x_ptr, x_ptr, pos_ptr, B, d, inner, d, eps, 1, 0, 0, 0,
                     False, None, "residual", False, BLOCK_M, PROJ_BLOCK_N, PROJ_BLOCK_K, PREFETCH, ROW_LOOP,
                     EARLY_LOADS, GRID_SYNC)
+        _stamp(timing_ptr, pid, slots, phase + 6, TIMING)
     last = 5 * n_layer
     _gemv_phase(pid, programs, last, sync_ptr, x_ptr, ln_f_ptr, lm_head_w_ptr, ln_f_ptr, logits_ptr, x_ptr, x_ptr,
                 pos_ptr, B, n_clusters, d, n_clusters, eps, 1, 0, 0, 0,
                 True, None, "store", False, BLOCK_M, HEAD_BLOCK_N, HEAD_BLOCK_K, PREFETCH, ROW_LOOP, EARLY_LOADS,
                 GRID_SYNC, HAS_BIAS=False)
+    _stamp(timing_ptr, pid, slots, last + 2, TIMING)
     for row in range(pid, B, programs):
         _sample_row(row, B, logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, seed_ptr, pos_ptr, ids_ptr,
                     sequences_ptr, sync_ptr, n_clusters, stride_sequences, n_clusters, BLOCK_V, GREEDY, True, False,
                     False, GRID_SYNC=GRID_SYNC, sync_ptr=sync_ptr, wait_phase=tl.where(row == pid, last + 1, -1))
+    _stamp(timing_ptr, pid, slots, last + 3, TIMING)
 
     # The last program out (every other one is past its last wait) advances pos and readies the buffer.
     tl.debug_barrier()
@@ -227,7 +259,8 @@ def attention_splits(batch: int, n_head: int, max_len: int, programs: int) -> in
 
 def decode_step(*, ids, pos, wte, wpe, layers: dict, ln_f, lm_head_w, qk_scale_log2, kv_cache, x, q, attn, hidden,
                 logits, workspace, temperature, top_k, top_p, seed, sequences, sync_buffer, eps: float,
-                greedy: bool, programs: int | None = None, work_programs: int | None = None) -> None:
+                greedy: bool, programs: int | None = None, work_programs: int | None = None,
+                timing: torch.Tensor | None = None) -> None:
     """One decode step of every sequence in one launch: feed ids at pos, write the next token to ids and to
     sequences[:, pos + 1], advance pos, as the engine's separate launches do (decoder.StaticDecoder._decode_step).
 
@@ -237,9 +270,11 @@ def decode_step(*, ids, pos, wte, wpe, layers: dict, ln_f, lm_head_w, qk_scale_l
     sync_buffer from sync_buffer(L); the rest as sample_tokens takes them. programs: the grid (default
     default_programs); work_programs: the grid the work is cut for (default programs; more cuts finer, and each
     program then takes several items a phase: how the tests exercise multi-item phases and split merges on the
-    interpreter's one-program grid). Every tensor contiguous, the float ones
-    in wte's dtype. B <= MAX_BATCH. No allocation, no host sync: safe to capture. After a launch that could not
-    keep its grid resident, launch_failed(sync_buffer) is true and the step's outputs are garbage.
+    interpreter's one-program grid). timing: int64 [programs, timing_slots(L)], or None: each program stamps
+    the GPU's %globaltimer (ns) there at the start and as each phase is done (phase_spans reads them; a GPU only).
+    Every tensor contiguous, the float ones in wte's dtype. B <= MAX_BATCH. No allocation, no host sync: safe to
+    capture. After a launch that could not keep its grid resident, launch_failed(sync_buffer) is true and the
+    step's outputs are garbage.
     """
     if not isinstance(greedy, bool):
         _fail(f"greedy must be a bool, got {greedy!r}")
@@ -290,6 +325,10 @@ def decode_step(*, ids, pos, wte, wpe, layers: dict, ln_f, lm_head_w, qk_scale_l
     for name, value in (("programs", programs), ("work_programs", work_programs)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             _fail(f"{name} must be a positive int, got {value!r}")
+    if timing is not None:
+        if grid_sync_mode(device) != sync.ACQUIRE_LOAD:
+            _fail("timing reads the GPU's %globaltimer: it needs CUDA tensors")
+        _check("timing", timing, (programs, timing_slots(n_layer)), torch.int64, device)
     num_splits = attention_splits(batch, n_head, max_len, work_programs)
     rows = batch * n_head * num_splits
     if num_splits > 1 and workspace.numel() < rows * (head_dim + 1) + batch * n_head:
@@ -308,6 +347,7 @@ def decode_step(*, ids, pos, wte, wpe, layers: dict, ln_f, lm_head_w, qk_scale_l
         workspace[: rows * head_dim], workspace[rows * head_dim: rows * (head_dim + 1)],
         workspace[workspace.numel() - batch * n_head:].view(torch.int32) if num_splits > 1 else workspace,
         temperature, top_k, top_p, seed, sequences, sequences.stride(0), sync_buffer,
+        timing if timing is not None else sync_buffer,
         batch, n_layer, d, inner, n_clusters, n_head, max_len, float(eps),
         HEAD_DIM=head_dim, BLOCK_M=gemv["QKV"]["BLOCK_M"], EMBED_BLOCK=triton.next_power_of_2(d),
         QKV_ONE_PART=d % gemv["QKV"]["BLOCK_N"] == 0, **blocks,
@@ -319,5 +359,6 @@ def decode_step(*, ids, pos, wte, wpe, layers: dict, ln_f, lm_head_w, qk_scale_l
         BLOCK_V=triton.next_power_of_2(n_clusters), GREEDY=greedy,
         PHASE_BLOCK=triton.next_power_of_2(num_phases(n_layer)),
         GRID_SYNC=grid_sync_mode(device),
+        TIMING=timing is not None,
         num_warps=num_warps, enable_fp_fusion=backend.FP_FUSION,
     )

@@ -98,12 +98,14 @@ PERSISTENT_CASES = [(ImageGPTConfig.small(), (1, 8, 16), (torch.float16,), True)
                     (ImageGPTConfig.small(), (1,), (torch.float32, torch.bfloat16), True),
                     (ImageGPTConfig.medium(n_layer=1), (1,), (torch.float16,), True),
                     (ImageGPTConfig.large(n_layer=1), (8,), (torch.float16,), True)]
+PHASE_TIMING_CASES = [(ImageGPTConfig.small(), (1,), (torch.float16,), True)]  # profile_step.py --one-launch's
 H100_SMS = 132  # the persistent step's grid: one program per SM
 # Where the sweep times its alternatives (bench_kernels.SWEEPS): imagegpt-small, fp16, with PDL.
 SWEEP_CASES = [(ImageGPTConfig.small(), (1, 8, 64), (torch.float16,), True)]
 
 
-def record_engine_launches(cases) -> dict:
+def record_engine_launches(cases, phase_timing: bool = False) -> dict:
+    """Every distinct launch of the engine on `cases`; with phase_timing, the one-launch step's timing variant."""
     launches: dict = {}
 
     def record(fn, *args, grid, warmup, **kwargs):  # stands in for JITFunction.run: `kernel[grid](...)`
@@ -128,6 +130,9 @@ def record_engine_launches(cases) -> dict:
             # Built by hand: ImageGPT refuses bfloat16 on the CPU, where the interpreter would have to run it.
             model.decoder = StaticDecoder(config, PackedWeights.pack(config, state, dtype, torch.device("cpu")),
                                           backend="triton", use_cuda_graphs=False)
+            if phase_timing:  # the stamps of benchmarks/profile_step.py --one-launch
+                model.decoder.phase_timing = torch.zeros(H100_SMS, persistent.timing_slots(config.n_layer),
+                                                         dtype=torch.int64)
             for batch in batches:
                 context = torch.full((batch, 1), config.sos_token_id)
                 model.generate(context, max_new_tokens=2, do_sample=True, top_k=min(40, config.n_clusters), top_p=0.9)
@@ -184,7 +189,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     launches = record_engine_launches(ENGINE_CASES)
     with heuristic("igpt_fast.decoder", "PERSISTENT_DECODE", True):
-        for key, variant in record_engine_launches(PERSISTENT_CASES).items():
+        for key, variant in [*record_engine_launches(PERSISTENT_CASES).items(),
+                             *record_engine_launches(PHASE_TIMING_CASES, phase_timing=True).items()]:
             launches.setdefault(key, variant)
     if args.sweeps:
         for sweep in SWEEPS:

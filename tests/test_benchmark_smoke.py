@@ -463,7 +463,7 @@ def test_the_decode_step_profiler_checks_its_arguments_and_refuses_without_a_gpu
         return run_benchmark_script("profile_step.py", *args)
 
     shown = run("--help")
-    assert shown.returncode == 0 and "--batches" in shown.stdout
+    assert shown.returncode == 0 and "--batches" in shown.stdout and "--one-launch" in shown.stdout
     bad = run("--batches", "1,x")
     assert bad.returncode == 2 and "--batches must be comma-separated integers, got '1,x'" in bad.stderr
     too_long = run("--steps", "1024")
@@ -495,6 +495,30 @@ def test_the_profilers_critical_path_charges_each_role_what_it_adds_to_the_chain
     totals, steps = profiler.critical_path(kernels[::-1], config.n_layer)
     assert steps == 2
     assert totals == {role: 2 * charge[role] * roles.count(role) for role in charge}
+
+
+def test_the_profilers_one_launch_phases_add_up_per_role(capsys):
+    """The one-launch step's in-kernel stamps: each phase runs from the last program out of the one before to the
+    last out of it (the first from the earliest start), and the roles sum their phases over the layers."""
+    from igpt_fast.kernels import persistent
+
+    spec = importlib.util.spec_from_file_location("profile_step", pathlib.Path(__file__).parents[1] / "benchmarks"
+                                                  / "profile_step.py")
+    profiler = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profiler)
+    n_layer, slots = 2, persistent.timing_slots(2)
+    done = torch.cumsum(torch.arange(1, slots) * 1000, 0)  # ns: phase i takes i us, program 1 the last out
+    timing = torch.stack([torch.cat([torch.tensor([0]), done - 500]), torch.cat([torch.tensor([700]), done])])
+    spans_us = (persistent.phase_spans(timing) / 1e3).tolist()
+    assert spans_us == [float(i) for i in range(1, slots)]
+    totals = profiler.phase_roles(spans_us, n_layer)
+    assert totals == {"embed": 1.0, "norm_qkv": 2.0 + 7.0, "attention": 3.0 + 8.0, "attn c_proj": 4.0 + 9.0,
+                      "ln_2 c_fc gelu": 5.0 + 10.0, "mlp c_proj": 6.0 + 11.0, "ln_f lm_head": 12.0, "sample": 13.0}
+    profiler.print_roles(totals, 1, n_layer, "phases, {step_us:.1f} us a step")
+    printed = capsys.readouterr().out
+    assert "phases, 91.0 us a step" in printed and "    11.0        12%       5.50  attention" in printed
+    with pytest.raises(ValueError, match="13 phase spans expected for 2 layers, got 12"):
+        profiler.phase_roles(spans_us[:-1], n_layer)
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash here")

@@ -101,6 +101,15 @@ def test_bad_arguments_are_refused_by_name_before_launching(change, match, weigh
     assert torch.equal(model.decoder.states[1].sync, before)
 
 
+def test_phase_timing_is_refused_off_a_gpu(weights):
+    """The stamps read %globaltimer, which the interpreter cannot run."""
+    model = ImageGPT(TINY, weights, backend="triton")
+    arguments = _step_arguments(model, 1)
+    timing = torch.zeros(1, persistent.timing_slots(TINY.n_layer), dtype=torch.int64)
+    with pytest.raises(ValueError, match="timing reads the GPU's %globaltimer: it needs CUDA tensors"):
+        persistent.decode_step(**arguments, timing=timing)
+
+
 def test_batches_over_sixteen_keep_the_separate_launches(weights, persistent_decode):
     model = ImageGPT(TINY, weights, backend="triton")
     decoder = model.decoder
@@ -140,6 +149,22 @@ def test_gpu_fp32_greedy_equals_reference_over_a_whole_image(small_weights, pers
     print(f"one-launch steps: fp32 greedy agreement with the reference over 1024 steps: "
           f"{(out == expected).float().mean().item():.4f}")
     assert torch.equal(out, expected)
+
+
+@pytest.mark.gpu
+def test_gpu_phase_timing_stamps_every_phase_of_every_program(small_weights, persistent_decode):
+    model = ImageGPT(SMALL, small_weights, device="cuda", dtype=torch.float16, use_cuda_graphs=False)
+    device = torch.device("cuda")
+    timing = torch.zeros(persistent.default_programs(device), persistent.timing_slots(SMALL.n_layer),
+                         dtype=torch.int64, device=device)
+    model.decoder.phase_timing = timing
+    tokens = model.generate(torch.full((1, 1), SMALL.sos_token_id, device="cuda"), max_new_tokens=3)
+    model.decoder.phase_timing = None
+    spans_us = persistent.phase_spans(timing) / 1e3
+    print(f"one-launch phases, batch 1, imagegpt-small fp16: {spans_us.sum():.1f} us a step, phases "
+          f"{spans_us.min():.2f}-{spans_us.max():.2f} us")
+    assert (timing > 0).all() and (spans_us > 0).all() and spans_us.sum() < 10_000
+    assert torch.equal(tokens, model.generate(torch.full((1, 1), SMALL.sos_token_id, device="cuda"), max_new_tokens=3))
 
 
 @pytest.mark.gpu
