@@ -55,6 +55,8 @@ SWEEPS = (
     # The one-launch decode step against the separate launches (decode steps only; batches of the GEMV path)
     Sweep("igpt_fast.decoder", "PERSISTENT_DECODE", (False, True), (), GEMV_BATCHES),
     Sweep("igpt_fast.kernels.linear", "_GEMV_ROW_LOOP", (False, True), _LINEAR_CASES, range(2, 17)),
+    # 1: the tiled tl.dot path (tensor cores, a pipelined K loop) from batch 2, instead of the GEMV's serial K steps
+    Sweep("igpt_fast.kernels.linear", "_GEMV_MAX_M", (16, 1), _LINEAR_CASES, range(2, 17)),
     Sweep("igpt_fast.kernels.linear", "_EARLY_LOADS", (True, False), _LINEAR_CASES, ALL_BATCHES),
     Sweep("igpt_fast.kernels.linear", "_DOT_SMALL_TILE_BLOCK_K", (64, 128, 256), _LINEAR_CASES, DOT_BATCHES),
     Sweep("igpt_fast.kernels.linear", "_NORM_PROLOGUE_TILE", (1024, 8192), _LINEAR_CASES, DOT_BATCHES),

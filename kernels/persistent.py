@@ -338,6 +338,8 @@ def decode_step(*, ids, pos, wte, wpe, layers: dict, ln_f, lm_head_w, qk_scale_l
     gemv = {name: linear._gemv_config(batch, n, k, target_programs=work_programs)
             for name, n, k in (("QKV", 3 * d, d), ("O", d, d), ("FC", inner, d), ("PROJ", d, inner),
                                ("HEAD", n_clusters, d))}
+    if gemv["QKV"]["grid"][1] != 1:  # the phases take every row in one block
+        _fail(f"batch {batch} needs one GEMV row block, but linear._GEMV_MAX_M is {linear._GEMV_MAX_M}")
     blocks = {f"{name}_{key}": config[key] for name, config in gemv.items() for key in ("BLOCK_N", "BLOCK_K")}
     att_block_d = triton.next_power_of_2(head_dim)
     att_block_n, num_warps = attention._decode_tile(att_block_d, dtype)

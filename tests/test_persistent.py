@@ -101,6 +101,15 @@ def test_bad_arguments_are_refused_by_name_before_launching(change, match, weigh
     assert torch.equal(model.decoder.states[1].sync, before)
 
 
+def test_a_gemv_row_block_smaller_than_the_batch_is_refused(weights, monkeypatch):
+    """The sweep's _GEMV_MAX_M = 1 (the dot path from batch 2) must not leave the one-launch step rows behind."""
+    model = ImageGPT(TINY, weights, backend="triton")
+    arguments = _step_arguments(model, 2)
+    monkeypatch.setattr(persistent.linear, "_GEMV_MAX_M", 1)
+    with pytest.raises(ValueError, match="batch 2 needs one GEMV row block, but linear._GEMV_MAX_M is 1"):
+        persistent.decode_step(**arguments)
+
+
 def test_phase_timing_is_refused_off_a_gpu(weights):
     """The stamps read %globaltimer, which the interpreter cannot run."""
     model = ImageGPT(TINY, weights, backend="triton")
