@@ -19,11 +19,11 @@ against the launches (decoder.PERSISTENT_DECODE).
 
 The grid is one program per SM, so every program is resident at once, as a spin barrier needs; a program works
 through its phase's items (GEMV column stripes, attention (batch, head, split) items, rows) with the grid's stride,
-and a program with no item in a phase does not wait for it. Products, sums and roundings are those of the
-separate launches (the same functions), so the two paths give the same tokens. Batches of at most 16 rows (the GEMV
-path's; larger batches take the tiled path and stay with separate launches).
+and a program with no item in a phase does not wait for it. The phases call the separate launches' per-program
+functions, so the math is theirs; only the cut of the work differs (column stripes and key splits sized for one
+program per SM), which reorders float32 sums. Batches of at most 16 rows (the GEMV path's; larger batches take the
+tiled path and stay with separate launches).
 """
-
 
 import torch
 import triton
