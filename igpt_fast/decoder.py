@@ -47,9 +47,9 @@ ATTENTION_KV_BEFORE_WAIT = False
 STEPS_PER_GRAPH = 1
 # Run a decode step of a batch of at most 16 rows as one persistent launch (kernels/persistent.py: grid barriers
 # between the 123 phases at imagegpt-small instead of 123 launches), where the Triton kernels run. Off until a GPU
-# has run its tests and timed it: the sweep's decode-step rows time both, and benchmarks/launch_floor.py what a
-# barrier costs against a launch. Read when a step is launched or captured: a bucket's graphs keep the choice they
-# were captured with (release_caches() drops them).
+# has run its tests and timed it: the benchmark's igpt-fast-one-launch rows time it against the separate launches,
+# and benchmarks/launch_floor.py what a barrier costs against a launch. Read when a step is launched or captured: a
+# bucket's graphs keep the choice they were captured with (release_caches() drops them).
 PERSISTENT_DECODE = False
 # The grid the persistent step's work is cut for (None: its own, one program per SM); tests set more to exercise
 # several items a program and split merges on the interpreter's one-program grid.

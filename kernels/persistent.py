@@ -14,8 +14,9 @@ Why: a decode step at small batch moves about 150 MB (imagegpt-small, fp16) in a
 (2026-11-27), far above its bandwidth floor (about 50 us): the time is the 123 dependent launches' latency, about
 2.9 us each even with PDL. Here a phase boundary is a barrier instead of a launch, and each phase's first weight
 block is read before its barrier's spin, so the weights stream while the grid waits. Whether a barrier is cheaper
-than a PDL launch on the card is what benchmarks/launch_floor.py measures; the decode-step sweep times this kernel
-against the launches (decoder.PERSISTENT_DECODE).
+than a PDL launch on the card is what benchmarks/launch_floor.py measures; the benchmark's igpt-fast-one-launch rows
+time this kernel against the launches (decoder.PERSISTENT_DECODE), and benchmarks/profile_step.py --one-launch
+times its phases from inside.
 
 The grid is one program per SM, so every program is resident at once, as a spin barrier needs; a program works
 through its phase's items (GEMV column stripes, attention (batch, head, split) items, rows) with the grid's stride,

@@ -298,8 +298,8 @@ def test_sweep_measures_each_heuristic_value_and_restores_the_default(tmp_path):
     assert len(expected) == (2 + 2 + 2 + 3 + 2) * 5 + (5 + 3 + 3 + 2 + 2) * 2 + 2 * 2  # the last: two prefills
     steps = {f"decode step [{sweep.constant.strip('_')}={value}]" for sweep in bench_kernels.SWEEPS
              if 1 in sweep.batches and sweep.steps for value in sweep.values}
-    # PERSISTENT_DECODE, ATTENTION_KV_BEFORE_WAIT and STEPS_PER_GRAPH (2, 2 and 3 values): decode steps alone
-    assert len(steps) == 2 + 2 + 2 + 2 + 3 + 2 + 3 + 5 + 3 + 3 + 2 + 2 + 2
+    # ATTENTION_KV_BEFORE_WAIT and STEPS_PER_GRAPH (2 and 3 values): decode steps alone
+    assert len(steps) == 2 + 2 + 2 + 3 + 2 + 3 + 5 + 3 + 3 + 2 + 2 + 2
     expected |= steps
     assert bench_kernels.GEMV_BATCHES == range(1, linear._GEMV_MAX_M + 1)
     assert bench_kernels.DOT_BATCHES.start == linear._GEMV_MAX_M + 1
