@@ -14,7 +14,8 @@ output and its log2-sum-exp2 into a float32 workspace, then counts itself in on 
 counter; the split that arrives n_active-th merges, in the same launch (one kernel per layer, not two):
     out = sum_s 2^(lse_s - max lse) o_s / sum_s 2^(lse_s - max lse)
 and sets the counter back to zero for the next launch. With a single split (large batch), or when one split
-holds every key (a short cache), that program writes `out` directly.
+holds every key (a short cache), that program writes `out` directly. A decode program's body is _decode_program,
+which the one-launch decode step (kernels/persistent.py) also runs.
 """
 
 import math

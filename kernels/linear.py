@@ -26,7 +26,8 @@ Two code paths, chosen by the number of rows M (or forced with path="gemv" | "do
         decode batches of 17..256 rows still fill the GPU.
 No split-K: quick_gelu, the in-place residual and the cache scatter all need the full sum, and a split-K
 reduction would need a workspace. Launchers allocate nothing when outputs are passed and never sync. On sm_90+
-both paths are launched with programmatic dependent launch (igpt_fast.backend.use_pdl).
+both paths are launched with programmatic dependent launch (igpt_fast.backend.use_pdl). A GEMV program's body is
+_gemv_program, which the one-launch decode step (kernels/persistent.py) also runs, as phases of one launch.
 """
 
 import torch
