@@ -91,25 +91,29 @@ if ! demo 40 >"$OUT/demo.log" 2>&1; then
     fi
 fi
 
-gpu_tests() {  # five pytest processes at once (engine, linear, attention, the one-launch step, the rest), 100 s
-    # each: the time goes to Triton compiling a hundred-odd kernel variants, on the CPU, so five processes on 16
-    # cores finish in about a fifth of one's time. -v: each test's outcome is logged as it ends, so a timeout still shows which passed;
-    # -rP: what passing tests print (the measures they state: KL, agreement, memory growth) lands in the log.
+gpu_tests() {  # six pytest processes at once (engine, linear, attention, the one-launch step, the rest, and the
+    # engine's tests again with every decode step of up to 16 rows one launch: IGPT_FAST_ONE_LAUNCH=1), 100 s each:
+    # the time goes to Triton compiling a hundred-odd kernel variants, on the CPU, so six processes on 16 cores
+    # finish in about a sixth of one's time. -v: each test's outcome is logged as it ends, so a timeout still shows
+    # which passed; -rP: what passing tests print (the measures they state: KL, agreement, memory growth) lands in the log.
     local group pids=() rc=0
-    for group in engine linear attention persistent rest; do
-        if [ $group = rest ]; then
+    for group in engine linear attention persistent rest engine-one-launch; do
+        if [ $group = engine-one-launch ]; then
+            set -- tests/test_engine.py
+        elif [ $group = rest ]; then
             set -- tests --ignore=tests/test_engine.py --ignore=tests/test_linear.py --ignore=tests/test_attention.py \
                 --ignore=tests/test_persistent.py
         else
             set -- tests/test_$group.py
         fi
-        timeout -k 10 100 python3 -m pytest -m gpu "$@" -v -rP --durations=5 >"$OUT/gpu_tests_$group.log" 2>&1 &
+        IGPT_FAST_ONE_LAUNCH=$([ $group = engine-one-launch ] && echo 1 || echo 0) \
+            timeout -k 10 100 python3 -m pytest -m gpu "$@" -v -rP --durations=5 >"$OUT/gpu_tests_$group.log" 2>&1 &
         pids+=($!)
     done
     for pid in "${pids[@]}"; do
         wait "$pid" || rc=1
     done
-    for group in engine linear attention persistent rest; do
+    for group in engine linear attention persistent rest engine-one-launch; do
         echo "-- $group"
         cat "$OUT/gpu_tests_$group.log"
     done >"$OUT/gpu_tests.log"

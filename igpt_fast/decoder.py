@@ -19,6 +19,7 @@ kernel.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -49,8 +50,10 @@ STEPS_PER_GRAPH = 1
 # between the 123 phases at imagegpt-small instead of 123 launches), where the Triton kernels run. Off until a GPU
 # has run its tests and timed it: the benchmark's igpt-fast-one-launch rows time it against the separate launches,
 # and benchmarks/launch_floor.py what a barrier costs against a launch. Read when a step is launched or captured: a
-# bucket's graphs keep the choice they were captured with (release_caches() drops them).
-PERSISTENT_DECODE = False
+# bucket's graphs keep the choice they were captured with (release_caches() drops them). IGPT_FAST_ONE_LAUNCH=1 in
+# the environment when igpt_fast is imported turns it on (e.g. to run the GPU-marked tests through it).
+ONE_LAUNCH_ENV = "IGPT_FAST_ONE_LAUNCH"
+PERSISTENT_DECODE = os.environ.get(ONE_LAUNCH_ENV, "0") == "1"
 # The grid the persistent step's work is cut for (None: its own, one program per SM); tests set more to exercise
 # several items a program and split merges on the interpreter's one-program grid.
 PERSISTENT_WORK_PROGRAMS = None

@@ -6,6 +6,10 @@ merge. A grid of two cannot pass a barrier there, which is how the give-up path 
 imagegpt-small shapes with the real grid (one program per SM) and CUDA graphs.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from helpers import TINY, philox, random_state_dict
@@ -126,6 +130,16 @@ def test_batches_over_sixteen_keep_the_separate_launches(weights, persistent_dec
     arguments = _step_arguments(model, 32)
     with pytest.raises(ValueError, match="batch must be 1..16"):
         persistent.decode_step(**arguments)
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("0", False), (None, False)])
+def test_the_environment_turns_the_one_launch_step_on_at_import(value, on):
+    env = {k: v for k, v in os.environ.items() if k != igpt_fast.decoder.ONE_LAUNCH_ENV}
+    if value is not None:
+        env[igpt_fast.decoder.ONE_LAUNCH_ENV] = value
+    code = "import igpt_fast.decoder as d; print(d.PERSISTENT_DECODE)"
+    ran = subprocess.run([sys.executable, "-P", "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0 and ran.stdout.strip() == str(on), ran.stderr
 
 
 def test_attention_splits_fill_the_grid_with_one_item_a_program():
