@@ -539,7 +539,7 @@ def test_the_gpu_check_gives_what_its_seconds_leave_to_batch_256_and_the_sweep(t
     assert [call.split()[2] for call in benchmark_calls] == ["--sizes", "--sizes", "--tasks", "--from-json",
                                                              "--from-json"], benchmark_calls
     core, b256, sweep, verdicts, summary = benchmark_calls
-    assert "--time-limit 185" in core and "--batches 256" in b256
+    assert "--time-limit 170" in core and "--batches 256" in b256
     sweep_limit = int(sweep.split("--time-limit ")[1].split()[0])
     # 560 less what the stand-in stages took (a second or two), 10 s of gpu_check's margin, 15 of gpu_sweep's and
     # the 25 s the sweep keeps to write its tables
