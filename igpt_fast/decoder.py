@@ -322,6 +322,16 @@ class StaticDecoder:
         """Whether this bucket's decode steps are one persistent launch each (PERSISTENT_DECODE)."""
         return PERSISTENT_DECODE and state.sync is not None and state.batch <= self.ops.persistent.MAX_BATCH
 
+    def persistent_step_arguments(self, s: BucketState, greedy: bool) -> dict:
+        """The keyword arguments of kernels.persistent.decode_step for a step of this bucket."""
+        w = self.weights
+        return dict(ids=s.ids, pos=s.pos, wte=w.wte, wpe=w.wpe, layers=w.stacked, ln_f=w.ln_f,
+                    lm_head_w=w.lm_head_w.t(), qk_scale_log2=w.qk_scale_log2, kv_cache=s.kv_cache, x=s.x, q=s.q,
+                    attn=s.attn, hidden=s.hidden, logits=s.logits, workspace=s.workspace, temperature=s.temperature,
+                    top_k=s.top_k, top_p=s.top_p, seed=s.seed, sequences=s.sequences, sync_buffer=s.sync,
+                    eps=self.config.layer_norm_epsilon, greedy=greedy, work_programs=PERSISTENT_WORK_PROGRAMS,
+                    timing=self.phase_timing)
+
     def check_launches(self, state: BucketState) -> None:
         """Raise if a persistent step since start() gave up at a grid barrier (a host sync; a no-op otherwise)."""
         if self.persistent(state) and self.ops.persistent.launch_failed(state.sync):
@@ -334,12 +344,7 @@ class StaticDecoder:
     def _decode_step(self, s: BucketState, greedy: bool) -> None:
         c, w, ops = self.config, self.weights, self.ops
         if self.persistent(s):
-            ops.persistent.decode_step(
-                ids=s.ids, pos=s.pos, wte=w.wte, wpe=w.wpe, layers=w.stacked, ln_f=w.ln_f, lm_head_w=w.lm_head_w.t(),
-                qk_scale_log2=w.qk_scale_log2, kv_cache=s.kv_cache, x=s.x, q=s.q, attn=s.attn, hidden=s.hidden,
-                logits=s.logits, workspace=s.workspace, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                seed=s.seed, sequences=s.sequences, sync_buffer=s.sync, eps=c.layer_norm_epsilon, greedy=greedy,
-                work_programs=PERSISTENT_WORK_PROGRAMS, timing=self.phase_timing)
+            ops.persistent.decode_step(**self.persistent_step_arguments(s, greedy))
             return
         B, H, D, eps = s.batch, c.n_head, c.head_dim, c.layer_norm_epsilon
         ops.embed(s.ids, w.wte, w.wpe, s.pos, seq_len=1, out=s.x)

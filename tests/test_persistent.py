@@ -77,12 +77,7 @@ def test_a_grid_that_cannot_pass_a_barrier_gives_up_and_is_reported(weights, ref
 
 
 def _step_arguments(model, batch: int) -> dict:
-    decoder = model.decoder
-    s, w = decoder.state(batch), decoder.weights
-    return dict(ids=s.ids, pos=s.pos, wte=w.wte, wpe=w.wpe, layers=w.stacked, ln_f=w.ln_f, lm_head_w=w.lm_head_w.t(),
-                qk_scale_log2=w.qk_scale_log2, kv_cache=s.kv_cache, x=s.x, q=s.q, attn=s.attn, hidden=s.hidden,
-                logits=s.logits, workspace=s.workspace, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                seed=s.seed, sequences=s.sequences, sync_buffer=s.sync, eps=TINY.layer_norm_epsilon, greedy=True)
+    return model.decoder.persistent_step_arguments(model.decoder.state(batch), greedy=True)
 
 
 @pytest.mark.parametrize("change, match", [
@@ -120,7 +115,7 @@ def test_phase_timing_is_refused_off_a_gpu(weights):
     arguments = _step_arguments(model, 1)
     timing = torch.zeros(1, persistent.timing_slots(TINY.n_layer), dtype=torch.int64)
     with pytest.raises(ValueError, match="timing reads the GPU's %globaltimer: it needs CUDA tensors"):
-        persistent.decode_step(**arguments, timing=timing)
+        persistent.decode_step(**{**arguments, "timing": timing})
 
 
 def test_batches_over_sixteen_keep_the_separate_launches(weights, persistent_decode):
