@@ -454,6 +454,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batches", type=_list(int, BATCH_BUCKETS), help="override the preset's batch sizes "
                    f"(batch buckets: {','.join(map(str, BATCH_BUCKETS))})")
     p.add_argument("--systems", type=_list(str, SYSTEMS), help="override the preset's systems: " + ",".join(SYSTEMS))
+    p.add_argument("--without", type=_list(str, SYSTEMS), default=(),
+                   help="leave these systems out (of the preset's or --systems'); the GPU check leaves out "
+                        "igpt-fast-one-launch when its tests broke a CUDA context")
     p.add_argument("--tasks", type=_list(str, TASKS), help="override the preset's tasks: " + ",".join(TASKS))
     p.add_argument("--anchor-steps", type=int, help="decode steps an anchor times, from the middle of the image, "
                    "then extrapolates (0: whole images; presets: smoke 8, core 64, full 128)")
@@ -489,7 +492,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         runs_at.update({system: value for system in COMPILED_ANCHORS})
     return Plan(
         models=args.models or preset.models, dtypes=args.dtypes or preset.dtypes,
-        batches=tuple(sorted(args.batches or preset.batches)), systems=args.systems or preset.systems,
+        batches=tuple(sorted(args.batches or preset.batches)),
+        systems=tuple(s for s in args.systems or preset.systems if s not in args.without),
         tasks=args.tasks or preset.tasks,
         anchor_steps=preset.anchor_steps if args.anchor_steps is None else args.anchor_steps,
         runs_at=runs_at, kernel_batches=tuple(sorted(args.batches or preset.kernel_batches or preset.batches)),

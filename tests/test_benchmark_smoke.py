@@ -521,25 +521,32 @@ def test_the_profilers_one_launch_phases_add_up_per_role(capsys):
         profiler.phase_roles(spans_us[:-1], n_layer)
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash here")
-def test_the_gpu_check_gives_what_its_seconds_leave_to_batch_256_and_the_sweep(tmp_path):
-    """The scripts' order and time arithmetic, with a stand-in python3 that says CUDA is there and does nothing but
-    log its arguments: a script bug found on the GPU machine costs device time that comes a few times a month."""
+def run_gpu_check_with_stand_ins(tmp_path, seconds: int, pytest_says: str = ""):
+    """benchmarks/gpu_check.sh OUT seconds, with a stand-in python3 that says CUDA is there and does nothing but log
+    its arguments (and print pytest_says when it runs the one-launch step's tests): (the run, the logged calls)."""
     shims = tmp_path / "bin"
-    shims.mkdir()
+    shims.mkdir(parents=True)
     calls = tmp_path / "calls.log"
-    (shims / "python3").write_text(f'#!/usr/bin/env bash\necho "$*" >> "{calls}"\n')
+    (shims / "python3").write_text(f'#!/usr/bin/env bash\necho "$*" >> "{calls}"\n'
+                                   f'case "$*" in *test_persistent.py*) echo "{pytest_says}";; esac\n')
     (shims / "python3").chmod(0o755)
     script = pathlib.Path(__file__).parents[1] / "benchmarks" / "gpu_check.sh"
     env = {**os.environ, "PATH": f"{shims}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run(["bash", str(script), str(tmp_path / "out"), "560"], capture_output=True, text=True,
+    done = subprocess.run(["bash", str(script), str(tmp_path / "out"), str(seconds)], capture_output=True, text=True,
                           env=env, timeout=120)
-    logged = calls.read_text().splitlines()
+    return done, calls.read_text().splitlines()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash here")
+def test_the_gpu_check_gives_what_its_seconds_leave_to_batch_256_and_the_sweep(tmp_path):
+    """The scripts' order and time arithmetic, with a stand-in python3: a script bug found on the GPU machine costs
+    device time that comes a few times a month."""
+    done, logged = run_gpu_check_with_stand_ins(tmp_path, 560)
     benchmark_calls = [line for line in logged if line.startswith("-m igpt_fast.benchmark")]
     assert [call.split()[2] for call in benchmark_calls] == ["--sizes", "--sizes", "--tasks", "--from-json",
                                                              "--from-json"], benchmark_calls
     core, b256, sweep, verdicts, summary = benchmark_calls
-    assert "--time-limit 170" in core and "--batches 256" in b256
+    assert "--time-limit 170" in core and "--without" not in core and "--batches 256" in b256
     sweep_limit = int(sweep.split("--time-limit ")[1].split()[0])
     # 560 less what the stand-in stages took (a second or two), 10 s of gpu_check's margin, 15 of gpu_sweep's and
     # the 25 s the sweep keeps to write its tables
@@ -549,3 +556,20 @@ def test_the_gpu_check_gives_what_its_seconds_leave_to_batch_256_and_the_sweep(t
     assert logged[-1] == summary  # the summary table is printed last
     assert "== install: this checkout is installed already" in done.stdout  # gpu_sweep.sh does not install again
     assert not any("pip install" in line for line in logged[logged.index(b256) - 1:])
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash here")
+def test_the_gpu_check_leaves_the_one_launch_step_out_of_the_benchmark_when_its_tests_broke_a_cuda_context(tmp_path):
+    """A CUDA fault ends its process's context, so the one-launch rows (the benchmark's second stage) would cost every
+    row after them; a test that failed otherwise (a barrier that gave up, an oracle) leaves them in."""
+    done, logged = run_gpu_check_with_stand_ins(
+        tmp_path, 360, pytest_says="RuntimeError: CUDA error: an illegal memory access was encountered")
+    core = next(line for line in logged if line.startswith("-m igpt_fast.benchmark --sizes core"))
+    assert core.endswith("--without igpt-fast-one-launch"), core
+    assert "the benchmark runs without igpt-fast-one-launch" in done.stdout
+
+    _, logged = run_gpu_check_with_stand_ins(tmp_path / "again", 360, pytest_says="FAILED test_persistent.py::x")
+    core = next(line for line in logged if line.startswith("-m igpt_fast.benchmark --sizes core"))
+    assert "--without" not in core
+    args = benchmark.parse_args(["--sizes", "core", "--without", "igpt-fast-one-launch,transformers"])
+    assert set(benchmark.make_plan(args).systems) == set(benchmark.SYSTEMS) - {"igpt-fast-one-launch", "transformers"}
