@@ -51,10 +51,12 @@ _GEMV_MIN_BLOCK_N = 4
 _TARGET_PROGRAMS = 264  # about two per SM on an H100 (132 SMs); measured there: 132 is slower at batch 8, 528 the same
 _GEMV_TILE = 8192  # BLOCK_M * BLOCK_K * BLOCK_N elements per GEMV step (64 per thread at 4 warps); 4096: slower (H100)
 _GEMV_NUM_WARPS = 4
-# W blocks a GEMV program has in flight ahead of the one it multiplies. From batch 2 a K step is BLOCK_K =
-# _GEMV_TILE / (BLOCK_M * BLOCK_N) wide, so K takes several steps (8 for mlp c_proj at batch 8), and on an H100 each
-# step beyond the first cost about 1 us at batch 8, as if each waited out a memory round trip; 2 would keep two
-# reads in flight (the sweep's). At batch 1 K takes one step and the depth changes nothing.
+# W blocks (and x's, and the norm weight's) a GEMV program has in flight ahead of the one it multiplies. From batch 2 a
+# K step is BLOCK_K = _GEMV_TILE / (BLOCK_M * BLOCK_N) wide, so K takes several steps (8 for mlp c_proj at batch 8),
+# and on an H100 each step beyond the first cost about 1 us at batch 8, as if each waited out a memory round trip.
+# Then only W was read ahead: x was loaded in the step that used it, one L2 round trip a step whatever the depth. Now
+# x rides with W, so 2 keeps two steps' reads in flight (the sweep's). At batch 1 K takes one step and the depth
+# changes nothing.
 _GEMV_PREFETCH = 1
 # Multiply each W block by one row of x at a time instead of all BLOCK_M rows at once. The [BLOCK_M, BLOCK_K, BLOCK_N]
 # product then no longer bounds the W block: BLOCK_K = _GEMV_TILE / BLOCK_N at every batch, as at batch 1, so every
@@ -192,6 +194,29 @@ def _epilogue(
 
 
 @triton.jit
+def _w_block(w_ptr, offs_k, offs_n, n_mask, K, stride_wk, stride_wn):
+    """W's [1, BLOCK_K, BLOCK_N] slab at rows offs_k (zeros past K), in W's dtype."""
+    return tl.load(w_ptr + offs_k[None, :, None] * stride_wk + offs_n[None, None, :] * stride_wn,
+                   mask=(offs_k < K)[None, :, None] & n_mask[None, None, :], other=0.0)
+
+
+@triton.jit
+def _x_block(x_ptr, rows, row_mask, stride_xm, offs_k, K):
+    """x's [BLOCK_M, BLOCK_K] block at columns offs_k (zeros past K or M), in x's dtype. Only after the wait."""
+    return tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :], mask=row_mask[:, None] & (offs_k < K)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _norm_weight_block(nw_ptr, offs_k, K, HAS_NORM: tl.constexpr):
+    """The RMS-norm weight at offs_k in float32 (zeros past K; a scalar zero, never read, without HAS_NORM)."""
+    if HAS_NORM:
+        return tl.load(nw_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+    else:
+        return 0.0
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,  # [M, K] input rows, last dim contiguous
     nw_ptr,  # [K] RMS-norm weight (not read without HAS_NORM)
@@ -271,23 +296,29 @@ def _gemv_program(
     kernel), then each iteration loads the block PREFETCH ahead before computing with the current one. Each is
     loaded as the [1, BLOCK_K, BLOCK_N] slab of the product, so the product takes the load's vectorized layout:
     compiled for sm_90 with K-contiguous W, the loop has 1-2 layout conversions (shared-memory round trips)
-    instead of 3-4, and from batch 8 the sum over K stays inside a warp.
+    instead of 3-4, and from batch 8 the sum over K stays inside a warp. The x block and the norm weight's ride
+    with W, PREFETCH ahead (x's first blocks right after the wait): loaded in the iteration that used them, as
+    before, each K step waited out an L2 round trip for x whatever the depth of W's prefetch (from batch 2, where
+    K takes several steps).
     """
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     rows = tl.cast(pid_m, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     offs_k = tl.arange(0, BLOCK_K)
-    w_next = tl.load(w_ptr + offs_k[None, :, None] * stride_wk + offs_n[None, None, :] * stride_wn,
-                     mask=(offs_k < K)[None, :, None] & n_mask[None, None, :], other=0.0)
+    w_next = _w_block(w_ptr, offs_k, offs_n, n_mask, K, stride_wk, stride_wn)
+    nw_next = _norm_weight_block(nw_ptr, offs_k, K, HAS_NORM and not ROW_LOOP)
     if PREFETCH == 2:
-        offs_k = BLOCK_K + tl.arange(0, BLOCK_K)
-        w_after = tl.load(w_ptr + offs_k[None, :, None] * stride_wk + offs_n[None, None, :] * stride_wn,
-                          mask=(offs_k < K)[None, :, None] & n_mask[None, None, :], other=0.0)
+        w_after = _w_block(w_ptr, BLOCK_K + offs_k, offs_n, n_mask, K, stride_wk, stride_wn)
+        nw_after = _norm_weight_block(nw_ptr, BLOCK_K + offs_k, K, HAS_NORM and not ROW_LOOP)
     if EARLY_LOADS:
         bias = _load_bias(b_ptr, offs_n, N, HAS_BIAS)
     # the previous kernel's (or phase's) writes (x, the residual, the cache) are visible after this
     sync.wait_for_inputs(USE_PDL, GRID_SYNC, sync_ptr, wait_phase)
+    if not ROW_LOOP:
+        x_next = _x_block(x_ptr, rows, row_mask, stride_xm, offs_k, K)
+        if PREFETCH == 2:
+            x_after = _x_block(x_ptr, rows, row_mask, stride_xm, BLOCK_K + offs_k, K)
     if EARLY_LOADS:  # issued with the first x loads, not after the sum over K
         residual, pos = _load_activations(out_ptr, pos_ptr, rows, offs_n, M, N, stride_om, EPILOGUE)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -297,8 +328,7 @@ def _gemv_program(
         k_mask = offs_k < K
         w = w_next.to(tl.float32)
         ahead = offs_k + PREFETCH * BLOCK_K  # past K on the last iterations: fully masked, no memory traffic
-        w_ahead = tl.load(w_ptr + ahead[None, :, None] * stride_wk + offs_n[None, None, :] * stride_wn,
-                          mask=(ahead < K)[None, :, None] & n_mask[None, None, :], other=0.0)
+        w_ahead = _w_block(w_ptr, ahead, offs_n, n_mask, K, stride_wk, stride_wn)
         if PREFETCH == 2:
             w_next = w_after
             w_after = w_ahead
@@ -319,13 +349,18 @@ def _gemv_program(
                 part = tl.sum(x[None, :, None] * w, axis=1)  # [1, BLOCK_N]
                 acc = tl.where((row_ids == i)[:, None], acc + part, acc)
         else:
-            x = tl.load(
-                x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
-                mask=row_mask[:, None] & k_mask[None, :], other=0.0,
-            ).to(tl.float32)
+            x = x_next.to(tl.float32)
+            nw = nw_next
+            x_ahead = _x_block(x_ptr, rows, row_mask, stride_xm, ahead, K)
+            nw_ahead = _norm_weight_block(nw_ptr, ahead, K, HAS_NORM)
+            if PREFETCH == 2:
+                x_next, nw_next = x_after, nw_after
+                x_after, nw_after = x_ahead, nw_ahead
+            else:
+                x_next, nw_next = x_ahead, nw_ahead
             if HAS_NORM:
                 sumsq += tl.sum(x * x, axis=1)
-                x = x * tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+                x = x * nw[None, :]
             # [BLOCK_M, BLOCK_K, BLOCK_N] products, summed over K
             acc += tl.sum(x[:, :, None] * w, axis=1)
     if HAS_NORM:  # rmsnorm's per-row factor, applied after the sum: x is read once, in the same pass
