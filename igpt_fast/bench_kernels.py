@@ -54,6 +54,8 @@ GEMV_BATCHES, DOT_BATCHES, ALL_BATCHES = range(1, 17), range(17, 257), range(1, 
 # times it as a system of its own (igpt-fast-one-launch), in a process a crash of it would not cost the sweep.
 SWEEPS = (
     Sweep("igpt_fast.kernels.linear", "_GEMV_ROW_LOOP", (False, True), _LINEAR_CASES, range(2, 17)),
+    # two K steps of W and x in flight, where K takes several steps (from batch 2 at imagegpt-small)
+    Sweep("igpt_fast.kernels.linear", "_GEMV_PREFETCH", (1, 2), _LINEAR_CASES, range(2, 17)),
     # 1: the tiled tl.dot path (tensor cores, a pipelined K loop) from batch 2, instead of the GEMV's serial K steps
     Sweep("igpt_fast.kernels.linear", "_GEMV_MAX_M", (16, 1), _LINEAR_CASES, range(2, 17)),
     Sweep("igpt_fast.kernels.linear", "_EARLY_LOADS", (True, False), _LINEAR_CASES, ALL_BATCHES),
@@ -67,7 +69,6 @@ SWEEPS = (
     Sweep("igpt_fast.kernels.attention", "_DECODE_MIN_SPLIT_KEYS", (64, 128, 256), ("decode_attention",),
           ALL_BATCHES),
     Sweep("igpt_fast.kernels.linear", "_GEMV_TILE", (8192, 16384), _LINEAR_CASES, GEMV_BATCHES),
-    Sweep("igpt_fast.kernels.linear", "_GEMV_PREFETCH", (1, 2), _LINEAR_CASES, GEMV_BATCHES),
     Sweep("igpt_fast.kernels.linear", "_GEMV_MIN_BLOCK_N", (2, 4, 8), _LINEAR_CASES, GEMV_BATCHES),
     Sweep("igpt_fast.kernels.linear", "_GEMV_NUM_WARPS", (4, 8), _LINEAR_CASES, GEMV_BATCHES),
     Sweep("igpt_fast.kernels.attention", "_PREFILL_SPLIT_DIAGONAL", (True, False), ("prefill_attention",),
