@@ -547,6 +547,8 @@ def test_the_gpu_check_gives_what_its_seconds_leave_to_batch_256_and_the_sweep(t
                                                              "--from-json"], benchmark_calls
     core, b256, sweep, verdicts, summary = benchmark_calls
     assert "--time-limit 170" in core and "--without" not in core and "--batches 256" in b256
+    warm = logged.index("benchmarks/warm_triton_cache.py")  # started before the tests, stopped before the benchmark
+    assert logged.index(next(line for line in logged if "pip install" in line)) < warm < logged.index(core)
     sweep_limit = int(sweep.split("--time-limit ")[1].split()[0])
     # 560 less what the stand-in stages took (a second or two), 10 s of gpu_check's margin, 15 of gpu_sweep's and
     # the 25 s the sweep keeps to write its tables
@@ -573,3 +575,32 @@ def test_the_gpu_check_leaves_the_one_launch_step_out_of_the_benchmark_when_its_
     assert "--without" not in core
     args = benchmark.parse_args(["--sizes", "core", "--without", "igpt-fast-one-launch,transformers"])
     assert set(benchmark.make_plan(args).systems) == set(benchmark.SYSTEMS) - {"igpt-fast-one-launch", "transformers"}
+
+
+def test_the_cache_warmer_lists_what_the_gpu_checks_timed_stages_launch():
+    """benchmarks/warm_triton_cache.py --dry-run: the variants it would compile ahead on a GPU, recorded on the CPU
+    (the kernels compiled, not interpreted: a subprocess without TRITON_INTERPRET), the sweep's values among them."""
+    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "warm_triton_cache.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+    def run(*args, **extra_env):
+        return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                              env={**env, **extra_env}, timeout=300)
+
+    listed = run("--dry-run")
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    lines = listed.stdout.splitlines()
+    count = int(lines[0].split()[0])
+    assert count == len(lines) - 1 > 100
+    kernels = [line.split()[0] for line in lines[1:]]
+    assert kernels.count("_decode_step_kernel") == 8  # batch 1 and 8, sampled and greedy, with and without timing
+    assert any("'TIMING': True" in line for line in lines) and any("'USE_PDL': False" in line for line in lines)
+    assert any("_gemv_kernel" in line and "'PREFETCH': 2" in line for line in lines)  # a sweep value
+    assert any("_dot_kernel" in line and "'BLOCK_K': 256" in line for line in lines)
+    fewer = run("--dry-run", "--no-sweeps")
+    assert fewer.returncode == 0 and int(fewer.stdout.split()[0]) < count
+    refused = run("--dry-run", TRITON_INTERPRET="1")
+    assert refused.returncode == 2 and "TRITON_INTERPRET=1 is set" in refused.stderr
+    if not torch.cuda.is_available():
+        refused = run()
+        assert refused.returncode == 2 and "needs a CUDA GPU" in refused.stderr
