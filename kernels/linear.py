@@ -296,10 +296,9 @@ def _gemv_program(
     kernel), then each iteration loads the block PREFETCH ahead before computing with the current one. Each is
     loaded as the [1, BLOCK_K, BLOCK_N] slab of the product, so the product takes the load's vectorized layout:
     compiled for sm_90 with K-contiguous W, the loop has 1-2 layout conversions (shared-memory round trips)
-    instead of 3-4, and from batch 8 the sum over K stays inside a warp. The x block and the norm weight's ride
-    with W, PREFETCH ahead (x's first blocks right after the wait): loaded in the iteration that used them, as
-    before, each K step waited out an L2 round trip for x whatever the depth of W's prefetch (from batch 2, where
-    K takes several steps).
+    instead of 3-4, and from batch 8 the sum over K stays inside a warp. x's blocks and the norm weight's ride
+    with W's, PREFETCH ahead (x's first ones right after the wait). Before, x was loaded in the iteration that used
+    it, so every K step (several from batch 2) waited out an L2 round trip for it, whatever W's prefetch depth.
     """
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N

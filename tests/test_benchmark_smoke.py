@@ -294,12 +294,12 @@ def test_sweep_measures_each_heuristic_value_and_restores_the_default(tmp_path):
     expected = {f"{name} [{sweep.constant.strip('_')}={value}]" for sweep in bench_kernels.SWEEPS if 1 in sweep.batches
                 for value in sweep.values for name in names if name.startswith(sweep.cases)}
     # at batch 1: the GEMV heuristics on five linear kernels, the decode ones on two attention cases; not the dot's,
-    # nor the GEMV row loop's (read from batch 2)
-    assert len(expected) == (2 + 2 + 2 + 3 + 2) * 5 + (5 + 3 + 3 + 2 + 2) * 2 + 2 * 2  # the last: two prefills
+    # nor the GEMV row loop's and prefetch depth's (swept from batch 2)
+    assert len(expected) == (2 + 2 + 3 + 2) * 5 + (5 + 3 + 3 + 2 + 2) * 2 + 2 * 2  # the last: two prefills
     steps = {f"decode step [{sweep.constant.strip('_')}={value}]" for sweep in bench_kernels.SWEEPS
              if 1 in sweep.batches and sweep.steps for value in sweep.values}
     # ATTENTION_KV_BEFORE_WAIT and STEPS_PER_GRAPH (2 and 3 values): decode steps alone
-    assert len(steps) == 2 + 2 + 2 + 3 + 2 + 3 + 5 + 3 + 3 + 2 + 2 + 2
+    assert len(steps) == 2 + 2 + 3 + 5 + 3 + 3 + 2 + 3 + 2 + 2 + 2
     expected |= steps
     assert bench_kernels.GEMV_BATCHES == range(1, linear._GEMV_MAX_M + 1)
     assert bench_kernels.DOT_BATCHES.start == linear._GEMV_MAX_M + 1
