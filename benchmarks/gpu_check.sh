@@ -132,7 +132,7 @@ gpu_tests() {  # six pytest processes at once (engine, linear, attention, the on
 stage gpu-tests - gpu_tests
 kill "$warm_pid" 2>/dev/null
 wait "$warm_pid" 2>/dev/null
-echo "== warm cache: $(tail -n 1 "$OUT/warm_cache.log")"
+echo "== warm cache: $(grep -c ' ok$' "$OUT/warm_cache.log") kernel variants compiled ahead (warm_cache.log)"
 
 # A CUDA fault (an illegal address, a launch failure) ends the CUDA context of the process it happens in. The
 # one-launch step had never run on a GPU when this was written, and it is the benchmark's second stage: if it faulted

@@ -549,6 +549,7 @@ def test_the_gpu_check_gives_what_its_seconds_leave_to_batch_256_and_the_sweep(t
     assert "--time-limit 170" in core and "--without" not in core and "--batches 256" in b256
     warm = logged.index("benchmarks/warm_triton_cache.py")  # started before the tests, stopped before the benchmark
     assert logged.index(next(line for line in logged if "pip install" in line)) < warm < logged.index(core)
+    assert "== warm cache: 0 kernel variants compiled ahead" in done.stdout  # the stand-in compiled nothing
     sweep_limit = int(sweep.split("--time-limit ")[1].split()[0])
     # 560 less what the stand-in stages took (a second or two), 10 s of gpu_check's margin, 15 of gpu_sweep's and
     # the 25 s the sweep keeps to write its tables
