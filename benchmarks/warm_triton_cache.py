@@ -25,6 +25,7 @@ import torch
 from igpt_fast import ImageGPTConfig, backend
 from igpt_fast.bench_kernels import SWEEPS, heuristic
 from igpt_fast.kernel_launches import (
+    H100_SMS,
     Case,
     Launch,
     distinct,
@@ -39,7 +40,6 @@ SMALL = ImageGPTConfig.small()
 # One layer launches what every layer does, so the separate launches are recorded on one (24 times less memory
 # and time; the same variants, checked when this was written); the one-launch step's variant depends on the count.
 ONE_LAYER = ImageGPTConfig.small(n_layer=1)
-H100_SMS = 132  # --dry-run's grid for the one-launch step
 # The prompts the benchmark prefills besides the SOS: SOS + half an image (complete), and the sweep's window of steps
 # from the middle of an image (benchmark.SWEEP_STEPS = 128 of them from position 448). Whole images (features,
 # likelihood) at batch 1 and 8 only: at 64 the recording alone holds GBs of activations on the CPU.

@@ -25,6 +25,7 @@ from igpt_fast.decoder import PackedWeights, StaticDecoder
 from igpt_fast.kernels import clusters, persistent
 from igpt_fast.model import ImageGPT
 
+H100_SMS = 132  # an H100's (and H200's) SMs: the one-launch step's grid when recording for one without it
 COMPILE_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion", "launch_pdl")
 POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64",
                  torch.int32: "*i32", torch.int16: "*i16", torch.uint8: "*u8", torch.bool: "*i1"}

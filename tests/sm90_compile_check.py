@@ -35,7 +35,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from igpt_fast import ImageGPTConfig  # noqa: E402
 from igpt_fast.bench_kernels import SWEEPS, heuristic  # noqa: E402
 from igpt_fast.demo import demo_model_path  # noqa: E402
-from igpt_fast.kernel_launches import Case, distinct, engine_launches  # noqa: E402
+from igpt_fast.kernel_launches import H100_SMS, Case, distinct, engine_launches  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 H100_SHARED_MEMORY = 227 * 1024
@@ -60,7 +60,6 @@ PERSISTENT_CASES = [Case(ImageGPTConfig.small(), (1, 8, 16), (torch.float16,), T
                     Case(ImageGPTConfig.medium(n_layer=1), (1,), (torch.float16,), True),
                     Case(ImageGPTConfig.large(n_layer=1), (8,), (torch.float16,), True)]
 PHASE_TIMING_CASES = [Case(ImageGPTConfig.small(), (1,), (torch.float16,), True)]  # profile_step.py --one-launch's
-H100_SMS = 132  # the persistent step's grid: one program per SM
 # Where the sweep times its alternatives (bench_kernels.SWEEPS): imagegpt-small, fp16, with PDL.
 SWEEP_CASES = [Case(ImageGPTConfig.small(), (1, 8, 64), (torch.float16,), True)]
 
