@@ -240,6 +240,16 @@ def test_targets_and_ratios_to_the_best_anchor():
     assert " 8.00x |" in line and " 33% |" in line and "NOT met (<= 0.25 ms)" in line
 
 
+def test_ms_targets_say_so_when_the_card_is_not_the_h100_they_were_set_for():
+    rows = [_row("igpt-fast", "float16", 1, 0.19), _row("igpt-fast", "float16", 8, 0.30)]
+    rows[0]["environment"] = {"card": "NVIDIA H200"}
+    assert [bench_report.target_verdict(r, rows) for r in rows] == [
+        "met (<= 0.20 ms; set for an H100, run on NVIDIA H200)",
+        "NOT met (<= 0.25 ms; set for an H100, run on NVIDIA H200)"]
+    rows[0]["environment"] = {"card": "NVIDIA H100 80GB HBM3"}
+    assert bench_report.target_verdict(rows[1], rows) == "NOT met (<= 0.25 ms)"
+
+
 def test_startup_verdicts_against_the_first_call_targets():
     rows = [dataclasses.asdict(bench_measure.Result("startup", "igpt-fast", model, "float16", 8, first_call_s=cold,
                                                     warm_first_call_s=warm, note="whole child process: ..."))
