@@ -325,7 +325,10 @@ def _gemv_program(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        w = w_next.to(tl.float32)
+        if ROW_LOOP:  # converted in each row's product: a float32 copy held across the rows spilled (sm_90, triton 3.6)
+            w = w_next
+        else:
+            w = w_next.to(tl.float32)
         ahead = offs_k + PREFETCH * BLOCK_K  # past K on the last iterations: fully masked, no memory traffic
         w_ahead = _w_block(w_ptr, ahead, offs_n, n_mask, K, stride_wk, stride_wn)
         if PREFETCH == 2:
@@ -345,7 +348,7 @@ def _gemv_program(
                 if HAS_NORM:
                     sumsq = tl.where(row_ids == i, sumsq + tl.sum(x * x, axis=0), sumsq)
                     x = x * nw
-                part = tl.sum(x[None, :, None] * w, axis=1)  # [1, BLOCK_N]
+                part = tl.sum(x[None, :, None] * w.to(tl.float32), axis=1)  # [1, BLOCK_N]
                 acc = tl.where((row_ids == i)[:, None], acc + part, acc)
         else:
             x = x_next.to(tl.float32)
@@ -462,7 +465,8 @@ def _choose_path(M: int, path: str | None) -> str:
     return "gemv" if M <= _GEMV_MAX_M else "dot"
 
 
-def _gemv_config(M: int, N: int, K: int, target_programs: int | None = None) -> dict:
+def _gemv_config(M: int, N: int, K: int, target_programs: int | None = None, row_loop: bool | None = None) -> dict:
+    """row_loop: multiply by one row of x at a time (None: _GEMV_ROW_LOOP); never at one row, where it is the same."""
     if _GEMV_PREFETCH not in (1, 2):  # the kernel rotates one or two blocks; any other depth would skip blocks
         raise ValueError(f"_GEMV_PREFETCH must be 1 or 2, got {_GEMV_PREFETCH!r}")
     block_m = min(triton.next_power_of_2(M), _GEMV_MAX_M)
@@ -471,7 +475,7 @@ def _gemv_config(M: int, N: int, K: int, target_programs: int | None = None) -> 
     # launch's grid) each stream a disjoint part of W.
     target_programs = target_programs or _TARGET_PROGRAMS
     block_n = min(max(triton.next_power_of_2(triton.cdiv(N * row_blocks, target_programs)), _GEMV_MIN_BLOCK_N), 128)
-    row_loop = _GEMV_ROW_LOOP and block_m > 1
+    row_loop = (_GEMV_ROW_LOOP if row_loop is None else row_loop) and block_m > 1
     product_rows = 1 if row_loop else block_m  # rows of x multiplied by a W block at once
     block_k = min(max(_GEMV_TILE // (product_rows * block_n), 16), max(triton.next_power_of_2(K), 16))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=_GEMV_PREFETCH, ROW_LOOP=row_loop,

@@ -22,8 +22,9 @@ The grid is one program per SM, so every program is resident at once, as a spin 
 through its phase's items (GEMV column stripes, attention (batch, head, split) items, rows) with the grid's stride,
 and a program with no item in a phase does not wait for it. The phases call the separate launches' per-program
 functions, so the math is theirs; only the cut of the work differs (column stripes and key splits sized for one
-program per SM), which reorders float32 sums. Batches of at most 16 rows (the GEMV path's; larger batches take the
-tiled path and stay with separate launches).
+program per SM, and 16-bit batches of 2-8 multiplied row by row: ROW_LOOP_MAX_BATCH), which reorders float32
+sums. Batches of at most 16 rows (the GEMV path's; larger batches take the tiled path and stay with separate
+launches).
 """
 
 import torch
@@ -39,6 +40,19 @@ from .linear import _gemv_program
 from .sampling import _sample_row
 
 MAX_BATCH = linear._GEMV_MAX_M
+# Batches (from 2) whose GEMV phases multiply each W block by one row of x at a time (linear._gemv_program's
+# ROW_LOOP), with 8 warps a program. Without it a phase's W block shrinks with the batch (the [rows, K, N] product is
+# capped at linear._GEMV_TILE values), so at batch 8 ln_2 -> c_fc walks K = 512 in 8 serial steps of 2 KB of W, only
+# the first read before the barrier; row by row every imagegpt-small phase reads its whole stripe of W in one step,
+# before the barrier, as at batch 1. Compiled for sm_90 (triton 3.9, 2026-12-04): at 4 warps it spills 400-900 B at
+# batch 8 (why it was off); at 8 warps batch 8 spills nothing (226 registers, 242 with linear._GEMV_PREFETCH = 2) and
+# batch 16 still spills 600-700 B, hence 8; float32 (the exact mode, for parity more than speed) spills 72 B at batch
+# 8, hence 16-bit weights only. Triton 3.6 (the GPU machine's): 255 registers and 32-36 B spilled at batch 8. Not
+# timed on a GPU: the benchmark's igpt-fast-one-launch rows at batch 8 run it; ROW_LOOP_MAX_BATCH = 1 gives the K
+# walk back.
+ROW_LOOP_MAX_BATCH = 8
+ROW_LOOP_DTYPES = (torch.float16, torch.bfloat16)
+ROW_LOOP_NUM_WARPS = 8
 # Barrier polls before a program gives up and flags the launch (sync.ERROR): about a second of ld.acquire round
 # trips on an H100, far beyond any phase. Under the Triton interpreter, programs run one after another, so only a
 # grid of one can pass a barrier, and a larger grid gives up after a few polls (what the tests check).
@@ -336,7 +350,8 @@ def decode_step(*, ids, pos, wte, wpe, layers: dict, ln_f, lm_head_w, qk_scale_l
         _fail(f"workspace holds {workspace.numel()} float32 values, {rows} split rows of head_dim {head_dim} need "
               f"{rows * (head_dim + 1) + batch * n_head}: allocate it with attention.decode_workspace")
 
-    gemv = {name: linear._gemv_config(batch, n, k, target_programs=work_programs)
+    row_loop = 1 < batch <= ROW_LOOP_MAX_BATCH and dtype in ROW_LOOP_DTYPES
+    gemv = {name: linear._gemv_config(batch, n, k, target_programs=work_programs, row_loop=row_loop)
             for name, n, k in (("QKV", 3 * d, d), ("O", d, d), ("FC", inner, d), ("PROJ", d, inner),
                                ("HEAD", n_clusters, d))}
     if gemv["QKV"]["grid"][1] != 1:  # the phases take every row in one block
@@ -344,6 +359,8 @@ def decode_step(*, ids, pos, wte, wpe, layers: dict, ln_f, lm_head_w, qk_scale_l
     blocks = {f"{name}_{key}": config[key] for name, config in gemv.items() for key in ("BLOCK_N", "BLOCK_K")}
     att_block_d = triton.next_power_of_2(head_dim)
     att_block_n, num_warps = attention._decode_tile(att_block_d, dtype)
+    if row_loop:
+        num_warps = ROW_LOOP_NUM_WARPS
     _decode_step_kernel[(programs,)](
         ids, pos, wte, wpe, *(layers[name] for name in LAYER_WEIGHTS), ln_f, lm_head_w, qk_scale_log2, kv_cache,
         x, q, attn, hidden, logits,
@@ -354,7 +371,7 @@ def decode_step(*, ids, pos, wte, wpe, layers: dict, ln_f, lm_head_w, qk_scale_l
         batch, n_layer, d, inner, n_clusters, n_head, max_len, float(eps),
         HEAD_DIM=head_dim, BLOCK_M=gemv["QKV"]["BLOCK_M"], EMBED_BLOCK=triton.next_power_of_2(d),
         QKV_ONE_PART=d % gemv["QKV"]["BLOCK_N"] == 0, **blocks,
-        PREFETCH=linear._GEMV_PREFETCH, ROW_LOOP=gemv["QKV"]["ROW_LOOP"], EARLY_LOADS=linear._EARLY_LOADS,
+        PREFETCH=linear._GEMV_PREFETCH, ROW_LOOP=row_loop, EARLY_LOADS=linear._EARLY_LOADS,
         ATT_BLOCK_D=att_block_d, ATT_BLOCK_N=att_block_n, NUM_SPLITS=num_splits,
         BLOCK_SPLITS=triton.next_power_of_2(num_splits),
         MIN_CHUNK=triton.cdiv(max(attention._DECODE_MIN_SPLIT_KEYS, 1), att_block_n) * att_block_n,

@@ -56,7 +56,7 @@ ENGINE_CASES = [Case(ImageGPTConfig.small(), (1, 8, 64), (torch.float16, torch.f
 # The one-launch decode step (decoder.PERSISTENT_DECODE, off by default) at the batches it takes: imagegpt-small in
 # every dtype, and one layer of imagegpt-medium and -large.
 PERSISTENT_CASES = [Case(ImageGPTConfig.small(), (1, 8, 16), (torch.float16,), True),
-                    Case(ImageGPTConfig.small(), (1,), (torch.float32, torch.bfloat16), True),
+                    Case(ImageGPTConfig.small(), (1, 8), (torch.float32, torch.bfloat16), True),
                     Case(ImageGPTConfig.medium(n_layer=1), (1,), (torch.float16,), True),
                     Case(ImageGPTConfig.large(n_layer=1), (8,), (torch.float16,), True)]
 PHASE_TIMING_CASES = [Case(ImageGPTConfig.small(), (1,), (torch.float16,), True)]  # profile_step.py --one-launch's

@@ -9,6 +9,7 @@ imagegpt-small shapes with the real grid (one program per SM) and CUDA graphs.
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -27,10 +28,19 @@ def persistent_decode(monkeypatch):
     monkeypatch.setattr(igpt_fast.decoder, "PERSISTENT_DECODE", True)
 
 
-@pytest.mark.parametrize("work_programs", [None, 64])
-def test_greedy_tokens_and_per_step_logits_match_the_reference(work_programs, weights, reference, persistent_decode,
-                                                                monkeypatch):
+@pytest.fixture
+def row_loop_in_float32(monkeypatch):
+    """The row-by-row GEMV phases (16-bit weights on a GPU) in the float32 the reference is matched in."""
+    monkeypatch.setattr(persistent, "ROW_LOOP_DTYPES", (torch.float32,))
+
+
+# Batch 3 runs in bucket 4: its GEMV phases multiply row by row (persistent.ROW_LOOP_MAX_BATCH), or walk K in
+# blocks of all the rows at once (ROW_LOOP_MAX_BATCH = 1: how batches 9-16 and float32 run).
+@pytest.mark.parametrize("work_programs, row_loop_max_batch", [(None, 8), (64, 8), (64, 1)])
+def test_greedy_tokens_and_per_step_logits_match_the_reference(work_programs, row_loop_max_batch, weights, reference,
+                                                                persistent_decode, row_loop_in_float32, monkeypatch):
     monkeypatch.setattr(igpt_fast.decoder, "PERSISTENT_WORK_PROGRAMS", work_programs)
+    monkeypatch.setattr(persistent, "ROW_LOOP_MAX_BATCH", row_loop_max_batch)
     model = ImageGPT(TINY, weights, backend="triton")
     context = torch.tensor([[TINY.sos_token_id], [3], [TINY.sos_token_id]])
     out = model.generate(context, max_new_tokens=STEPS, return_dict_in_generate=True, output_logits=True)
@@ -42,7 +52,7 @@ def test_greedy_tokens_and_per_step_logits_match_the_reference(work_programs, we
 
 
 def test_sampled_tokens_match_the_reference_fed_the_same_random_numbers(weights, reference, persistent_decode,
-                                                                        monkeypatch):
+                                                                        row_loop_in_float32, monkeypatch):
     monkeypatch.setattr(igpt_fast.decoder, "PERSISTENT_WORK_PROGRAMS", 32)
     model = ImageGPT(TINY, weights, backend="triton")
     context = torch.full((4, 1), TINY.sos_token_id)
@@ -107,6 +117,27 @@ def test_a_gemv_row_block_smaller_than_the_batch_is_refused(weights, monkeypatch
     monkeypatch.setattr(persistent.linear, "_GEMV_MAX_M", 1)
     with pytest.raises(ValueError, match="batch 2 needs one GEMV row block, but linear._GEMV_MAX_M is 1"):
         persistent.decode_step(**arguments)
+
+
+@pytest.mark.parametrize("batch, dtypes, row_loop", [(1, (torch.float32,), False), (2, (torch.float32,), True),
+                                                     (8, (torch.float32,), True), (16, (torch.float32,), False),
+                                                     (8, persistent.ROW_LOOP_DTYPES, False)])
+def test_16_bit_batches_two_to_eight_multiply_row_by_row_with_eight_warps(batch, dtypes, row_loop, weights,
+                                                                          monkeypatch):
+    """(The interpreter runs float32 only: the last case is float32 as the GPU runs it, without the row loop.)"""
+    monkeypatch.setattr(persistent, "ROW_LOOP_DTYPES", dtypes)
+    model = ImageGPT(TINY, weights, backend="triton")
+    arguments = _step_arguments(model, batch)
+    launches = []
+    monkeypatch.setattr(persistent, "_decode_step_kernel",
+                        mock.MagicMock(__getitem__=lambda self, grid: lambda *args, **kwargs: launches.append(kwargs)))
+    persistent.decode_step(**arguments)
+    (kwargs,) = launches
+    assert kwargs["ROW_LOOP"] is row_loop
+    assert kwargs["num_warps"] == (persistent.ROW_LOOP_NUM_WARPS if row_loop else 4)  # 4: attention's, at TINY
+    # Row by row, a W block is not cut by the rows: ln_2 -> c_fc reads its stripe of W (all 128 columns of TINY's,
+    # with one program) in one K step of n_embd = 32, as at batch 1; 8 or 16 rows at once take two.
+    assert (kwargs["FC_BLOCK_N"], kwargs["FC_BLOCK_K"]) == (128, 32 if row_loop or batch == 1 else 16)
 
 
 def test_phase_timing_is_refused_off_a_gpu(weights):
