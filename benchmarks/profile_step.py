@@ -6,6 +6,7 @@ counts only what it adds to the chain. Needs a CUDA GPU; random weights of the n
 
     python benchmarks/profile_step.py --model small --dtype float16 --batches 1,8,64 --steps 128
     python benchmarks/profile_step.py --one-launch --batches 1,8 --steps 256   # the one-launch step's phases
+                                          # (batches 2-8 in 16 bits: row by row, then walking K as before)
 
 With programmatic dependent launch (on by default from sm_90) a kernel starts while its predecessor drains and
 its profiled duration includes that wait, so the kernels' sum can exceed the wall (seen on an H100: 133-165%);
@@ -25,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from igpt_fast import decoder
 from igpt_fast.backend import use_pdl
+from igpt_fast.bench_kernels import heuristic
 from igpt_fast.bench_measure import DTYPES, MODELS, TOP_K, random_weights
 from igpt_fast.model import ImageGPT
 
@@ -143,8 +145,9 @@ def profile_phases(model: ImageGPT, batch: int, steps: int, seed: int) -> None:
         spans.append(persistent.phase_spans(decoder.phase_timing))
     decoder.check_launches(state)
     mean_us = (torch.stack(spans).mean(dim=0) / 1e3).tolist()
+    gemv = "row by row" if persistent.row_by_row(batch, model.dtype) else "all rows at once"
     print(f"\n== {config.n_layer} layers, batch {batch}, {steps} one-launch steps, "
-          f"{persistent.default_programs(device)} programs")
+          f"{persistent.default_programs(device)} programs, GEMV phases {gemv}")
     print_roles(phase_roles(mean_us, config.n_layer), 1, config.n_layer,
                 "phases, {step_us:.1f} us a step inside the kernel (a phase: from the last program out of the one "
                 "before to the last out of it)")
@@ -192,12 +195,17 @@ def main(argv: list[str] | None = None) -> int:
     config, dtype = MODELS[args.model], DTYPES[args.dtype]
     weights = random_weights(config, args.seed, torch.device("cuda"))
     if args.one_launch:
+        from igpt_fast.kernels import persistent
+
         decoder.PERSISTENT_DECODE = True
         model = ImageGPT(config, weights, dtype=dtype, device="cuda", use_cuda_graphs=False)
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.model} {args.dtype}, one launch a "
               f"step")
         for batch in args.batches:
             profile_phases(model, batch, args.steps, args.seed)
+            if persistent.row_by_row(batch, dtype):  # and as it ran before (untimed on a GPU so far): which pays
+                with heuristic("igpt_fast.kernels.persistent", "ROW_LOOP_MAX_BATCH", 1):
+                    profile_phases(model, batch, args.steps, args.seed)
         return 0
     model = ImageGPT(config, weights, dtype=dtype, device="cuda", max_batch=max(args.batches))
     pdl = "on" if use_pdl(torch.device("cuda")) else "off"

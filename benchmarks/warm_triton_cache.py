@@ -50,7 +50,8 @@ SWEEP_BATCHES = (1, 8, 64)  # gpu_sweep.sh's
 def launches_to_warm(programs: int, pdl: bool, sweeps: bool = True) -> list[Launch]:
     """The distinct launches of the GPU check's timed stages, most needed first: the benchmark's engine rows (fp16 and
     fp32 at batch 1, 8, 64, with PDL as this machine runs it; fp16 at 1 and 8 without it, and as one launch a
-    step), the one-launch phase profile, batch 256, then each sweep value's decode steps where it applies."""
+    step), the one-launch phase profile (batch 8 also walking K), batch 256, then each sweep value's decode steps
+    where it applies."""
     with heuristic("igpt_fast.decoder", "PERSISTENT_DECODE", False):
         stages = [engine_launches([Case(ONE_LAYER, (1, 8, 64), (torch.float16, torch.float32), pdl,
                                         (COMPLETE, SWEEP_WINDOW), False),
@@ -61,6 +62,9 @@ def launches_to_warm(programs: int, pdl: bool, sweeps: bool = True) -> list[Laun
         one_launch = Case(SMALL, (1, 8), (torch.float16,), pdl, (), False, False)
         stages += [engine_launches([one_launch], programs),
                    engine_launches([one_launch], programs, phase_timing=True)]
+        with heuristic("igpt_fast.kernels.persistent", "ROW_LOOP_MAX_BATCH", 1):  # the profile's batch 8 walking K
+            stages.append(engine_launches([Case(SMALL, (8,), (torch.float16,), pdl, (), False, False)], programs,
+                                          phase_timing=True))
     stages.append(engine_launches([Case(ONE_LAYER, (256,), (torch.float16,), pdl, (), False, False)], programs))
     if sweeps:  # one model for every value: each value's launches read it at launch (the caches are rebuilt under it)
         with recording(programs) as launches, pdl_as(pdl):

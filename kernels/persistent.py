@@ -60,6 +60,11 @@ SPIN_LIMIT = 1 << 21
 INTERPRETER_SPIN_LIMIT = 16
 
 
+def row_by_row(batch: int, dtype: torch.dtype) -> bool:
+    """Whether the step's GEMV phases multiply W by one row of x at a time (ROW_LOOP_MAX_BATCH says why)."""
+    return 1 < batch <= ROW_LOOP_MAX_BATCH and dtype in ROW_LOOP_DTYPES
+
+
 def num_phases(n_layer: int) -> int:
     """Barrier counters of a step: embed, 5 a layer, lm_head."""
     return 5 * n_layer + 2
@@ -350,7 +355,7 @@ def decode_step(*, ids, pos, wte, wpe, layers: dict, ln_f, lm_head_w, qk_scale_l
         _fail(f"workspace holds {workspace.numel()} float32 values, {rows} split rows of head_dim {head_dim} need "
               f"{rows * (head_dim + 1) + batch * n_head}: allocate it with attention.decode_workspace")
 
-    row_loop = 1 < batch <= ROW_LOOP_MAX_BATCH and dtype in ROW_LOOP_DTYPES
+    row_loop = row_by_row(batch, dtype)
     gemv = {name: linear._gemv_config(batch, n, k, target_programs=work_programs, row_loop=row_loop)
             for name, n, k in (("QKV", 3 * d, d), ("O", d, d), ("FC", inner, d), ("PROJ", d, inner),
                                ("HEAD", n_clusters, d))}

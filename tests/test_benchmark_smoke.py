@@ -531,6 +531,32 @@ def test_the_profilers_one_launch_phases_add_up_per_role(capsys):
         profiler.phase_roles(spans_us[:-1], n_layer)
 
 
+def test_the_one_launch_profile_times_row_by_row_batches_also_walking_k(monkeypatch, capsys):
+    """profile_step.py --one-launch (the GPU's parts stood in): a batch whose GEMV phases go row by row is timed
+    again with persistent.ROW_LOOP_MAX_BATCH = 1, so one GPU run says which pays; then the constant is restored."""
+    from igpt_fast import decoder
+    from igpt_fast.kernels import persistent
+
+    spec = importlib.util.spec_from_file_location("profile_step", pathlib.Path(__file__).parents[1] / "benchmarks"
+                                                  / "profile_step.py")
+    profiler = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profiler)
+    monkeypatch.setattr(decoder, "PERSISTENT_DECODE", False)  # main turns it on: restored after the test
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "a card")
+    monkeypatch.setattr(profiler, "random_weights", lambda *args: None)
+    monkeypatch.setattr(profiler, "ImageGPT", lambda *args, **kwargs: None)
+    timed = []
+    monkeypatch.setattr(profiler, "profile_phases",
+                        lambda model, batch, steps, seed: timed.append((batch, persistent.ROW_LOOP_MAX_BATCH)))
+    assert profiler.main(["--one-launch", "--batches", "1,8,16"]) == 0
+    assert timed == [(1, 8), (8, 8), (8, 1), (16, 8)]
+    assert persistent.ROW_LOOP_MAX_BATCH == 8
+    timed.clear()
+    assert profiler.main(["--one-launch", "--batches", "8", "--dtype", "float32"]) == 0
+    assert timed == [(8, 8)]  # float32 walks K anyway
+
+
 def run_gpu_check_with_stand_ins(tmp_path, seconds: int, pytest_says: str = ""):
     """benchmarks/gpu_check.sh OUT seconds, with a stand-in python3 that says CUDA is there and does nothing but log
     its arguments (and print pytest_says when it runs the one-launch step's tests): (the run, the logged calls)."""
@@ -604,7 +630,10 @@ def test_the_cache_warmer_lists_what_the_gpu_checks_timed_stages_launch():
     count = int(lines[0].split()[0])
     assert count == len(lines) - 1 > 100
     kernels = [line.split()[0] for line in lines[1:]]
-    assert kernels.count("_decode_step_kernel") == 8  # batch 1 and 8, sampled and greedy, with and without timing
+    # batch 1 and 8, sampled and greedy, with and without timing; and batch 8 timed walking K (the profile's)
+    assert kernels.count("_decode_step_kernel") == 10
+    assert sum("_decode_step_kernel" in line and "'ROW_LOOP': False" in line and "'BLOCK_M': 8" in line
+               for line in lines) == 2
     assert any("'TIMING': True" in line for line in lines) and any("'USE_PDL': False" in line for line in lines)
     assert any("_gemv_kernel" in line and "'PREFETCH': 2" in line for line in lines)  # a sweep value
     assert any("_dot_kernel" in line and "'BLOCK_K': 256" in line for line in lines)
