@@ -18,7 +18,7 @@
 # 180 s or more, goes to benchmarks/gpu_sweep.sh in OUT_DIR/more/ (batch 256, then the launch-heuristic sweep, whose
 # verdicts it prints), so one device call of `timeout -k 5 570 gpu_check.sh OUT 560` does everything: a device lease
 # of 15 minutes, start-up included, has room for one 10-minute call but hardly for two. (The outer timeout because
-# the 6-minute stages' own limits add up to about 670 s at worst; what they wrote is kept when it strikes.)
+# the 6-minute stages' own limits add up to about 685 s at worst; what they wrote is kept when it strikes.)
 # The demo job is also the probe of programmatic dependent launch (on by default from sm_90): if it fails with PDL
 # and passes without, the rest runs with IGPT_FAST_PDL=0 (said loudly, and the check fails).
 # A failing stage does not stop the later ones; the exit status says whether any failed.
