@@ -63,8 +63,8 @@ def _card(rows: list[dict]) -> str:
 
 
 def _other_card(rows: list[dict]) -> str:
-    """'' on an H100 (or with no card recorded), else a note that the ms targets were set for one: an H200 moves
-    bytes about 1.4x faster, so 'met' there does not say an H100 would meet it."""
+    """'' on an H100 (or with no card recorded), else a note that the targets were set for one: an H200 moves bytes
+    about 1.4x faster, so 'met' there does not say an H100 would meet it, and on a CPU no verdict speaks of them."""
     card = _card(rows)
     return f"; set for an H100, run on {card}" if card and "H100" not in card else ""
 
@@ -82,7 +82,8 @@ def target_verdict(row: dict, rows: list[dict]) -> str:
         if not hf:
             return f"unknown (needs transformers fp32 b{batch})"
         ratio = hf[0]["ms"] / row["ms"]
-        return f"{'met' if ratio >= speedup else 'NOT met'} ({ratio:.1f}x vs >= {speedup:.0f}x transformers)"
+        return (f"{'met' if ratio >= speedup else 'NOT met'} "
+                f"({ratio:.1f}x vs >= {speedup:.0f}x transformers{_other_card(rows)})")
     return ""
 
 
@@ -186,13 +187,13 @@ def sweep_table(rows: list[dict]) -> str:
                   range(3, 4))
 
 
-def startup_verdict(row: dict) -> str:
-    """met / NOT met for each first-call target (set for imagegpt-small), else ''."""
+def startup_verdict(row: dict, rows: list[dict]) -> str:
+    """met / NOT met for each first-call target (set for imagegpt-small on an H100), else ''."""
     if row["model"] != "small":
         return ""
     seconds = {"cold": row["first_call_s"], "warm": row["warm_first_call_s"]}
     return ", ".join(f"{cache} {'met' if seconds[cache] <= limit else 'NOT met'} (<= {limit:.0f} s)"
-                     for cache, limit in TARGET_FIRST_CALL_S.items())
+                     for cache, limit in TARGET_FIRST_CALL_S.items()) + _other_card(rows)
 
 
 def startup_table(rows: list[dict]) -> str:
@@ -204,7 +205,7 @@ def startup_table(rows: list[dict]) -> str:
             lines.append([r["system"], r["model"], r["dtype"], str(r["batch"]), r["status"], "", "", r["note"][:80]])
             continue
         lines.append([r["system"], r["model"], r["dtype"], str(r["batch"]), f"{r['first_call_s']:.2f} s",
-                      f"{r['warm_first_call_s']:.2f} s", startup_verdict(r), r["note"][:80]])
+                      f"{r['warm_first_call_s']:.2f} s", startup_verdict(r, rows), r["note"][:80]])
     return _table(["system", "model", "dtype", "batch", "cold cache", "warm cache", "target", "note"], lines,
                   range(4, 6))
 
@@ -282,7 +283,7 @@ def markdown_summary(rows: list[dict]) -> str:
         if r["task"] == "startup" and r["status"] == "ok":
             out += ["", f"First call in a fresh process ({r['model']}, {r['dtype']}, batch {r['batch']}): "
                         f"{r['first_call_s']:.1f} s with an empty Triton cache, {r['warm_first_call_s']:.1f} s "
-                        f"with a filled one; targets: {startup_verdict(r) or '-'}."]
+                        f"with a filled one; targets: {startup_verdict(r, rows) or '-'}."]
     return "\n".join(out)
 
 

@@ -240,14 +240,22 @@ def test_targets_and_ratios_to_the_best_anchor():
     assert " 8.00x |" in line and " 33% |" in line and "NOT met (<= 0.25 ms)" in line
 
 
-def test_ms_targets_say_so_when_the_card_is_not_the_h100_they_were_set_for():
-    rows = [_row("igpt-fast", "float16", 1, 0.19), _row("igpt-fast", "float16", 8, 0.30)]
+def test_targets_say_so_when_the_card_is_not_the_h100_they_were_set_for():
+    rows = [_row("igpt-fast", "float16", 1, 0.19), _row("igpt-fast", "float16", 8, 0.30),
+            _row("igpt-fast", "float32", 8, 100.0), _row("transformers", "float32", 8, 120.0)]
+    startup = dataclasses.asdict(bench_measure.Result("startup", "igpt-fast", "small", "float16", 8, first_call_s=5.0,
+                                                      warm_first_call_s=1.0))
     rows[0]["environment"] = {"card": "NVIDIA H200"}
-    assert [bench_report.target_verdict(r, rows) for r in rows] == [
+    assert [bench_report.target_verdict(r, rows) for r in rows[:3]] == [
         "met (<= 0.20 ms; set for an H100, run on NVIDIA H200)",
-        "NOT met (<= 0.25 ms; set for an H100, run on NVIDIA H200)"]
+        "NOT met (<= 0.25 ms; set for an H100, run on NVIDIA H200)",
+        "NOT met (1.2x vs >= 20x transformers; set for an H100, run on NVIDIA H200)"]
+    assert (bench_report.startup_verdict(startup, rows)
+            == "cold met (<= 15 s), warm met (<= 3 s); set for an H100, run on NVIDIA H200")
     rows[0]["environment"] = {"card": "NVIDIA H100 80GB HBM3"}
     assert bench_report.target_verdict(rows[1], rows) == "NOT met (<= 0.25 ms)"
+    assert bench_report.target_verdict(rows[2], rows) == "NOT met (1.2x vs >= 20x transformers)"
+    assert bench_report.startup_verdict(startup, rows) == "cold met (<= 15 s), warm met (<= 3 s)"
 
 
 def test_startup_verdicts_against_the_first_call_targets():
