@@ -68,6 +68,17 @@ def _sample_kernel(
 
 
 @triton.jit
+def _argmax_nan_first(values, cols, in_row, BLOCK_V: tl.constexpr):
+    """torch.argmax's choice over the row's lanes (the PyTorch stand-in's): the first NaN if there is one, else the
+    first of the largest. Compiled, tl.argmax compares with > and ==, which a NaN fails both ways, so over NaN
+    logits (a float16 overflow upstream) it picks some other lane, and with V not a power of two it can end on a
+    padding lane past V: a token the next step would embed from past the end of wte. (The interpreter's argmax is
+    numpy's nanargmax, which skips NaN instead.)"""
+    first_nan = tl.min(tl.where(in_row & (values != values), cols, BLOCK_V), axis=0)
+    return tl.where(first_nan < BLOCK_V, first_nan, tl.argmax(values, axis=0, tie_break_left=True))
+
+
+@triton.jit
 def _sample_row(
     row,  # which row of logits
     n_rows,  # B: how many programs count themselves in on arrivals
@@ -100,7 +111,7 @@ def _sample_row(
     pos = tl.load(pos_ptr)
 
     if GREEDY:
-        token = tl.argmax(logits, axis=0, tie_break_left=True)
+        token = _argmax_nan_first(logits, cols, in_row, BLOCK_V)
     else:
         temperature = tl.load(temperature_ptr + row)
         top_k = tl.load(top_k_ptr + row)
@@ -136,7 +147,7 @@ def _sample_row(
 
         uniforms = _row_uniforms(seed_ptr, pos_ptr, row, cols, V)
         perturbed = tl.where(kept, scores - tl.log(-tl.log(uniforms)), float("-inf"))
-        token = tl.argmax(perturbed, axis=0, tie_break_left=True)
+        token = _argmax_nan_first(perturbed, cols, in_row, BLOCK_V)
 
     token = token.to(tl.int64)
     tl.store(out_ids_ptr + row, token)

@@ -139,6 +139,38 @@ def test_ties_are_kept_together(device):
         torch.testing.assert_close(out, reference(logits, 1.0, top_k, top_p, seed=5))
 
 
+NAN_CASES = [(True, None, None), (False, None, None), (False, 3, None), (False, None, 0.9)]
+
+
+def check_nan_rows(device, vocab, greedy, top_k, top_p):
+    """NaN logits (a float16 overflow upstream) choose the first NaN, as torch.argmax (the stand-in's) does: never
+    one of the lanes past V that the kernel pads its row to, which the next step would embed past wte with."""
+    logits = tie_free_logits(3, vocab, seed=2)
+    logits[0, 5] = logits[0, 11] = float("nan")
+    logits[1] = float("nan")
+    logits[2, vocab - 1] = float("nan")
+    out = run_kernel(logits.to(device), 1.0, top_k, top_p, seed=3, greedy=greedy).cpu()
+    assert out.tolist() == [5, 0, vocab - 1]
+    if greedy:
+        torch.testing.assert_close(out, logits.argmax(dim=-1))
+    else:
+        torch.testing.assert_close(out, reference(logits, 1.0, top_k, top_p, seed=3))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's numpy on NaN
+@pytest.mark.parametrize("greedy,top_k,top_p", NAN_CASES)
+def test_nan_logits_give_torch_argmax_choice_never_a_padding_lane(device, greedy, top_k, top_p):
+    check_nan_rows(device, 17, greedy, top_k, top_p)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab", [17, 512])
+@pytest.mark.parametrize("greedy,top_k,top_p", NAN_CASES)
+def test_nan_logits_compiled(vocab, greedy, top_k, top_p):
+    """Compiled, where tl.argmax itself never picks a NaN (the interpreter's, numpy's nanargmax, skips them)."""
+    check_nan_rows(torch.device("cuda"), vocab, greedy, top_k, top_p)
+
+
 # --- the warpers against transformers ---------------------------------------------------------------------
 
 
