@@ -158,6 +158,9 @@ def _load_sharded(index_path: Path) -> dict[str, torch.Tensor]:
         weight_map = json.loads(index_path.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{index_path} is not a safetensors index with a 'weight_map': {e}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index_path}: 'weight_map' must map each key to a shard's file name, got "
+                         f"{json.dumps(weight_map)[:100]}")
     state = {}
     for shard in sorted(set(weight_map.values())):
         shard_path = index_path.parent / shard

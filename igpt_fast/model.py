@@ -95,8 +95,7 @@ class ImageGPT:
             raise TypeError(f"config must be an igpt_fast.ImageGPTConfig, got {type(config).__name__}")
         state_dict = {k: v for k, v in state_dict.items() if not is_legacy_buffer(k)}
         check_state_dict(config, state_dict)
-        if max_batch not in BATCH_BUCKETS:
-            raise ValueError(f"max_batch must be one of the batch buckets {BATCH_BUCKETS}, got {max_batch!r}")
+        _check_max_batch(max_batch)
         self.config = config
         self.max_batch = max_batch
         self.use_cuda_graphs = use_cuda_graphs
@@ -106,23 +105,7 @@ class ImageGPT:
                     dtype if dtype is not None else torch.float32)
 
     def _build(self, device: torch.device, dtype: torch.dtype) -> None:
-        if dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"device must be a CPU or CUDA device, got {device}")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device} requested but CUDA is not available")
-        backend = self._backend_request or ("triton" if device.type == "cuda" else "torch")
-        if backend not in ("triton", "torch"):
-            raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
-        if backend == "triton" and device.type == "cpu" and not triton_interpreter_on():
-            raise ValueError("backend='triton' on the CPU needs TRITON_INTERPRET=1 set before igpt_fast is "
-                             "imported (or use backend='torch')")
-        if dtype == torch.bfloat16 and backend == "triton" and device.type == "cpu":
-            raise ValueError("the Triton interpreter has no bfloat16; use float32/float16 or backend='torch'")
-        if dtype == torch.bfloat16 and backend == "triton" and device.type == "cuda" and capability_major(device) < 8:
-            raise ValueError(f"bfloat16 kernels need a GPU of compute capability 8.0 or newer (Ampere, Hopper); "
-                             f"{device} is {capability_major(device)}.x: use dtype=torch.float16")
+        backend = _checked_backend(device, dtype, self._backend_request)
         weights = PackedWeights.pack(self.config, self._state_dict, dtype, device)
         self.decoder = StaticDecoder(self.config, weights, backend=backend, use_cuda_graphs=self.use_cuda_graphs)
 
@@ -151,6 +134,9 @@ class ImageGPT:
             if device is not None and torch.device(device) != mapped:
                 raise ValueError(f"device={device} and device_map={device_map!r} disagree; pass one of them")
             device = mapped
+        _check_max_batch(kwargs.get("max_batch", BATCH_BUCKETS[-1]))
+        _checked_backend(torch.device(device) if device is not None else torch.device("cpu"),
+                         None if dtype == "auto" else dtype or torch.float32, kwargs.get("backend"))
         checkpoint = load_checkpoint(path_or_hub_id, revision=revision, cache_dir=cache_dir,
                                      local_files_only=local_files_only, token=token)
         if dtype == "auto":  # transformers' "auto": config.json's dtype, else the stored weights' (openai's: float32)
@@ -480,6 +466,34 @@ def _report_when_done(event, steps: int, report) -> None:
     if event is not None:
         event.synchronize()
     report(steps)
+
+
+def _check_max_batch(max_batch) -> None:
+    if max_batch not in BATCH_BUCKETS:
+        raise ValueError(f"max_batch must be one of the batch buckets {BATCH_BUCKETS}, got {max_batch!r}")
+
+
+def _checked_backend(device: torch.device, dtype: torch.dtype | None, requested: str | None) -> str:
+    """The backend a model on `device` in `dtype` runs with (None: not known yet, "auto"), or a ValueError saying
+    why that placement cannot run."""
+    if dtype is not None and dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be a CPU or CUDA device, got {device}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but CUDA is not available")
+    backend = requested or ("triton" if device.type == "cuda" else "torch")
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
+    if backend == "triton" and device.type == "cpu" and not triton_interpreter_on():
+        raise ValueError("backend='triton' on the CPU needs TRITON_INTERPRET=1 set before igpt_fast is "
+                         "imported (or use backend='torch')")
+    if dtype == torch.bfloat16 and backend == "triton" and device.type == "cpu":
+        raise ValueError("the Triton interpreter has no bfloat16; use float32/float16 or backend='torch'")
+    if dtype == torch.bfloat16 and backend == "triton" and device.type == "cuda" and capability_major(device) < 8:
+        raise ValueError(f"bfloat16 kernels need a GPU of compute capability 8.0 or newer (Ampere, Hopper); "
+                         f"{device} is {capability_major(device)}.x: use dtype=torch.float16")
+    return backend
 
 
 def _named_dtype(dtype, name: str):

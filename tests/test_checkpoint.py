@@ -98,8 +98,13 @@ def test_sharded_safetensors(tmp_path):
     for name, shard_keys in shards.items():
         save_file({k: state[k] for k in shard_keys}, tmp_path / name)
         weight_map.update({k: name for k in shard_keys})
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     assert_same_state(load_checkpoint(tmp_path).state_dict, state)
+    for malformed in (keys, {keys[0]: 5}, {keys[0]: None}, None):
+        index.write_text(json.dumps({"metadata": {}, "weight_map": malformed}))
+        with pytest.raises(ValueError, match="'weight_map' must map each key to a shard's file name"):
+            load_checkpoint(tmp_path)
 
 
 def test_hub_id_resolves_offline_from_the_cache(tmp_path, monkeypatch):

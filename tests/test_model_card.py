@@ -83,11 +83,18 @@ def test_from_pretrained_takes_a_one_device_map_and_checks_arguments_before_load
         raise AssertionError("the weights were read before the arguments were checked")
 
     monkeypatch.setattr(igpt_fast.model, "load_checkpoint", no_loading)
-    for kwargs, match in [(dict(device_map={"transformer": 0, "lm_head": "cpu"}), "one device"),
-                          (dict(device_map="balanced"), "one device"),
-                          (dict(device="cpu", device_map="cuda"), "disagree"),
-                          (dict(low_cpu_mem_usage=True), r"does not use: \['low_cpu_mem_usage'\]"),
-                          (dict(dtype=torch.float64), "dtype must be one of")]:
+    cases = [(dict(device_map={"transformer": 0, "lm_head": "cpu"}), "one device"),
+             (dict(device_map="balanced"), "one device"),
+             (dict(device="cpu", device_map="cuda"), "disagree"),
+             (dict(low_cpu_mem_usage=True), r"does not use: \['low_cpu_mem_usage'\]"),
+             (dict(dtype=torch.float64), "dtype must be one of"),
+             (dict(max_batch=3), "max_batch must be one of"),
+             (dict(backend="cuda"), "backend must be"),
+             (dict(device="mps"), "CPU or CUDA device"),
+             (dict(device="cpu", backend="triton", dtype="bfloat16"), "bfloat16|TRITON_INTERPRET")]
+    if not torch.cuda.is_available():
+        cases.append((dict(device="cuda"), "CUDA is not available"))
+    for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):
             ImageGPT.from_pretrained(tmp_path, **kwargs)
 
