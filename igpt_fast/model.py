@@ -320,14 +320,15 @@ class ImageGPT:
 
     # ---- generation ----
     @_on_model_device
-    def generate(self, input_ids=None, *, pixel_values=None, max_length: int | None = None,
+    def generate(self, input_ids=None, *, pixel_values=None, inputs=None, max_length: int | None = None,
                  max_new_tokens: int | None = None, do_sample: bool = False, temperature=1.0, top_k=None,
                  top_p=None, num_return_sequences: int = 1, seed: int | None = None,
                  generator: torch.Generator | None = None, return_dict_in_generate: bool = False,
                  output_logits: bool = False, attention_mask=None, pad_token_id: int | None = None,
                  use_cache: bool = True, progress=None, **unused):
         """transformers' call: ids [B, P] (the SOS column, or SOS + pixels to complete) -> LongTensor
-        [B, max_length] on the input's device. `pixel_values=` is the older model card's name for input_ids.
+        [B, max_length] on the input's device. `pixel_values=` (the older model card's) and `inputs=` (the name of
+        transformers' first parameter) are other names for input_ids.
         max_length defaults to a whole image (n_positions + 1). Sampling: temperature, then top-k (default 50
         like transformers; 0 or more than the colors keeps them all, as there), then top-p; `seed=` or
         `generator=` (else torch's global RNG) picks the stream, and image b of a seed is the same whatever the
@@ -341,8 +342,9 @@ class ImageGPT:
         None: no reports, and no host sync before the end)."""
         if unused:
             raise ValueError(f"generate() got arguments it does not use: {sorted(unused)}")
-        if (input_ids is None) == (pixel_values is None):
-            raise ValueError("pass the prompt as input_ids (or the older pixel_values), exactly one of them")
+        prompts = [p for p in (input_ids, pixel_values, inputs) if p is not None]
+        if len(prompts) != 1:
+            raise ValueError(f"pass the prompt once, as input_ids (or pixel_values or inputs), got {len(prompts)}")
         if seed is not None and generator is not None:
             raise ValueError("pass seed or generator, not both")
         # Checked up front: a string generator would fail later with "'str' object has no attribute 'device'".
@@ -354,7 +356,7 @@ class ImageGPT:
             raise TypeError(f"progress must be a callable progress(done, total) or None, got {progress!r}")
         if pad_token_id is not None:
             _check_int(pad_token_id, "pad_token_id", -2**63, 2**63, "an int")
-        given = input_ids if input_ids is not None else pixel_values
+        given = prompts[0]
         out_device = given.device if isinstance(given, torch.Tensor) else torch.device("cpu")
         ids = torch.as_tensor(given)
         check_input_ids(ids, self.config)

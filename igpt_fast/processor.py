@@ -43,6 +43,17 @@ class ImageSize(int):
     def keys(self):
         return ("height", "width")
 
+    def __contains__(self, key) -> bool:  # `"height" in size`; without it Python would try size[0], size[1], ...
+        return key in self.keys()
+
+    @property
+    def height(self) -> int:  # transformers 5's SizeDict reads as attributes too
+        return int(self)
+
+    @property
+    def width(self) -> int:
+        return int(self)
+
     def to_dict(self) -> dict:
         return {"height": int(self), "width": int(self)}
 

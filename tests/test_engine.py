@@ -193,7 +193,11 @@ def test_model_card_call_forms(weights):
                        top_k=40 % TINY.n_clusters, seed=3)
     b = model.generate(input_ids=context, max_length=TINY.n_positions + 1, temperature=1.0, do_sample=True,
                        top_k=40 % TINY.n_clusters, seed=3)
-    assert a.dtype == torch.int64 and a.shape == (2, TINY.n_positions + 1) and torch.equal(a, b)
+    c = model.generate(inputs=context, max_length=TINY.n_positions + 1, temperature=1.0, do_sample=True,
+                       top_k=40 % TINY.n_clusters, seed=3)  # transformers' own name for its first parameter
+    assert a.dtype == torch.int64 and a.shape == (2, TINY.n_positions + 1) and torch.equal(a, b) and torch.equal(a, c)
+    with pytest.raises(ValueError, match="pass the prompt once, .* got 2"):
+        model.generate(input_ids=context, inputs=context, max_new_tokens=1)
     assert (a[:, 0] == TINY.sos_token_id).all() and (a[:, 1:] < TINY.n_clusters).all()
     assert model.eval() is model and model.config.vocab_size == TINY.vocab_size
     # transformers' default top_k=50 is clamped to the vocabulary when unset
@@ -300,7 +304,7 @@ def test_progress_of_a_single_new_token_is_reported_once(weights):
      "num_return_sequences must be an int >= 1, got 0"),
     (dict(input_ids=torch.zeros(1, 1, dtype=torch.long), num_return_sequences=2), ValueError,
      "num_return_sequences=2 needs do_sample=True"),
-    (dict(), ValueError, "exactly one"),
+    (dict(), ValueError, "pass the prompt once, .* got 0"),
     (dict(input_ids=torch.zeros(1, 1, dtype=torch.long), seed=1, generator=torch.Generator()), ValueError,
      "not both"),
     (dict(input_ids=torch.zeros(1, 1, dtype=torch.long), do_sample=True, seed=2**63), ValueError,

@@ -119,6 +119,8 @@ def test_size_is_an_int_and_a_dict():
         assert np.reshape(image, [n_px, n_px, 3]).shape == (16, 16, 3)
         assert processor.size["height"] == 16 and processor.size["width"] == 16
         assert dict(processor.size.to_dict()) == {"height": 16, "width": 16}
+        assert processor.size.height == processor.size.width == 16  # transformers 5's SizeDict attributes
+        assert "height" in processor.size and "shortest_edge" not in processor.size
     with pytest.raises(KeyError, match="shortest_edge"):
         processor.size["shortest_edge"]
     with pytest.raises(ValueError, match="square"):
