@@ -151,6 +151,9 @@ def _load(args, processor=None):
     if side * side != model.config.n_positions:
         raise UserError(f"{checkpoint}: image size {side}x{side} does not match n_positions "
                         f"{model.config.n_positions}")
+    if processor.n_clusters != model.config.n_clusters:  # the sampling values were checked against the processor's
+        raise UserError(f"{checkpoint}: the image processor has {processor.n_clusters} color clusters, the model "
+                        f"{model.config.n_clusters}")
     return model, processor
 
 
@@ -184,10 +187,12 @@ def _check_seeds(args, count: int) -> None:
         raise UserError(f"--seed must be in [-2**63, 2**63 - {offset + 1}]{why if offset else ''}, got {args.seed}")
 
 
-def _sampling_kwargs(args, model) -> dict:  # --batch-size: checked by _check_seeds, which every caller runs first
+def _sampling_kwargs(args, processor) -> dict:  # --batch-size: checked by _check_seeds, which every caller runs first
+    """generate's sampling arguments, checked against the processor's colors (the model's: _load), before the model
+    is read."""
     if args.greedy:
         return {"do_sample": False}
-    colors = model.config.n_clusters
+    colors = processor.n_clusters
     top_k = colors if args.top_k == 0 else min(args.top_k, colors)  # 0: off, as generate() reads it
     kwargs = {"do_sample": True, "top_k": top_k, "top_p": args.top_p, "temperature": args.temperature}
     check_sampling_args(vocab=colors, **kwargs)  # before any progress bar starts
@@ -218,8 +223,9 @@ def cmd_generate(args) -> int:
     if args.save_ids is not None:
         _check_output(args.save_ids, ".npy", "--save-ids")
     _check_seeds(args, args.num_images)
-    model, processor = _load(args)
-    sampling = _sampling_kwargs(args, model)
+    processor = _load_processor(args)
+    sampling = _sampling_kwargs(args, processor)
+    model, processor = _load(args, processor)
     sos, pixels = model.config.sos_token_id, model.config.n_positions
     ids, start = [], time.perf_counter()
     with _pixel_bar(args.num_images * pixels, "generating") as bar:
@@ -304,12 +310,12 @@ def cmd_complete(args) -> int:
     processor = _load_processor(args)
     _, images = _read_images(args.images, processor)
     _check_seeds(args, len(images) * args.samples)
-    model, processor = _load(args, processor)
     side = int(processor.size)
     rows = side // 2 if args.rows is None else args.rows
     if not 0 <= rows < side:
         raise UserError(f"--rows must be in [0, {side}) for {side}x{side} images, got {rows}")
-    sampling = _sampling_kwargs(args, model)
+    sampling = _sampling_kwargs(args, processor)
+    model, processor = _load(args, processor)
     ids = processor(images)["input_ids"]  # [N, side*side]
     sos = torch.full((len(images), 1), model.config.sos_token_id, dtype=torch.long)
     prompts = torch.cat([sos, ids[:, :rows * side]], dim=1).repeat_interleave(args.samples, dim=0)

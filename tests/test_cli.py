@@ -324,6 +324,25 @@ def test_bad_output_paths_are_refused_before_any_work(tmp_path, capsys, monkeypa
     assert {path: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == before  # nothing written
 
 
+@pytest.mark.parametrize("args, message", [
+    (["generate", "-n", "1", "--temperature", "0"], "temperature must be"),
+    (["generate", "-n", "1", "--top-p", "0"], "top_p must be a number in (0, 1]"),
+    (["complete", "{tmp}/in.png", "--top-k", "-1"], "top_k"),
+    (["complete", "{tmp}/in.png", "--rows", "16"], "--rows must be in [0, 16) for 16x16 images, got 16"),
+])
+def test_bad_sampling_values_and_rows_are_refused_before_the_model_is_read(tmp_path, capsys, monkeypatch, args,
+                                                                           message):
+    Image.new("RGB", (16, 16)).save(tmp_path / "in.png")
+
+    def no_model(*_, **__):
+        raise AssertionError("the model was read before the arguments were checked")
+
+    monkeypatch.setattr(ImageGPT, "from_pretrained", no_model)
+    code, _, err = run([arg.format(tmp=tmp_path) for arg in args] + ["-o", str(tmp_path / "out.png"), "--device",
+                                                                     "cpu"], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_an_output_folder_without_write_permission_is_refused_first(tmp_path, capsys, monkeypatch):
     # os.access stands in for a read-only folder: the tests may run as root, which may write anywhere
     monkeypatch.setattr("igpt_fast.cli.os.access", lambda path, mode: False)
