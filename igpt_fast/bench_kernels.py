@@ -60,7 +60,6 @@ SWEEPS = (
     Sweep("igpt_fast.kernels.linear", "_GEMV_MAX_M", (16, 1), _LINEAR_CASES, range(2, 17)),
     Sweep("igpt_fast.kernels.linear", "_EARLY_LOADS", (True, False), _LINEAR_CASES, ALL_BATCHES),
     Sweep("igpt_fast.kernels.linear", "_DOT_SMALL_TILE_BLOCK_K", (64, 128, 256), _LINEAR_CASES, DOT_BATCHES),
-    Sweep("igpt_fast.kernels.linear", "_NORM_PROLOGUE_TILE", (1024, 8192), _LINEAR_CASES, DOT_BATCHES),
     Sweep("igpt_fast.decoder", "ATTENTION_KV_BEFORE_WAIT", (False, True), (), ALL_BATCHES),  # decode steps only
     Sweep("igpt_fast.decoder", "STEPS_PER_GRAPH", (1, 4, 16), (), ALL_BATCHES),  # decode steps only
     Sweep("igpt_fast.kernels.attention", "_DECODE_TARGET_PROGRAMS", (64, 128, 256, 512, 1024), ("decode_attention",),

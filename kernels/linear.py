@@ -75,13 +75,6 @@ _GROUP_M = 8  # row tiles walked together in the dot path, so W tiles are reused
 # not the tile's arithmetic, is the time): 64 like every other tile. On an H100 at batch 64, mlp c_proj (K = 4d)
 # took 13.5 us against 5.3 for attn c_proj (K = d): 128 or 256 would halve or quarter its K steps (the sweep's).
 _DOT_SMALL_TILE_BLOCK_K = 64
-# Elements of x the dot path's norm prologue loads per step: K steps of 8192 // BLOCK_M, so a decode tile of 16 rows
-# reads its rows' whole x (K = d <= 512, or 2 steps at 1536) in one step. That pass has no tl.dot, so Triton does
-# not pipeline it: with the main loop's K step (64) it was 8 dependent L2 round trips at imagegpt-small before the
-# first product, at batch 17-256 (at batch 64 on an H100, norm_qkv and c_fc took 8.5-8.7 us, attn c_proj, with no
-# norm, 5.3). 8192 is 64 values a thread at 4 warps, as in the GEMV path. Chosen without a GPU; the sweep times 1024
-# (64-wide steps at 16 rows, as before).
-_NORM_PROLOGUE_TILE = 8192
 # The "qkv" epilogue stores through per-element int64 cache pointers (head_dim is a runtime value, so no contiguity
 # is provable): compiled for sm_90, its 128 x 128 dot tile spills 0.9-3 KB of registers per thread (every dtype);
 # 128 x 64 spills none in 16-bit and 24 B in float32. Large prefills (M >= 1024 at imagegpt-large) would get 128 x 128.
@@ -402,7 +395,6 @@ def _dot_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    NORM_BLOCK_K: tl.constexpr,  # K step of the norm's prologue pass over x
     EARLY_LOADS: tl.constexpr,  # the bias before gdc_wait; the residual or pos right after it (tiles <= 64 x 64)
 ):
     """1-D grid over [BLOCK_M, BLOCK_N] tiles in grouped order; tl.dot in the inputs' dtype into float32."""
@@ -428,7 +420,10 @@ def _dot_kernel(
     if EARLY_LOADS and BLOCK_M * BLOCK_N <= 64 * 64:
         residual, pos = _load_activations(out_ptr, pos_ptr, rows, offs_n, M, N, stride_om, EPILOGUE)
     if HAS_NORM:
-        rstd = _row_rstd(x_ptr, rows, row_mask, stride_xm, K, eps, BLOCK_M, NORM_BLOCK_K)
+        # In the main loop's K steps. Reading a 16-row decode tile's whole x in one step instead (8192 elements) was
+        # slower on the card: at batch 64 on an H200 (2026-12-04) norm_qkv took 12.2 us and ln_2/c_fc 13.9, against
+        # 8.5 and 8.7 this way on an H100, while the kernels without the norm did not move (5.3 and 13.5 us).
+        rstd = _row_rstd(x_ptr, rows, row_mask, stride_xm, K, eps, BLOCK_M, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -501,8 +496,7 @@ def _dot_config(M: int, N: int, K: int, dtype: torch.dtype, max_block_n: int = 1
         block_k = _DOT_SMALL_TILE_BLOCK_K if block_m * block_n <= 32 * 32 else 64
     block_k = min(block_k, max(triton.next_power_of_2(K), 16))
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
-    norm_block_k = min(max(_NORM_PROLOGUE_TILE // block_m, 16), max(triton.next_power_of_2(K), 16))
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=_GROUP_M, NORM_BLOCK_K=norm_block_k,
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=_GROUP_M,
                 num_warps=8 if block_m * block_n >= 128 * 64 else 4, num_stages=3, grid=(tiles,))
 
 

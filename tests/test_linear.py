@@ -364,15 +364,6 @@ def test_dot_small_tiles_with_deeper_k_steps(device, monkeypatch, block_k):
     torch.testing.assert_close(residual.double(), expected, **tol_for(torch.float16))
 
 
-def test_dot_norm_prologue_reads_a_decode_tile_of_x_in_one_step():
-    """The norm's statistic pass: one K step for 16-row tiles of imagegpt-small, bounded steps for prefill tiles."""
-    decode = _dot_config(64, 1536, 512, torch.float16)
-    assert decode["BLOCK_M"] == 16 and decode["NORM_BLOCK_K"] == 512
-    assert _dot_config(64, 4608, 1536, torch.float16)["NORM_BLOCK_K"] == 256  # imagegpt-large: 32-row tiles, 6 steps
-    prefill = _dot_config(4096, 1536, 512, torch.float16)
-    assert prefill["BLOCK_M"] * prefill["NORM_BLOCK_K"] <= linear._NORM_PROLOGUE_TILE
-
-
 @pytest.mark.parametrize("M", [17, 64, 256])
 def test_dot_tiles_fill_the_gpu_at_decode_batches(M):
     """imagegpt-small c_proj (N = 512): tiles shrink until enough programs exist."""
