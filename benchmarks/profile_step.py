@@ -5,8 +5,6 @@ with the time from its predecessor's end to its own end, so the roles add up to 
 counts only what it adds to the chain. Needs a CUDA GPU; random weights of the named model size.
 
     python benchmarks/profile_step.py --model small --dtype float16 --batches 1,8,64 --steps 128
-    python benchmarks/profile_step.py --one-launch --batches 1,8 --steps 256   # the one-launch step's phases
-                                          # (batches 2-8 in 16 bits: row by row, then walking K as before)
 
 With programmatic dependent launch (on by default from sm_90) a kernel starts while its predecessor drains and
 its profiled duration includes that wait, so the kernels' sum can exceed the wall (seen on an H100: 133-165%);
@@ -24,9 +22,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from igpt_fast import decoder
 from igpt_fast.backend import use_pdl
-from igpt_fast.bench_kernels import heuristic
 from igpt_fast.bench_measure import DTYPES, MODELS, TOP_K, random_weights
 from igpt_fast.model import ImageGPT
 
@@ -39,8 +35,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batches", default="1,8,64", help="comma-separated batch sizes (default 1,8,64)")
     parser.add_argument("--steps", type=int, default=128, help="decode steps profiled per batch (default 128)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--one-launch", action="store_true", help="time the one-launch decode step's phases from "
-                        "inside the kernel (decoder.PERSISTENT_DECODE; batches of at most 16) instead")
     args = parser.parse_args(argv)
     try:
         args.batches = [int(b) for b in args.batches.split(",")]
@@ -102,55 +96,14 @@ def print_critical_path(kernels: list[tuple[str, float, float]], n_layer: int) -
                 "predecessor's end; embed includes the gap between graph replays)")
 
 
-def phase_roles(spans_us: list[float], n_layer: int) -> dict[str, float]:
-    """A one-launch step's phase spans (persistent.phase_spans, in step order) summed per role."""
-    roles = step_roles(n_layer)
-    if len(spans_us) != len(roles):
-        raise ValueError(f"{len(roles)} phase spans expected for {n_layer} layers, got {len(spans_us)}")
-    totals = dict.fromkeys(roles, 0.0)
-    for role, us in zip(roles, spans_us, strict=True):
-        totals[role] += us
-    return totals
-
-
 def print_roles(totals: dict[str, float], steps: int, n_layer: int, title: str) -> None:
-    """Per role: us a step, its share of the step, us a launch (or phase); title may use {steps} and {step_us}."""
+    """Per role: us a step, its share of the step, us a launch; title may use {steps} and {step_us}."""
     step_us = sum(totals.values()) / steps
     print(title.format(steps=steps, step_us=step_us))
     print(f"{'us/step':>8} {'% of step':>10} {'us/launch':>10}  role")
     for role, us in totals.items():
         launches = n_layer if role in LAYER_ROLES else 1
         print(f"{us / steps:8.1f} {100 * us / steps / step_us:9.0f}% {us / steps / launches:10.2f}  {role}")
-
-
-def profile_phases(model: ImageGPT, batch: int, steps: int, seed: int) -> None:
-    """The one-launch step (decoder.PERSISTENT_DECODE) timed from inside: each program stamps the GPU's clock as it
-    finishes each phase, and a phase's span runs from the last program out of the phase before to the last out of
-    it (steps run eagerly, one launch each; the stamps are in-kernel, so launch gaps do not count)."""
-    from igpt_fast.kernels import persistent
-
-    config, decoder = model.config, model.decoder
-    device = torch.device("cuda")
-    decoder.phase_timing = torch.zeros(persistent.default_programs(device), persistent.timing_slots(config.n_layer),
-                                       dtype=torch.int64, device=device)
-    state = decoder.state(batch)
-    if not decoder.persistent(state):
-        raise ValueError(f"batch {batch} does not take the one-launch step (at most {persistent.MAX_BATCH} rows)")
-    state.top_k.fill_(min(TOP_K, config.n_clusters))
-    state.seed.fill_(seed)
-    decoder.start(state, torch.full((batch, 1), config.sos_token_id, device=device), greedy=False)
-    spans = []
-    for _ in range(steps):
-        decoder.step(state, greedy=False)
-        spans.append(persistent.phase_spans(decoder.phase_timing))
-    decoder.check_launches(state)
-    mean_us = (torch.stack(spans).mean(dim=0) / 1e3).tolist()
-    gemv = "row by row" if persistent.row_by_row(batch, model.dtype) else "all rows at once"
-    print(f"\n== {config.n_layer} layers, batch {batch}, {steps} one-launch steps, "
-          f"{persistent.default_programs(device)} programs, GEMV phases {gemv}")
-    print_roles(phase_roles(mean_us, config.n_layer), 1, config.n_layer,
-                "phases, {step_us:.1f} us a step inside the kernel (a phase: from the last program out of the one "
-                "before to the last out of it)")
 
 
 def profile_batch(model: ImageGPT, batch: int, steps: int, seed: int) -> None:
@@ -194,19 +147,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config, dtype = MODELS[args.model], DTYPES[args.dtype]
     weights = random_weights(config, args.seed, torch.device("cuda"))
-    if args.one_launch:
-        from igpt_fast.kernels import persistent
-
-        decoder.PERSISTENT_DECODE = True
-        model = ImageGPT(config, weights, dtype=dtype, device="cuda", use_cuda_graphs=False)
-        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.model} {args.dtype}, one launch a "
-              f"step")
-        for batch in args.batches:
-            profile_phases(model, batch, args.steps, args.seed)
-            if persistent.row_by_row(batch, dtype):  # and as it ran before (untimed on a GPU so far): which pays
-                with heuristic("igpt_fast.kernels.persistent", "ROW_LOOP_MAX_BATCH", 1):
-                    profile_phases(model, batch, args.steps, args.seed)
-        return 0
     model = ImageGPT(config, weights, dtype=dtype, device="cuda", max_batch=max(args.batches))
     pdl = "on" if use_pdl(torch.device("cuda")) else "off"
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.model} {args.dtype}, PDL {pdl}")

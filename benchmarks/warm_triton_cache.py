@@ -25,7 +25,6 @@ import torch
 from igpt_fast import ImageGPTConfig, backend
 from igpt_fast.bench_kernels import SWEEPS, heuristic
 from igpt_fast.kernel_launches import (
-    H100_SMS,
     Case,
     Launch,
     distinct,
@@ -38,7 +37,7 @@ from igpt_fast.kernel_launches import (
 
 SMALL = ImageGPTConfig.small()
 # One layer launches what every layer does, so the separate launches are recorded on one (24 times less memory
-# and time; the same variants, checked when this was written); the one-launch step's variant depends on the count.
+# and time; the same variants, checked when this was written).
 ONE_LAYER = ImageGPTConfig.small(n_layer=1)
 # The prompts the benchmark prefills besides the SOS: SOS + half an image (complete), and the sweep's window of steps
 # from the middle of an image (benchmark.SWEEP_STEPS = 128 of them from position 448). Whole images (features,
@@ -47,27 +46,18 @@ COMPLETE, SWEEP_WINDOW = 1 + SMALL.n_positions // 2, 1 + (SMALL.n_positions - 1 
 SWEEP_BATCHES = (1, 8, 64)  # gpu_sweep.sh's
 
 
-def launches_to_warm(programs: int, pdl: bool, sweeps: bool = True) -> list[Launch]:
+def launches_to_warm(pdl: bool, sweeps: bool = True) -> list[Launch]:
     """The distinct launches of the GPU check's timed stages, most needed first: the benchmark's engine rows (fp16 and
-    fp32 at batch 1, 8, 64, with PDL as this machine runs it; fp16 at 1 and 8 without it, and as one launch a
-    step), the one-launch phase profile (batch 8 also walking K), batch 256, then each sweep value's decode steps
-    where it applies."""
-    with heuristic("igpt_fast.decoder", "PERSISTENT_DECODE", False):
-        stages = [engine_launches([Case(ONE_LAYER, (1, 8, 64), (torch.float16, torch.float32), pdl,
-                                        (COMPLETE, SWEEP_WINDOW), False),
-                                   Case(ONE_LAYER, (1, 8), (torch.float16, torch.float32), pdl, (SMALL.n_positions,),
-                                        False, False),
-                                   Case(ONE_LAYER, (1, 8), (torch.float16,), False, (), False, False)], programs)]
-    with heuristic("igpt_fast.decoder", "PERSISTENT_DECODE", True):
-        one_launch = Case(SMALL, (1, 8), (torch.float16,), pdl, (), False, False)
-        stages += [engine_launches([one_launch], programs),
-                   engine_launches([one_launch], programs, phase_timing=True)]
-        with heuristic("igpt_fast.kernels.persistent", "ROW_LOOP_MAX_BATCH", 1):  # the profile's batch 8 walking K
-            stages.append(engine_launches([Case(SMALL, (8,), (torch.float16,), pdl, (), False, False)], programs,
-                                          phase_timing=True))
-    stages.append(engine_launches([Case(ONE_LAYER, (256,), (torch.float16,), pdl, (), False, False)], programs))
+    fp32 at batch 1, 8, 64, with PDL as this machine runs it; fp16 at 1 and 8 without it), batch 256, then each
+    sweep value's decode steps where it applies."""
+    stages = [engine_launches([Case(ONE_LAYER, (1, 8, 64), (torch.float16, torch.float32), pdl,
+                                    (COMPLETE, SWEEP_WINDOW), False),
+                               Case(ONE_LAYER, (1, 8), (torch.float16, torch.float32), pdl, (SMALL.n_positions,),
+                                    False, False),
+                               Case(ONE_LAYER, (1, 8), (torch.float16,), False, (), False, False)]),
+              engine_launches([Case(ONE_LAYER, (256,), (torch.float16,), pdl, (), False, False)])]
     if sweeps:  # one model for every value: each value's launches read it at launch (the caches are rebuilt under it)
-        with recording(programs) as launches, pdl_as(pdl):
+        with recording() as launches, pdl_as(pdl):
             model = recordable_model(ONE_LAYER, torch.float16)
             for sweep in SWEEPS:
                 for value in sweep.values:
@@ -109,11 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.perf_counter()
     if args.dry_run:
-        programs, pdl = H100_SMS, True
+        pdl = True
     else:
         device = torch.device("cuda")
-        programs, pdl = torch.cuda.get_device_properties(device).multi_processor_count, backend.use_pdl(device)
-    launches = launches_to_warm(programs, pdl, sweeps=not args.no_sweeps)
+        pdl = backend.use_pdl(device)
+    launches = launches_to_warm(pdl, sweeps=not args.no_sweeps)
     print(f"{len(launches)} kernel variants to compile, recorded in {time.perf_counter() - started:.1f} s", flush=True)
     if args.dry_run:
         for launch in launches:

@@ -27,9 +27,7 @@ from igpt_fast.reference import ReferenceImageGPT
 
 ENGINE = "igpt-fast"
 ENGINE_NO_PDL = "igpt-fast-no-pdl"  # the same engine, kernels launched without PDL: what PDL buys (sm_90+)
-# The same engine, each decode step of a batch of at most 16 one persistent launch (decoder.PERSISTENT_DECODE)
-ENGINE_ONE_LAUNCH = "igpt-fast-one-launch"
-SYSTEMS = (ENGINE, ENGINE_NO_PDL, ENGINE_ONE_LAUNCH, *ANCHORS)
+SYSTEMS = (ENGINE, ENGINE_NO_PDL, *ANCHORS)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOP_K = 40  # every timed generation samples from the top 40 (shared/docs/performance.md)
 

@@ -18,9 +18,7 @@ What is measured, per model size, dtype and batch:
               first the whole decode step under each value, "decode step [constant=v]", then the kernels it
               changes, "kernel [constant=v]"
 The engine also runs as igpt-fast-no-pdl (generate only): its kernels launched without programmatic dependent
-launch, which on sm_90+ is otherwise on, so the table shows what PDL buys at small batch; and as
-igpt-fast-one-launch (generate at batches up to 16, Triton kernels only): each decode step one persistent launch
-(decoder.PERSISTENT_DECODE, off by default until these rows decide it).
+launch, which on sm_90+ is otherwise on, so the table shows what PDL buys at small batch.
 A decode step at position p must move the weights (embeddings but for the rows it reads) and the K, V of p + 1
 cached tokens per image; "% of floor" compares the time with those bytes over this device's measured
 device-to-device copy bandwidth. Anchors that would take too long time `--anchor-steps` decode steps from the
@@ -57,7 +55,6 @@ from igpt_fast.bench_measure import (
     DTYPES,
     ENGINE,
     ENGINE_NO_PDL,
-    ENGINE_ONE_LAUNCH,
     MODELS,
     SYSTEMS,
     TOP_K,
@@ -84,24 +81,23 @@ from igpt_fast.reference import ReferenceImageGPT
 SWEEP_STEPS = 128  # decode steps each sweep value's whole-step row times (a quarter of the image at most)
 TASKS = ("generate", "complete", "features", "likelihood", "startup", "kernels", "sweep")
 PRESET_TASKS = TASKS[:-1]  # the sweep runs on request only (--tasks sweep): minutes on a GPU (gpu_sweep.sh)
-ENGINES = (ENGINE, ENGINE_NO_PDL, ENGINE_ONE_LAUNCH)
+ENGINES = (ENGINE, ENGINE_NO_PDL)
 SYSTEM_TASKS = {
     ENGINE: ("generate", "complete", "features", "likelihood"),
     ENGINE_NO_PDL: ("generate",),
-    ENGINE_ONE_LAUNCH: ("generate",),
     "reference-eager": ("generate", "complete", "features", "likelihood"),
     "reference-compiled": ("generate", "complete"),
     "transformers": ("generate",),
     "transformers-static": ("generate",),
 }
 NO_TRITON = "Triton kernels need CUDA (or TRITON_INTERPRET=1 set before the import)"
-# Most important first, so a time limit cuts what matters least: the engine, the one-launch decode step (which
-# decides its default), transformers (the fp32 target's anchor), the engine without PDL (what PDL buys), the first
-# call (a target: 15 s cold), the kernels, the compiled reference (performance.md's best anchor, gpt-fast style),
-# then the rest. On an H100 the core preset's rows took about 56 s (engine), 20 s (startup), 45 s (reference-eager)
-# and 13 s and more per compiled anchor; the GPU check's 185 s ended in the compiled reference, with the first call,
-# then after it, never measured.
-STAGES = (ENGINE, ENGINE_ONE_LAUNCH, "transformers", ENGINE_NO_PDL, "startup", "kernels", "reference-compiled",
+# Most important first, so a time limit cuts what matters least: the engine, transformers (the fp32 target's
+# anchor), the engine without PDL (what PDL buys), the first call (a target: 15 s cold), the kernels, the compiled
+# reference (performance.md's best anchor, gpt-fast style), then the rest. On an H100 the core preset's rows took
+# about 56 s (engine), 20 s (startup), 45 s (reference-eager) and 13 s and more per compiled anchor. On an H200
+# (2026-12-04) the GPU check's 170 s reached the compiled reference (its batch-64 completion cut);
+# transformers-static and reference-eager were not measured.
+STAGES = (ENGINE, "transformers", ENGINE_NO_PDL, "startup", "kernels", "reference-compiled",
           "transformers-static", "reference-eager")
 STARTUP_BATCH = 8  # the model card's
 
@@ -119,19 +115,17 @@ class Preset:
 
 
 PRESETS = {
-    # No igpt-fast-no-pdl on the CPU: there is no PDL to switch off; no igpt-fast-one-launch with the PyTorch
-    # stand-ins the smoke run uses (tests/test_benchmark_smoke.py runs it under the interpreter).
+    # No igpt-fast-no-pdl on the CPU: there is no PDL to switch off.
     "smoke": Preset(("tiny",), ("float32",), (1, 2), (ENGINE, "reference-eager", "transformers",
                                                        "transformers-static"), PRESET_TASKS, 8, {}),
     # core: 64 anchor steps (1-2 s of 15-35 ms steps each), so its anchors fit the GPU check's 6 minutes.
     "core": Preset(("small",), ("float16", "float32"), (1, 8, 64), SYSTEMS, PRESET_TASKS, 64,
                    {"reference-compiled": ("float16:*",), "transformers-static": ("float16:8",),
-                    ENGINE_NO_PDL: ("float16:1", "float16:8"), ENGINE_ONE_LAUNCH: ("float16:1", "float16:8")},
+                    ENGINE_NO_PDL: ("float16:1", "float16:8")},
                    kernel_batches=(1, 8, 64, 256)),
     "full": Preset(("small", "medium", "large"), ("float16", "bfloat16", "float32"), (1, 8, 64, 256), SYSTEMS,
                    PRESET_TASKS, 128,
-                   {"transformers-static": ("float16:8", "float16:64"), ENGINE_NO_PDL: ("float16:*",),
-                    ENGINE_ONE_LAUNCH: ("float16:1", "float16:8", "bfloat16:8", "float32:1", "float32:8")}),
+                   {"transformers-static": ("float16:8", "float16:64"), ENGINE_NO_PDL: ("float16:*",)}),
 }
 
 
@@ -171,13 +165,6 @@ def pdl_switched_off():
             del os.environ[PDL_ENV]
         else:
             os.environ[PDL_ENV] = before
-
-
-def persistent_batch_limit() -> int:
-    """The largest batch the one-launch decode step takes (imported late: it loads the Triton kernels)."""
-    from igpt_fast.kernels import persistent
-
-    return persistent.MAX_BATCH
 
 
 def _first_line(error: BaseException) -> str:
@@ -270,12 +257,6 @@ class Runner:
             for batch in self.plan.batches:
                 if not self.plan.runs(system, dtype, batch):
                     continue
-                if system == ENGINE_ONE_LAUNCH and (self.plan.backend == "torch" or not use_triton(self.plan.device)
-                                                    or batch > persistent_batch_limit()):
-                    for task in tasks:
-                        self.record(Result(task, system, model_name, dtype, batch, status="skipped",
-                                           note=f"Triton kernels and batches <= {persistent_batch_limit()} only"))
-                    continue
                 for task in tasks:
                     self.measure(task, system, model_name, dtype, batch, functools.partial(
                         self.measure_task, system, task, config, model_name, weights, dtype, batch))
@@ -313,9 +294,7 @@ class Runner:
         steps = 0 if system in ENGINES else plan.anchor_steps
 
         if task in ("generate", "complete"):
-            with (pdl_switched_off() if system == ENGINE_NO_PDL
-                  else heuristic("igpt_fast.decoder", "PERSISTENT_DECODE", True) if system == ENGINE_ONE_LAUNCH
-                  else contextlib.nullcontext()):
+            with pdl_switched_off() if system == ENGINE_NO_PDL else contextlib.nullcontext():
                 return measure_generation(engine, config, task, dtype, batch, steps=steps, seed=plan.seed,
                                           device=device, peak_base=base, copy_bytes_per_s=self.copy_bytes_per_s)
         # Whole images; what generation left behind (KV caches, graphs) is freed first, out of the peak.
@@ -455,8 +434,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    f"(batch buckets: {','.join(map(str, BATCH_BUCKETS))})")
     p.add_argument("--systems", type=_list(str, SYSTEMS), help="override the preset's systems: " + ",".join(SYSTEMS))
     p.add_argument("--without", type=_list(str, SYSTEMS), default=(),
-                   help="leave these systems out (of the preset's or --systems'); the GPU check leaves out "
-                        "igpt-fast-one-launch when its tests broke a CUDA context")
+                   help="leave these systems out (of the preset's or --systems')")
     p.add_argument("--tasks", type=_list(str, TASKS), help="override the preset's tasks: " + ",".join(TASKS))
     p.add_argument("--anchor-steps", type=int, help="decode steps an anchor times, from the middle of the image, "
                    "then extrapolates (0: whole images; presets: smoke 8, core 64, full 128)")

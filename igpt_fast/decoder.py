@@ -9,8 +9,7 @@ Per decode step, per layer (5 launches):
     norm_linear      ln_2 -> c_fc -> bias -> quick_gelu (the "layernorm-GELU" kernel)
     linear_residual  x += h @ mlp.c_proj + b
 plus embed before the layers and norm_linear (ln_f -> lm_head, float32 logits) and sample_tokens (which also
-advances pos, its last program writing pos + 1) after them: nothing but Triton kernels. (With PERSISTENT_DECODE,
-a bucket of at most 16 rows runs the same sequence as phases of one persistent launch: kernels/persistent.py.)
+advances pos, its last program writing pos + 1) after them: nothing but Triton kernels.
 On sm_90+ they are launched with programmatic dependent launch (igpt_fast.backend.use_pdl), and the captured graph
 keeps those launches' programmatic edges, so each kernel's launch and first weight reads overlap the previous
 kernel.
@@ -18,8 +17,6 @@ kernel.
 
 from __future__ import annotations
 
-import math
-import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -46,17 +43,6 @@ ATTENTION_KV_BEFORE_WAIT = False
 # it stay chained by PDL, which does not cross a graph boundary. 1 (one-step graphs only) until a GPU times it: the
 # sweep's decode-step rows time 4 and 16, and benchmarks/launch_floor.py measures what a boundary costs.
 STEPS_PER_GRAPH = 1
-# Run a decode step of a batch of at most 16 rows as one persistent launch (kernels/persistent.py: grid barriers
-# between the 123 phases at imagegpt-small instead of 123 launches), where the Triton kernels run. Off until a GPU
-# has run its tests and timed it: the benchmark's igpt-fast-one-launch rows time it against the separate launches,
-# and benchmarks/launch_floor.py what a barrier costs against a launch. Read when a step is launched or captured: a
-# bucket's graphs keep the choice they were captured with (release_caches() drops them). IGPT_FAST_ONE_LAUNCH=1 in
-# the environment when igpt_fast is imported turns it on (e.g. to run the GPU-marked tests through it).
-ONE_LAUNCH_ENV = "IGPT_FAST_ONE_LAUNCH"
-PERSISTENT_DECODE = os.environ.get(ONE_LAUNCH_ENV, "0") == "1"
-# The grid the persistent step's work is cut for (None: its own, one program per SM); tests set more to exercise
-# several items a program and split merges on the interpreter's one-program grid.
-PERSISTENT_WORK_PROGRAMS = None
 
 
 def kernel_ops(backend: str):
@@ -64,10 +50,10 @@ def kernel_ops(backend: str):
     signatures)."""
     if backend == "torch":
         return torch_ops
-    from igpt_fast.kernels import attention, embedding, linear, persistent, sampling
+    from igpt_fast.kernels import attention, embedding, linear, sampling
 
     return SimpleNamespace(
-        persistent=persistent, embed=embedding.embed, norm_qkv=linear.norm_qkv, norm_linear=linear.norm_linear,
+        embed=embedding.embed, norm_qkv=linear.norm_qkv, norm_linear=linear.norm_linear,
         linear_residual=linear.linear_residual, prefill_attention=attention.prefill_attention,
         decode_attention=attention.decode_attention, decode_workspace=attention.decode_workspace,
         sample_tokens=sampling.sample_tokens,
@@ -93,40 +79,30 @@ class LayerWeights:
 class PackedWeights:
     wte: torch.Tensor
     wpe: torch.Tensor
-    layers: list[LayerWeights]  # views into `stacked`
+    layers: list[LayerWeights]
     ln_f: torch.Tensor
     lm_head_w: torch.Tensor  # [d, n_clusters]: nn.Linear's [out, in] seen as [in, out] like the others
-    # Each LayerWeights field over the layers, linear weights [L, out, in] (what the one-launch decode step reads)
-    stacked: dict[str, torch.Tensor]
-    qk_scale_log2: torch.Tensor  # float32 [L]: each layer's attention scale times log2(e)
 
     @classmethod
     def pack(cls, config: ImageGPTConfig, state: dict[str, torch.Tensor], dtype, device) -> PackedWeights:
         def get(name):
             return state[name].detach().to(device=device, dtype=dtype).contiguous()
 
-        def stack(name, linear=False):  # Conv1D weights are [in, out]: stacked as [L, out, in]
-            tensors = [state[f"transformer.h.{i}.{name}"].detach() for i in range(config.n_layer)]
-            return torch.stack([t.t() if linear else t for t in tensors]).to(device=device, dtype=dtype).contiguous()
+        def get_linear(name):  # Conv1D weights are [in, out]
+            return pack_linear(state[name].detach().to(device=device, dtype=dtype))
 
-        stacked = {field: stack(name, linear=field.endswith("_w")) for field, name in _LAYER_PARAMETERS.items()}
-        scales = [attention_scale(config, i) for i in range(config.n_layer)]
-        layers = [LayerWeights(**{field: t[i].t() if field.endswith("_w") else t[i] for field, t in stacked.items()},
-                               scale=scales[i]) for i in range(config.n_layer)]
+        layers = []
+        for i in range(config.n_layer):
+            p = f"transformer.h.{i}."
+            layers.append(LayerWeights(
+                get(p + "ln_1.weight"), get_linear(p + "attn.c_attn.weight"), get(p + "attn.c_attn.bias"),
+                get_linear(p + "attn.c_proj.weight"), get(p + "attn.c_proj.bias"), get(p + "ln_2.weight"),
+                get_linear(p + "mlp.c_fc.weight"), get(p + "mlp.c_fc.bias"), get_linear(p + "mlp.c_proj.weight"),
+                get(p + "mlp.c_proj.bias"), attention_scale(config, i),
+            ))
         lm_head_w = pack_linear(state["lm_head.weight"].detach().to(device=device, dtype=dtype).t())
-        qk_scale_log2 = torch.tensor([scale * math.log2(math.e) for scale in scales], dtype=torch.float32,
-                                     device=device)
         return cls(get("transformer.wte.weight"), get("transformer.wpe.weight"), layers,
-                   get("transformer.ln_f.weight"), lm_head_w, stacked, qk_scale_log2)
-
-
-# LayerWeights' tensors and the checkpoint names they come from, in the order the one-launch step takes them
-_LAYER_PARAMETERS = {
-    "ln_1": "ln_1.weight", "c_attn_w": "attn.c_attn.weight", "c_attn_b": "attn.c_attn.bias",
-    "attn_proj_w": "attn.c_proj.weight", "attn_proj_b": "attn.c_proj.bias", "ln_2": "ln_2.weight",
-    "c_fc_w": "mlp.c_fc.weight", "c_fc_b": "mlp.c_fc.bias", "mlp_proj_w": "mlp.c_proj.weight",
-    "mlp_proj_b": "mlp.c_proj.bias",
-}
+                   get("transformer.ln_f.weight"), lm_head_w)
 
 
 def pack_linear(weight: torch.Tensor) -> torch.Tensor:
@@ -154,7 +130,6 @@ class BucketState:
     top_p: torch.Tensor  # float32 [batch]
     workspace: torch.Tensor  # decode attention's split-K partials
     sample_arrivals: torch.Tensor  # int32 [1]: the sampler's arrival counter, with which it advances pos
-    sync: torch.Tensor | None  # the one-launch step's barrier counters (kernels/sync.py), where Triton runs
     graphs: dict = field(default_factory=dict)  # (greedy flag, decode steps) -> torch.cuda.CUDAGraph
 
 
@@ -170,9 +145,6 @@ class StaticDecoder:
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda" and backend == "triton"
         self.states: dict[int, BucketState] = {}
         self._graph_pool = None
-        # int64 [programs, persistent.timing_slots(n_layer)] or None: where a persistent step stamps its phases'
-        # times (benchmarks/profile_step.py --one-launch; read at launch, so set it before steps are captured)
-        self.phase_timing = None
 
     # ---- memory ----
     def bucket_bytes(self, batch: int) -> int:
@@ -219,7 +191,6 @@ class StaticDecoder:
             top_p=torch.ones(batch, device=dev, dtype=torch.float32),
             workspace=self.ops.decode_workspace(batch, c.n_head, c.head_dim, c.n_positions, dev),
             sample_arrivals=torch.zeros(1, device=dev, dtype=torch.int32),
-            sync=self.ops.persistent.sync_buffer(c.n_layer, dev) if self.backend == "triton" else None,
         )
         self.states[batch] = state
         return state
@@ -287,8 +258,6 @@ class StaticDecoder:
         # memsets per call, outside the graph, start each call clean.
         state.workspace.zero_()
         state.sample_arrivals.zero_()
-        if state.sync is not None:
-            self.ops.persistent.reset_sync(state.sync)
         cache = state.kv_cache
         x = self.prefill(prompt, lambda i: (cache[i, 0], cache[i, 1]))
         last = x.view(state.batch, P, -1)[:, -1]
@@ -318,34 +287,8 @@ class StaticDecoder:
         for _ in range(steps):
             self.step(state, greedy=greedy)
 
-    def persistent(self, state: BucketState) -> bool:
-        """Whether this bucket's decode steps are one persistent launch each (PERSISTENT_DECODE)."""
-        return PERSISTENT_DECODE and state.sync is not None and state.batch <= self.ops.persistent.MAX_BATCH
-
-    def persistent_step_arguments(self, s: BucketState, greedy: bool) -> dict:
-        """The keyword arguments of kernels.persistent.decode_step for a step of this bucket."""
-        w = self.weights
-        return dict(ids=s.ids, pos=s.pos, wte=w.wte, wpe=w.wpe, layers=w.stacked, ln_f=w.ln_f,
-                    lm_head_w=w.lm_head_w.t(), qk_scale_log2=w.qk_scale_log2, kv_cache=s.kv_cache, x=s.x, q=s.q,
-                    attn=s.attn, hidden=s.hidden, logits=s.logits, workspace=s.workspace, temperature=s.temperature,
-                    top_k=s.top_k, top_p=s.top_p, seed=s.seed, sequences=s.sequences, sync_buffer=s.sync,
-                    eps=self.config.layer_norm_epsilon, greedy=greedy, work_programs=PERSISTENT_WORK_PROGRAMS,
-                    timing=self.phase_timing)
-
-    def check_launches(self, state: BucketState) -> None:
-        """Raise if a persistent step since start() gave up at a grid barrier (a host sync; a no-op otherwise)."""
-        if self.persistent(state) and self.ops.persistent.launch_failed(state.sync):
-            raise RuntimeError(
-                f"a one-launch decode step of batch bucket {state.batch} could not keep its "
-                f"{self.ops.persistent.default_programs(self.device)} programs resident at once (is another process "
-                f"using this GPU?), so its tokens are garbage; set igpt_fast.decoder.PERSISTENT_DECODE = False"
-            )
-
     def _decode_step(self, s: BucketState, greedy: bool) -> None:
         c, w, ops = self.config, self.weights, self.ops
-        if self.persistent(s):
-            ops.persistent.decode_step(**self.persistent_step_arguments(s, greedy))
-            return
         B, H, D, eps = s.batch, c.n_head, c.head_dim, c.layer_norm_epsilon
         ops.embed(s.ids, w.wte, w.wpe, s.pos, seq_len=1, out=s.x)
         for i, layer in enumerate(w.layers):

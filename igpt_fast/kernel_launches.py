@@ -22,10 +22,9 @@ from igpt_fast import backend
 from igpt_fast.checkpoint import expected_shapes
 from igpt_fast.config import ImageGPTConfig
 from igpt_fast.decoder import PackedWeights, StaticDecoder
-from igpt_fast.kernels import clusters, persistent
+from igpt_fast.kernels import clusters
 from igpt_fast.model import ImageGPT
 
-H100_SMS = 132  # an H100's (and H200's) SMs: the one-launch step's grid when recording for one without it
 COMPILE_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion", "launch_pdl")
 POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64",
                  torch.int32: "*i32", torch.int16: "*i16", torch.uint8: "*u8", torch.bool: "*i1"}
@@ -96,10 +95,9 @@ def _stand_in(value):
 
 
 @contextlib.contextmanager
-def recording(programs: int) -> Iterator[list[Launch]]:
+def recording() -> Iterator[list[Launch]]:
     """Inside, every Triton launch is appended to the list instead of run; the launchers take CPU tensors (as if
-    CUDA or the interpreter were there) and the one-launch step is cut for a grid of `programs` (one per SM) with a
-    GPU's barriers. Everything patched is restored on the way out."""
+    CUDA or the interpreter were there). Everything patched is restored on the way out."""
     launches: list[Launch] = []
 
     def record(fn, *args, grid, warmup, **kwargs):  # stands in for JITFunction.run: `kernel[grid](...)`
@@ -107,9 +105,6 @@ def recording(programs: int) -> Iterator[list[Launch]]:
 
     with contextlib.ExitStack() as patches:
         patches.enter_context(mock.patch.object(triton.runtime.JITFunction, "run", record))
-        patches.enter_context(mock.patch.object(persistent, "default_programs", lambda device: programs))
-        patches.enter_context(mock.patch.object(persistent, "grid_sync_mode",
-                                                lambda device: persistent.sync.ACQUIRE_LOAD))
         for module in [m for name, m in sys.modules.items() if name.startswith("igpt_fast")]:
             for check in ("use_triton", "triton_interpreter_on"):
                 if hasattr(module, check):
@@ -124,17 +119,13 @@ def pdl_as(pdl: bool) -> Iterator[None]:
         yield
 
 
-def recordable_model(config: ImageGPTConfig, dtype: torch.dtype, timing_programs: int | None = None) -> ImageGPT:
-    """The engine on zero weights in `dtype`, on the CPU (inside recording()); with timing_programs, the one-launch
-    step takes phase timings for that grid (benchmarks/profile_step.py --one-launch)."""
+def recordable_model(config: ImageGPTConfig, dtype: torch.dtype) -> ImageGPT:
+    """The engine on zero weights in `dtype`, on the CPU (inside recording())."""
     state = {k: torch.zeros(shape) for k, shape in expected_shapes(config).items()}
     model = ImageGPT(config, state, backend="triton")
     # Built by hand: ImageGPT refuses bfloat16 on the CPU, where the interpreter would have to run it.
     model.decoder = StaticDecoder(config, PackedWeights.pack(config, state, dtype, torch.device("cpu")),
                                   backend="triton", use_cuda_graphs=False)
-    if timing_programs is not None:
-        model.decoder.phase_timing = torch.zeros(timing_programs, persistent.timing_slots(config.n_layer),
-                                                 dtype=torch.int64)
     return model
 
 
@@ -152,15 +143,15 @@ def exercise(model: ImageGPT, batches: tuple[int, ...], prompt_lengths: tuple[in
             model(torch.zeros(batch, length, dtype=torch.long))
 
 
-def engine_launches(cases: list[Case], programs: int, phase_timing: bool = False) -> list[Launch]:
+def engine_launches(cases: list[Case]) -> list[Launch]:
     """Every launch of the engine on `cases` (generation sampled and greedy, prefills, whole images, cluster
-    lookups); with phase_timing, the one-launch step's timing variant (benchmarks/profile_step.py --one-launch)."""
-    with recording(programs) as launches:
+    lookups)."""
+    with recording() as launches:
         for case in cases:
             config = case.config
             with pdl_as(case.pdl):
                 for dtype in case.dtypes:
-                    model = recordable_model(config, dtype, programs if phase_timing else None)
+                    model = recordable_model(config, dtype)
                     exercise(model, case.batches, case.prompt_lengths)
                     if case.whole_images:  # the largest dot tiles
                         model(torch.zeros(4, config.n_positions, dtype=torch.long))

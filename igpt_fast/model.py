@@ -436,7 +436,6 @@ class ImageGPT:
             decode(new_tokens - 1)
         else:
             self._decode_reporting(decode, new_tokens - 1, lambda steps: report(1 + steps))
-        self.decoder.check_launches(state)
         # The graph overwrites its buffers on the next call: hand back a copy.
         return state.sequences[:batch, :prefix + new_tokens].clone()
 

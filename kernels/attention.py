@@ -14,8 +14,7 @@ output and its log2-sum-exp2 into a float32 workspace, then counts itself in on 
 counter; the split that arrives n_active-th merges, in the same launch (one kernel per layer, not two):
     out = sum_s 2^(lse_s - max lse) o_s / sum_s 2^(lse_s - max lse)
 and sets the counter back to zero for the next launch. With a single split (large batch), or when one split
-holds every key (a short cache), that program writes `out` directly. A decode program's body is _decode_program,
-which the one-launch decode step (kernels/persistent.py) also runs.
+holds every key (a short cache), that program writes `out` directly.
 """
 
 import math
@@ -216,8 +215,7 @@ def _decode_kernel(
     _decode_program(tl.program_id(0), tl.program_id(1), q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, part_out_ptr,
                     part_lse_ptr, arrived_ptr, stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb,
                     stride_vh, stride_vs, stride_ob, stride_oh, n_head, max_len, qk_scale_log2, HEAD_DIM, BLOCK_D,
-                    BLOCK_N, NUM_SPLITS, BLOCK_SPLITS, MIN_CHUNK, PREFETCH, PER_LANE, USE_PDL, KV_BEFORE_WAIT,
-                    GRID_SYNC=0, sync_ptr=pos_ptr, wait_phase=-1)
+                    BLOCK_N, NUM_SPLITS, BLOCK_SPLITS, MIN_CHUNK, PREFETCH, PER_LANE, USE_PDL, KV_BEFORE_WAIT)
 
 
 @triton.jit
@@ -255,9 +253,6 @@ def _decode_program(
     PER_LANE: tl.constexpr,
     USE_PDL: tl.constexpr,
     KV_BEFORE_WAIT: tl.constexpr,  # with PREFETCH: pos and the first block's keys before t read before gdc_wait
-    GRID_SYNC: tl.constexpr,  # see sync.wait_for_inputs: 0 in a launch of its own
-    sync_ptr,  # with GRID_SYNC: the persistent launch's sync buffer
-    wait_phase,  # with GRID_SYNC: the phase whose outputs this one reads (< 0: already waited for)
 ):
     b = tl.cast(pid_bh // n_head, tl.int64)
     h = tl.cast(pid_bh % n_head, tl.int64)
@@ -266,7 +261,7 @@ def _decode_program(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     if not KV_BEFORE_WAIT:  # everything read here (q, the cache, pos) is written by earlier kernels
-        sync.wait_for_inputs(USE_PDL, GRID_SYNC, sync_ptr, wait_phase)
+        sync.wait_for_inputs(USE_PDL)
 
     t = tl.load(pos_ptr)
     n_keys = tl.minimum(tl.maximum(t, 0), max_len - 1) + 1  # a bad pos must not read outside the cache
@@ -279,7 +274,7 @@ def _decode_program(
         # the previous kernel writes, is read after the wait. Masked rows load as zeros, so the two add exactly.
         k_next, v_next = _kv_block(k_ptr, v_ptr, start, tl.minimum(end, n_keys - 1), offs_d, d_mask, stride_ks,
                                    stride_vs, BLOCK_N)
-        sync.wait_for_inputs(USE_PDL, GRID_SYNC, sync_ptr, wait_phase)
+        sync.wait_for_inputs(USE_PDL)
         k_t, v_t = _kv_block(k_ptr, v_ptr, start, end, offs_d, d_mask, stride_ks, stride_vs, BLOCK_N, lo=n_keys - 1)
         k_next += k_t
         v_next += v_t

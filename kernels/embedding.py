@@ -32,7 +32,7 @@ def _embed_kernel(
 ):
     """One program per row: _embed_row."""
     _embed_row(tl.program_id(0), ids_ptr, wte_ptr, wpe_ptr, pos_ptr, out_ptr, seq_len, d, stride_ids, stride_om,
-               BLOCK_D, USE_PDL, GRID_SYNC=0, sync_ptr=pos_ptr, wait_phase=-1)
+               BLOCK_D, USE_PDL)
 
 
 @triton.jit
@@ -49,12 +49,9 @@ def _embed_row(
     stride_om,
     BLOCK_D: tl.constexpr,
     USE_PDL: tl.constexpr,
-    GRID_SYNC: tl.constexpr,  # see sync.wait_for_inputs: 0 in a launch of its own
-    sync_ptr,  # with GRID_SYNC: the persistent launch's sync buffer
-    wait_phase,  # with GRID_SYNC: the phase whose outputs this one reads (< 0: already waited for)
 ):
     """Row `row` of out."""
-    sync.wait_for_inputs(USE_PDL, GRID_SYNC, sync_ptr, wait_phase)  # ids and pos come from the previous step
+    sync.wait_for_inputs(USE_PDL)  # ids and pos come from the previous step
     row = tl.cast(row, tl.int64)
     token = tl.load(ids_ptr + row * stride_ids).to(tl.int64)
     position = tl.load(pos_ptr).to(tl.int64) + row % seq_len

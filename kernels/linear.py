@@ -26,8 +26,7 @@ Two code paths, chosen by the number of rows M (or forced with path="gemv" | "do
         decode batches of 17..256 rows still fill the GPU.
 No split-K: quick_gelu, the in-place residual and the cache scatter all need the full sum, and a split-K
 reduction would need a workspace. Launchers allocate nothing when outputs are passed and never sync. On sm_90+
-both paths are launched with programmatic dependent launch (igpt_fast.backend.use_pdl). A GEMV program's body is
-_gemv_program, which the one-launch decode step (kernels/persistent.py) also runs, as phases of one launch.
+both paths are launched with programmatic dependent launch (igpt_fast.backend.use_pdl).
 """
 
 import torch
@@ -58,12 +57,6 @@ _GEMV_NUM_WARPS = 4
 # x rides with W, so 2 keeps two steps' reads in flight (the sweep's). At batch 1 K takes one step and the depth
 # changes nothing.
 _GEMV_PREFETCH = 1
-# Multiply each W block by one row of x at a time instead of all BLOCK_M rows at once. The [BLOCK_M, BLOCK_K, BLOCK_N]
-# product then no longer bounds the W block: BLOCK_K = _GEMV_TILE / BLOCK_N at every batch, as at batch 1, so every
-# imagegpt-small GEMV reads its whole stripe of W in one step (today: 4 steps for c_attn and 8 for mlp c_proj at
-# batch 8, the 1.6-2.9x over batch 1 that run 2 measured), and the rows' x loads are L2 hits. Off until measured
-# (the sweep's); it changes nothing at batch 1.
-_GEMV_ROW_LOOP = False
 # Read what the epilogue adds (the bias; the residual tile or the cache position) early, not after the sum over K:
 # the bias before gdc_wait, as a weight no kernel writes, and the residual or position right after it, alongside
 # the first x loads. Each was a memory round trip of its own between the sum and the store, in every linear of a
@@ -236,7 +229,6 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PREFETCH: tl.constexpr,  # 1 or 2: W blocks loaded ahead of the one in use
-    ROW_LOOP: tl.constexpr,  # multiply the W block by one row of x at a time (BLOCK_K not shrunk by BLOCK_M)
     EARLY_LOADS: tl.constexpr,  # the epilogue's bias before gdc_wait, its residual or pos right after it
 ):
     """Grid (column stripes, row blocks): one _gemv_program each."""
@@ -244,7 +236,7 @@ def _gemv_kernel(
                   M, N, K, stride_xm, stride_om, stride_wk, stride_wn, eps, seq_len, head_dim,
                   stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                   HAS_NORM, HAS_BIAS, ACTIVATION, EPILOGUE, ONE_PART, USE_PDL, BLOCK_M, BLOCK_N, BLOCK_K, PREFETCH,
-                  ROW_LOOP, EARLY_LOADS, GRID_SYNC=0, sync_ptr=x_ptr, wait_phase=-1)
+                  EARLY_LOADS)
 
 
 @triton.jit
@@ -276,11 +268,7 @@ def _gemv_program(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PREFETCH: tl.constexpr,  # 1 or 2: W blocks loaded ahead of the one in use
-    ROW_LOOP: tl.constexpr,  # multiply the W block by one row of x at a time (BLOCK_K not shrunk by BLOCK_M)
     EARLY_LOADS: tl.constexpr,  # the epilogue's bias before gdc_wait, its residual or pos right after it
-    GRID_SYNC: tl.constexpr,  # see sync.wait_for_inputs: 0 in a launch of its own
-    sync_ptr,  # with GRID_SYNC: the persistent launch's sync buffer
-    wait_phase,  # with GRID_SYNC: the phase whose outputs this one reads (< 0: already waited for)
 ):
     """Column stripe pid_n of row block pid_m. Products on CUDA cores in float32 (exact for float32 inputs).
 
@@ -299,29 +287,24 @@ def _gemv_program(
     row_mask = rows < M
     offs_k = tl.arange(0, BLOCK_K)
     w_next = _w_block(w_ptr, offs_k, offs_n, n_mask, K, stride_wk, stride_wn)
-    nw_next = _norm_weight_block(nw_ptr, offs_k, K, HAS_NORM and not ROW_LOOP)
+    nw_next = _norm_weight_block(nw_ptr, offs_k, K, HAS_NORM)
     if PREFETCH == 2:
         w_after = _w_block(w_ptr, BLOCK_K + offs_k, offs_n, n_mask, K, stride_wk, stride_wn)
-        nw_after = _norm_weight_block(nw_ptr, BLOCK_K + offs_k, K, HAS_NORM and not ROW_LOOP)
+        nw_after = _norm_weight_block(nw_ptr, BLOCK_K + offs_k, K, HAS_NORM)
     if EARLY_LOADS:
         bias = _load_bias(b_ptr, offs_n, N, HAS_BIAS)
-    # the previous kernel's (or phase's) writes (x, the residual, the cache) are visible after this
-    sync.wait_for_inputs(USE_PDL, GRID_SYNC, sync_ptr, wait_phase)
-    if not ROW_LOOP:
-        x_next = _x_block(x_ptr, rows, row_mask, stride_xm, offs_k, K)
-        if PREFETCH == 2:
-            x_after = _x_block(x_ptr, rows, row_mask, stride_xm, BLOCK_K + offs_k, K)
+    # the previous kernel's writes (x, the residual, the cache) are visible after this
+    sync.wait_for_inputs(USE_PDL)
+    x_next = _x_block(x_ptr, rows, row_mask, stride_xm, offs_k, K)
+    if PREFETCH == 2:
+        x_after = _x_block(x_ptr, rows, row_mask, stride_xm, BLOCK_K + offs_k, K)
     if EARLY_LOADS:  # issued with the first x loads, not after the sum over K
         residual, pos = _load_activations(out_ptr, pos_ptr, rows, offs_n, M, N, stride_om, EPILOGUE)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        if ROW_LOOP:  # converted in each row's product: a float32 copy held across the rows spilled (sm_90, triton 3.6)
-            w = w_next
-        else:
-            w = w_next.to(tl.float32)
+        w = w_next.to(tl.float32)
         ahead = offs_k + PREFETCH * BLOCK_K  # past K on the last iterations: fully masked, no memory traffic
         w_ahead = _w_block(w_ptr, ahead, offs_n, n_mask, K, stride_wk, stride_wn)
         if PREFETCH == 2:
@@ -329,35 +312,20 @@ def _gemv_program(
             w_after = w_ahead
         else:
             w_next = w_ahead
-        if ROW_LOOP:
-            # [1, BLOCK_K, BLOCK_N] products per row (unrolled), each row's sum put in its row of acc
-            if HAS_NORM:
-                nw = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            row_ids = tl.arange(0, BLOCK_M)
-            for i in tl.static_range(BLOCK_M):
-                row = tl.cast(pid_m, tl.int64) * BLOCK_M + i
-                in_rows = (row + tl.zeros([BLOCK_K], tl.int64)) < M  # a vector: the interpreter refuses scalar & vector
-                x = tl.load(x_ptr + row * stride_xm + offs_k, mask=k_mask & in_rows, other=0.0).to(tl.float32)
-                if HAS_NORM:
-                    sumsq = tl.where(row_ids == i, sumsq + tl.sum(x * x, axis=0), sumsq)
-                    x = x * nw
-                part = tl.sum(x[None, :, None] * w.to(tl.float32), axis=1)  # [1, BLOCK_N]
-                acc = tl.where((row_ids == i)[:, None], acc + part, acc)
+        x = x_next.to(tl.float32)
+        nw = nw_next
+        x_ahead = _x_block(x_ptr, rows, row_mask, stride_xm, ahead, K)
+        nw_ahead = _norm_weight_block(nw_ptr, ahead, K, HAS_NORM)
+        if PREFETCH == 2:
+            x_next, nw_next = x_after, nw_after
+            x_after, nw_after = x_ahead, nw_ahead
         else:
-            x = x_next.to(tl.float32)
-            nw = nw_next
-            x_ahead = _x_block(x_ptr, rows, row_mask, stride_xm, ahead, K)
-            nw_ahead = _norm_weight_block(nw_ptr, ahead, K, HAS_NORM)
-            if PREFETCH == 2:
-                x_next, nw_next = x_after, nw_after
-                x_after, nw_after = x_ahead, nw_ahead
-            else:
-                x_next, nw_next = x_ahead, nw_ahead
-            if HAS_NORM:
-                sumsq += tl.sum(x * x, axis=1)
-                x = x * nw[None, :]
-            # [BLOCK_M, BLOCK_K, BLOCK_N] products, summed over K
-            acc += tl.sum(x[:, :, None] * w, axis=1)
+            x_next, nw_next = x_ahead, nw_ahead
+        if HAS_NORM:
+            sumsq += tl.sum(x * x, axis=1)
+            x = x * nw[None, :]
+        # [BLOCK_M, BLOCK_K, BLOCK_N] products, summed over K
+        acc += tl.sum(x[:, :, None] * w, axis=1)
     if HAS_NORM:  # rmsnorm's per-row factor, applied after the sum: x is read once, in the same pass
         acc = acc * tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(sumsq, K * 1.0) + eps))[:, None]
     if not EARLY_LOADS:
@@ -460,20 +428,15 @@ def _choose_path(M: int, path: str | None) -> str:
     return "gemv" if M <= _GEMV_MAX_M else "dot"
 
 
-def _gemv_config(M: int, N: int, K: int, target_programs: int | None = None, row_loop: bool | None = None) -> dict:
-    """row_loop: multiply by one row of x at a time (None: _GEMV_ROW_LOOP); never at one row, where it is the same."""
+def _gemv_config(M: int, N: int, K: int) -> dict:
     if _GEMV_PREFETCH not in (1, 2):  # the kernel rotates one or two blocks; any other depth would skip blocks
         raise ValueError(f"_GEMV_PREFETCH must be 1 or 2, got {_GEMV_PREFETCH!r}")
     block_m = min(triton.next_power_of_2(M), _GEMV_MAX_M)
     row_blocks = triton.cdiv(M, block_m)
-    # Column stripes: enough of them that about _TARGET_PROGRAMS programs (or target_programs: one persistent
-    # launch's grid) each stream a disjoint part of W.
-    target_programs = target_programs or _TARGET_PROGRAMS
-    block_n = min(max(triton.next_power_of_2(triton.cdiv(N * row_blocks, target_programs)), _GEMV_MIN_BLOCK_N), 128)
-    row_loop = (_GEMV_ROW_LOOP if row_loop is None else row_loop) and block_m > 1
-    product_rows = 1 if row_loop else block_m  # rows of x multiplied by a W block at once
-    block_k = min(max(_GEMV_TILE // (product_rows * block_n), 16), max(triton.next_power_of_2(K), 16))
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=_GEMV_PREFETCH, ROW_LOOP=row_loop,
+    # Column stripes: enough of them that about _TARGET_PROGRAMS programs each stream a disjoint part of W.
+    block_n = min(max(triton.next_power_of_2(triton.cdiv(N * row_blocks, _TARGET_PROGRAMS)), _GEMV_MIN_BLOCK_N), 128)
+    block_k = min(max(_GEMV_TILE // (block_m * block_n), 16), max(triton.next_power_of_2(K), 16))
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=_GEMV_PREFETCH,
                 num_warps=_GEMV_NUM_WARPS, grid=(triton.cdiv(N, block_n), row_blocks))
 
 

@@ -64,7 +64,7 @@ def _sample_kernel(
     """One program per row: _sample_row."""
     _sample_row(tl.program_id(0), tl.num_programs(0), logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, seed_ptr,
                 pos_ptr, out_ids_ptr, sequences_ptr, arrivals_ptr, stride_logits, stride_sequences, V, BLOCK_V, GREEDY,
-                WRITE_SEQUENCES, ADVANCE_POS, USE_PDL, GRID_SYNC=0, sync_ptr=pos_ptr, wait_phase=-1)
+                WRITE_SEQUENCES, ADVANCE_POS, USE_PDL)
 
 
 @triton.jit
@@ -99,11 +99,8 @@ def _sample_row(
     WRITE_SEQUENCES: tl.constexpr,
     ADVANCE_POS: tl.constexpr,  # pos[0] += 1 once every program has read it (the last to arrive writes it)
     USE_PDL: tl.constexpr,
-    GRID_SYNC: tl.constexpr,  # see sync.wait_for_inputs: 0 in a launch of its own
-    sync_ptr,  # with GRID_SYNC: the persistent launch's sync buffer
-    wait_phase,  # with GRID_SYNC: the phase whose outputs this one reads (< 0: already waited for)
 ):
-    sync.wait_for_inputs(USE_PDL, GRID_SYNC, sync_ptr, wait_phase)  # the logits are the previous kernel's output
+    sync.wait_for_inputs(USE_PDL)  # the logits are the previous kernel's output
     row = tl.cast(row, tl.int64)
     cols = tl.arange(0, BLOCK_V)
     in_row = cols < V

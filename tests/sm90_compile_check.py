@@ -2,11 +2,11 @@
 
 The interpreter proves the kernels' math on the CPU but not that they compile. This script runs the real engine
 (prefill, decode steps, sampling) at imagegpt-small shapes (with and without programmatic dependent launch), a
-96-wide-head config, the shipped demo model and the one-launch decode step (decoder.PERSISTENT_DECODE), with
-every launch recorded instead of run (igpt_fast.kernel_launches), then compiles each distinct launch (same
-constexprs, argument types, 16-byte alignment and unit ints as the launch would specialize on) with triton.compile
-for sm_90, and checks shared memory and, from ptxas's log (a fresh Triton cache, so ptxas runs for every variant),
-that no variant spills registers to local memory.
+96-wide-head config and the shipped demo model, with every launch recorded instead of run
+(igpt_fast.kernel_launches), then compiles each distinct launch (same constexprs, argument types, 16-byte alignment
+and unit ints as the launch would specialize on) with triton.compile for sm_90, and checks shared memory and, from
+ptxas's log (a fresh Triton cache, so ptxas runs for every variant), that no variant spills registers to local
+memory.
 Run by tests/test_sm90_compile.py in a subprocess, because kernels must be imported with TRITON_INTERPRET=0.
 
     python tests/sm90_compile_check.py            # prints one line per variant, exits 1 on any failure
@@ -35,7 +35,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from igpt_fast import ImageGPTConfig  # noqa: E402
 from igpt_fast.bench_kernels import SWEEPS, heuristic  # noqa: E402
 from igpt_fast.demo import demo_model_path  # noqa: E402
-from igpt_fast.kernel_launches import H100_SMS, Case, distinct, engine_launches  # noqa: E402
+from igpt_fast.kernel_launches import Case, distinct, engine_launches  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 H100_SHARED_MEMORY = 227 * 1024
@@ -53,13 +53,6 @@ ENGINE_CASES = [Case(ImageGPTConfig.small(), (1, 8, 64), (torch.float16, torch.f
                 Case(ImageGPTConfig.medium(n_layer=1), (1, 8, 64), (torch.float16, torch.float32), True),
                 Case(ImageGPTConfig.large(n_layer=1), (1, 8, 64), (torch.float16, torch.float32), True),
                 Case(ImageGPTConfig(n_embd=512, n_head=2, n_layer=1), (1, 8), (torch.float16, torch.float32), True)]
-# The one-launch decode step (decoder.PERSISTENT_DECODE, off by default) at the batches it takes: imagegpt-small in
-# every dtype, and one layer of imagegpt-medium and -large.
-PERSISTENT_CASES = [Case(ImageGPTConfig.small(), (1, 8, 16), (torch.float16,), True),
-                    Case(ImageGPTConfig.small(), (1, 8), (torch.float32, torch.bfloat16), True),
-                    Case(ImageGPTConfig.medium(n_layer=1), (1,), (torch.float16,), True),
-                    Case(ImageGPTConfig.large(n_layer=1), (8,), (torch.float16,), True)]
-PHASE_TIMING_CASES = [Case(ImageGPTConfig.small(), (1,), (torch.float16,), True)]  # profile_step.py --one-launch's
 # Where the sweep times its alternatives (bench_kernels.SWEEPS): imagegpt-small, fp16, with PDL.
 SWEEP_CASES = [Case(ImageGPTConfig.small(), (1, 8, 64), (torch.float16,), True)]
 
@@ -104,16 +97,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sweeps", action="store_true", help="also every variant the benchmark's sweep launches "
                         "(each value of bench_kernels.SWEEPS, imagegpt-small fp16): none may fail or spill")
     args = parser.parse_args(argv)
-    launches = distinct(engine_launches(ENGINE_CASES, H100_SMS))
-    with heuristic("igpt_fast.decoder", "PERSISTENT_DECODE", True):
-        for key, launch in [*distinct(engine_launches(PERSISTENT_CASES, H100_SMS)).items(),
-                            *distinct(engine_launches(PHASE_TIMING_CASES, H100_SMS, phase_timing=True)).items()]:
-            launches.setdefault(key, launch)
+    launches = distinct(engine_launches(ENGINE_CASES))
     if args.sweeps:
         for sweep in SWEEPS:
             for value in sweep.values:
                 with heuristic(sweep.module, sweep.constant, value):
-                    for key, launch in distinct(engine_launches(SWEEP_CASES, H100_SMS)).items():
+                    for key, launch in distinct(engine_launches(SWEEP_CASES)).items():
                         launches.setdefault(key, launch)
     # Compiling releases the GIL for most of its time (MLIR passes, ptxas in a subprocess): one thread per core
     # takes CI's two cores about half the serial time.

@@ -39,21 +39,6 @@ def smoke_run(tmp_path_factory):
     return out, code, printed.getvalue()
 
 
-@pytest.mark.parametrize("backend, batch", [("triton", 1), ("torch", 1), ("triton", 32)])
-def test_the_one_launch_engine_runs_on_the_triton_kernels_at_batches_up_to_16(backend, batch, tmp_path):
-    with contextlib.redirect_stdout(io.StringIO()):
-        code = benchmark.main(["--sizes", "smoke", "--device", "cpu", "--backend", backend, "--systems",
-                               bench_measure.ENGINE_ONE_LAUNCH, "--tasks", "generate", "--batches", str(batch),
-                               "--out", str(tmp_path)])
-    assert code == 0
-    (row,) = json.loads((tmp_path / "results.json").read_text())["results"]
-    assert row["system"] == bench_measure.ENGINE_ONE_LAUNCH and row["batch"] == batch
-    if backend == "triton" and batch <= 16:
-        assert row["status"] == "ok" and row["ms"] > 0, row
-    else:
-        assert row["status"] == "skipped" and row["note"] == "Triton kernels and batches <= 16 only", row
-
-
 def test_smoke_run_measures_every_system_and_task(smoke_run):
     out, code, _ = smoke_run
     assert code == 0
@@ -481,7 +466,7 @@ def test_the_decode_step_profiler_checks_its_arguments_and_refuses_without_a_gpu
         return run_benchmark_script("profile_step.py", *args)
 
     shown = run("--help")
-    assert shown.returncode == 0 and "--batches" in shown.stdout and "--one-launch" in shown.stdout
+    assert shown.returncode == 0 and "--batches" in shown.stdout
     bad = run("--batches", "1,x")
     assert bad.returncode == 2 and "--batches must be comma-separated integers, got '1,x'" in bad.stderr
     too_long = run("--steps", "1024")
@@ -515,64 +500,13 @@ def test_the_profilers_critical_path_charges_each_role_what_it_adds_to_the_chain
     assert totals == {role: 2 * charge[role] * roles.count(role) for role in charge}
 
 
-def test_the_profilers_one_launch_phases_add_up_per_role(capsys):
-    """The one-launch step's in-kernel stamps: each phase runs from the last program out of the one before to the
-    last out of it (the first from the earliest start), and the roles sum their phases over the layers."""
-    from igpt_fast.kernels import persistent
-
-    spec = importlib.util.spec_from_file_location("profile_step", pathlib.Path(__file__).parents[1] / "benchmarks"
-                                                  / "profile_step.py")
-    profiler = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(profiler)
-    n_layer, slots = 2, persistent.timing_slots(2)
-    done = torch.cumsum(torch.arange(1, slots) * 1000, 0)  # ns: phase i takes i us, program 1 the last out
-    timing = torch.stack([torch.cat([torch.tensor([0]), done - 500]), torch.cat([torch.tensor([700]), done])])
-    spans_us = (persistent.phase_spans(timing) / 1e3).tolist()
-    assert spans_us == [float(i) for i in range(1, slots)]
-    totals = profiler.phase_roles(spans_us, n_layer)
-    assert totals == {"embed": 1.0, "norm_qkv": 2.0 + 7.0, "attention": 3.0 + 8.0, "attn c_proj": 4.0 + 9.0,
-                      "ln_2 c_fc gelu": 5.0 + 10.0, "mlp c_proj": 6.0 + 11.0, "ln_f lm_head": 12.0, "sample": 13.0}
-    profiler.print_roles(totals, 1, n_layer, "phases, {step_us:.1f} us a step")
-    printed = capsys.readouterr().out
-    assert "phases, 91.0 us a step" in printed and "    11.0        12%       5.50  attention" in printed
-    with pytest.raises(ValueError, match="13 phase spans expected for 2 layers, got 12"):
-        profiler.phase_roles(spans_us[:-1], n_layer)
-
-
-def test_the_one_launch_profile_times_row_by_row_batches_also_walking_k(monkeypatch, capsys):
-    """profile_step.py --one-launch (the GPU's parts stood in): a batch whose GEMV phases go row by row is timed
-    again with persistent.ROW_LOOP_MAX_BATCH = 1, so one GPU run says which pays; then the constant is restored."""
-    from igpt_fast import decoder
-    from igpt_fast.kernels import persistent
-
-    spec = importlib.util.spec_from_file_location("profile_step", pathlib.Path(__file__).parents[1] / "benchmarks"
-                                                  / "profile_step.py")
-    profiler = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(profiler)
-    monkeypatch.setattr(decoder, "PERSISTENT_DECODE", False)  # main turns it on: restored after the test
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "a card")
-    monkeypatch.setattr(profiler, "random_weights", lambda *args: None)
-    monkeypatch.setattr(profiler, "ImageGPT", lambda *args, **kwargs: None)
-    timed = []
-    monkeypatch.setattr(profiler, "profile_phases",
-                        lambda model, batch, steps, seed: timed.append((batch, persistent.ROW_LOOP_MAX_BATCH)))
-    assert profiler.main(["--one-launch", "--batches", "1,8,16"]) == 0
-    assert timed == [(1, 8), (8, 8), (8, 1), (16, 8)]
-    assert persistent.ROW_LOOP_MAX_BATCH == 8
-    timed.clear()
-    assert profiler.main(["--one-launch", "--batches", "8", "--dtype", "float32"]) == 0
-    assert timed == [(8, 8)]  # float32 walks K anyway
-
-
-def run_gpu_check_with_stand_ins(tmp_path, seconds: int, pytest_says: str = ""):
+def run_gpu_check_with_stand_ins(tmp_path, seconds: int):
     """benchmarks/gpu_check.sh OUT seconds, with a stand-in python3 that says CUDA is there and does nothing but log
-    its arguments (and print pytest_says when it runs the one-launch step's tests): (the run, the logged calls)."""
+    its arguments: (the run, the logged calls)."""
     shims = tmp_path / "bin"
     shims.mkdir(parents=True)
     calls = tmp_path / "calls.log"
-    (shims / "python3").write_text(f'#!/usr/bin/env bash\necho "$*" >> "{calls}"\n'
-                                   f'case "$*" in *test_persistent.py*) echo "{pytest_says}";; esac\n')
+    (shims / "python3").write_text(f'#!/usr/bin/env bash\necho "$*" >> "{calls}"\n')
     (shims / "python3").chmod(0o755)
     script = pathlib.Path(__file__).parents[1] / "benchmarks" / "gpu_check.sh"
     env = {**os.environ, "PATH": f"{shims}{os.pathsep}{os.environ['PATH']}"}
@@ -605,21 +539,9 @@ def test_the_gpu_check_gives_what_its_seconds_leave_to_batch_256_and_the_sweep(t
     assert not any("pip install" in line for line in logged[logged.index(b256) - 1:])
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash here")
-def test_the_gpu_check_leaves_the_one_launch_step_out_of_the_benchmark_when_its_tests_broke_a_cuda_context(tmp_path):
-    """A CUDA fault ends its process's context, so the one-launch rows (the benchmark's second stage) would cost every
-    row after them; a test that failed otherwise (a barrier that gave up, an oracle) leaves them in."""
-    done, logged = run_gpu_check_with_stand_ins(
-        tmp_path, 360, pytest_says="RuntimeError: CUDA error: an illegal memory access was encountered")
-    core = next(line for line in logged if line.startswith("-m igpt_fast.benchmark --sizes core"))
-    assert core.endswith("--without igpt-fast-one-launch"), core
-    assert "the benchmark runs without igpt-fast-one-launch" in done.stdout
-
-    _, logged = run_gpu_check_with_stand_ins(tmp_path / "again", 360, pytest_says="FAILED test_persistent.py::x")
-    core = next(line for line in logged if line.startswith("-m igpt_fast.benchmark --sizes core"))
-    assert "--without" not in core
-    args = benchmark.parse_args(["--sizes", "core", "--without", "igpt-fast-one-launch,transformers"])
-    assert set(benchmark.make_plan(args).systems) == set(benchmark.SYSTEMS) - {"igpt-fast-one-launch", "transformers"}
+def test_without_leaves_systems_out_of_the_plan():
+    args = benchmark.parse_args(["--sizes", "core", "--without", "igpt-fast-no-pdl,transformers"])
+    assert set(benchmark.make_plan(args).systems) == set(benchmark.SYSTEMS) - {"igpt-fast-no-pdl", "transformers"}
 
 
 def test_the_cache_warmer_lists_what_the_gpu_checks_timed_stages_launch():
@@ -638,11 +560,8 @@ def test_the_cache_warmer_lists_what_the_gpu_checks_timed_stages_launch():
     count = int(lines[0].split()[0])
     assert count == len(lines) - 1 > 100
     kernels = [line.split()[0] for line in lines[1:]]
-    # batch 1 and 8, sampled and greedy, with and without timing; and batch 8 timed walking K (the profile's)
-    assert kernels.count("_decode_step_kernel") == 10
-    assert sum("_decode_step_kernel" in line and "'ROW_LOOP': False" in line and "'BLOCK_M': 8" in line
-               for line in lines) == 2
-    assert any("'TIMING': True" in line for line in lines) and any("'USE_PDL': False" in line for line in lines)
+    assert {"_decode_kernel", "_gemv_kernel", "_dot_kernel", "_sample_kernel", "_embed_kernel"} <= set(kernels)
+    assert any("'USE_PDL': False" in line for line in lines)  # the no-PDL rows'
     assert any("_gemv_kernel" in line and "'PREFETCH': 2" in line for line in lines)  # a sweep value
     assert any("_dot_kernel" in line and "'BLOCK_K': 256" in line for line in lines)
     fewer = run("--dry-run", "--no-sweeps")

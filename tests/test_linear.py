@@ -5,7 +5,6 @@ CPU cases are interpreter-sized, full imagegpt sizes and bfloat16 are GPU-marked
 
 import pytest
 import torch
-import triton
 from tolerances import tol
 
 from igpt_fast.kernels import linear
@@ -119,23 +118,6 @@ def test_gemv_with_two_blocks_in_flight(device, monkeypatch, M, K, N):
     check_gelu_and_residual(device, "gemv", M, K, N)
 
 
-# (M, K, N, _GEMV_TILE, _GEMV_PREFETCH): one K block; four (the last ragged) with two in flight; three K blocks
-# over two row blocks.
-@pytest.mark.parametrize("M,K,N,tile,prefetch", [(2, 96, 160, 8192, 1), (3, 600, 160, 8192, 2), (16, 450, 96, 512, 2),
-                                                 (17, 300, 40, 512, 1)])
-def test_gemv_row_loop(device, monkeypatch, M, K, N, tile, prefetch):
-    """The sweep's row-at-a-time GEMV: each W block as wide in K as at batch 1, every epilogue the same."""
-    monkeypatch.setattr(linear, "_GEMV_ROW_LOOP", True)
-    monkeypatch.setattr(linear, "_GEMV_TILE", tile)
-    monkeypatch.setattr(linear, "_GEMV_PREFETCH", prefetch)
-    config = _gemv_config(M, N, K)
-    assert config["ROW_LOOP"] and config["BLOCK_K"] == min(tile // config["BLOCK_N"], triton.next_power_of_2(K))
-    check_gelu_and_residual(device, "gemv", M, K, N)
-    if K % 2 == 0 and M <= 3:  # decode into the cache: batch M, 2 heads of K / 2
-        run_norm_qkv_case(device, torch.float32, path="gemv", batch=M, seq_len=1, pos=3, n_head=2,
-                          head_dim=K // 2, cache_batch=M + 1, cache_len=6, permuted_v=False)
-
-
 @pytest.mark.parametrize("path", ["gemv", "dot"])
 def test_epilogue_loads_after_the_sum_compute_the_same(device, monkeypatch, path):
     """The sweep's _EARLY_LOADS=False: bias, residual and position read in the epilogue, as before."""
@@ -143,13 +125,6 @@ def test_epilogue_loads_after_the_sum_compute_the_same(device, monkeypatch, path
     check_gelu_and_residual(device, path, 3, 96, 160)
     run_norm_qkv_case(device, torch.float32, path=path, batch=3, seq_len=1, pos=5, n_head=2, head_dim=48,
                       cache_batch=4, cache_len=8, permuted_v=False)
-
-
-def test_gemv_row_loop_changes_nothing_at_one_row(monkeypatch):
-    monkeypatch.setattr(linear, "_GEMV_ROW_LOOP", True)
-    with_loop = _gemv_config(1, 1536, 512)
-    monkeypatch.setattr(linear, "_GEMV_ROW_LOOP", False)
-    assert not with_loop["ROW_LOOP"] and with_loop == _gemv_config(1, 1536, 512)
 
 
 @pytest.mark.parametrize("path", ["gemv", "dot"])
