@@ -211,49 +211,9 @@ def _decode_kernel(
     USE_PDL: tl.constexpr,
     KV_BEFORE_WAIT: tl.constexpr,  # with PREFETCH: pos and the first block's keys before t read before gdc_wait
 ):
-    """Grid (batch * head, split): one _decode_program each."""
-    _decode_program(tl.program_id(0), tl.program_id(1), q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, part_out_ptr,
-                    part_lse_ptr, arrived_ptr, stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb,
-                    stride_vh, stride_vs, stride_ob, stride_oh, n_head, max_len, qk_scale_log2, HEAD_DIM, BLOCK_D,
-                    BLOCK_N, NUM_SPLITS, BLOCK_SPLITS, MIN_CHUNK, PREFETCH, PER_LANE, USE_PDL, KV_BEFORE_WAIT)
-
-
-@triton.jit
-def _decode_program(
-    pid_bh,  # batch * n_head + head
-    split,  # which part of the keys 0..t
-    q_ptr,  # [B, H, D] one query per (batch, head), last dim contiguous
-    k_ptr,  # [B, H, T, D] key cache, last dim contiguous; keys 0..t are read
-    v_ptr,  # [B, H, T, D] value cache, last dim contiguous; values 0..t are read
-    pos_ptr,  # int32 [1]: t, index of the newest key
-    out_ptr,  # [B, H, D] output
-    part_out_ptr,  # float32 [B*H, NUM_SPLITS, HEAD_DIM]: each split's normalised output
-    part_lse_ptr,  # float32 [B*H, NUM_SPLITS]: each split's log2(sum 2^score)
-    arrived_ptr,  # int32 [B*H]: splits done so far in this launch; 0 before and after it
-    stride_qb,
-    stride_qh,
-    stride_kb,
-    stride_kh,
-    stride_ks,
-    stride_vb,
-    stride_vh,
-    stride_vs,
-    stride_ob,
-    stride_oh,
-    n_head,
-    max_len,
-    qk_scale_log2,  # caller's scale * log2(e)
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr,
-    MIN_CHUNK: tl.constexpr,  # fewest keys a split takes (a multiple of BLOCK_N)
-    PREFETCH: tl.constexpr,
-    PER_LANE: tl.constexpr,
-    USE_PDL: tl.constexpr,
-    KV_BEFORE_WAIT: tl.constexpr,  # with PREFETCH: pos and the first block's keys before t read before gdc_wait
-):
+    """Grid (batch * head, split)."""
+    pid_bh = tl.program_id(0)  # batch * n_head + head
+    split = tl.program_id(1)  # which part of the keys 0..t
     b = tl.cast(pid_bh // n_head, tl.int64)
     h = tl.cast(pid_bh % n_head, tl.int64)
     k_ptr += b * stride_kb + h * stride_kh

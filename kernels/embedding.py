@@ -30,27 +30,8 @@ def _embed_kernel(
     BLOCK_D: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    """One program per row: _embed_row."""
-    _embed_row(tl.program_id(0), ids_ptr, wte_ptr, wpe_ptr, pos_ptr, out_ptr, seq_len, d, stride_ids, stride_om,
-               BLOCK_D, USE_PDL)
-
-
-@triton.jit
-def _embed_row(
-    row,  # which row of out
-    ids_ptr,  # [M] token ids, any stride
-    wte_ptr,  # [V, d] token embedding, contiguous
-    wpe_ptr,  # [P, d] position embedding, contiguous
-    pos_ptr,  # int32 [1], position of each sequence's first row
-    out_ptr,  # [M, d] output, last dim contiguous
-    seq_len,
-    d,
-    stride_ids,
-    stride_om,
-    BLOCK_D: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):
-    """Row `row` of out."""
+    """One program per row of out."""
+    row = tl.program_id(0)
     sync.wait_for_inputs(USE_PDL)  # ids and pos come from the previous step
     row = tl.cast(row, tl.int64)
     token = tl.load(ids_ptr + row * stride_ids).to(tl.int64)

@@ -231,46 +231,8 @@ def _gemv_kernel(
     PREFETCH: tl.constexpr,  # 1 or 2: W blocks loaded ahead of the one in use
     EARLY_LOADS: tl.constexpr,  # the epilogue's bias before gdc_wait, its residual or pos right after it
 ):
-    """Grid (column stripes, row blocks): one _gemv_program each."""
-    _gemv_program(tl.program_id(0), tl.program_id(1), x_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, k_ptr, v_ptr, pos_ptr,
-                  M, N, K, stride_xm, stride_om, stride_wk, stride_wn, eps, seq_len, head_dim,
-                  stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-                  HAS_NORM, HAS_BIAS, ACTIVATION, EPILOGUE, ONE_PART, USE_PDL, BLOCK_M, BLOCK_N, BLOCK_K, PREFETCH,
-                  EARLY_LOADS)
-
-
-@triton.jit
-def _gemv_program(
-    pid_n,
-    pid_m,
-    x_ptr,  # [M, K] input rows, last dim contiguous
-    nw_ptr,  # [K] RMS-norm weight (not read without HAS_NORM)
-    w_ptr,  # [K, N] weight, contiguous along K or N (stride_wk, stride_wn)
-    b_ptr,  # [N] bias (not read without HAS_BIAS)
-    out_ptr,  # see _epilogue
-    k_ptr,  # see _epilogue
-    v_ptr,  # see _epilogue
-    pos_ptr,  # see _epilogue
-    M, N, K,
-    stride_xm, stride_om,
-    stride_wk, stride_wn,
-    eps,
-    seq_len, head_dim,
-    stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt,
-    HAS_NORM: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    EPILOGUE: tl.constexpr,
-    ONE_PART: tl.constexpr,
-    USE_PDL: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    PREFETCH: tl.constexpr,  # 1 or 2: W blocks loaded ahead of the one in use
-    EARLY_LOADS: tl.constexpr,  # the epilogue's bias before gdc_wait, its residual or pos right after it
-):
-    """Column stripe pid_n of row block pid_m. Products on CUDA cores in float32 (exact for float32 inputs).
+    """Grid (column stripes, row blocks): column stripe pid_n of row block pid_m. Products on CUDA cores in float32
+    (exact for float32 inputs).
 
     W is read PREFETCH blocks ahead of its use: the first blocks before waiting on the previous kernel (weights
     are never written during a step, so under programmatic dependent launch that read overlaps the previous
@@ -281,6 +243,8 @@ def _gemv_program(
     with W's, PREFETCH ahead (x's first ones right after the wait). Before, x was loaded in the iteration that used
     it, so every K step (several from batch 2) waited out an L2 round trip for it, whatever W's prefetch depth.
     """
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     rows = tl.cast(pid_m, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)

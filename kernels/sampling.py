@@ -42,6 +42,17 @@ def _row_uniforms(seed_ptr, pos_ptr, row, cols, V):
 
 
 @triton.jit
+def _argmax_nan_first(values, cols, in_row, BLOCK_V: tl.constexpr):
+    """torch.argmax's choice over the row's lanes (the PyTorch stand-in's): the first NaN if there is one, else the
+    first of the largest. Compiled, tl.argmax compares with > and ==, which a NaN fails both ways, so over NaN
+    logits (a float16 overflow upstream) it picks some other lane, and with V not a power of two it can end on a
+    padding lane past V: a token the next step would embed from past the end of wte. (The interpreter's argmax is
+    numpy's nanargmax, which skips NaN instead.)"""
+    first_nan = tl.min(tl.where(in_row & (values != values), cols, BLOCK_V), axis=0)
+    return tl.where(first_nan < BLOCK_V, first_nan, tl.argmax(values, axis=0, tie_break_left=True))
+
+
+@triton.jit
 def _sample_kernel(
     logits_ptr,  # float32 [B, V], row stride stride_logits, columns contiguous
     temperature_ptr,  # float32 [B]
@@ -61,45 +72,9 @@ def _sample_kernel(
     ADVANCE_POS: tl.constexpr,  # pos[0] += 1 once every program has read it (the last to arrive writes it)
     USE_PDL: tl.constexpr,
 ):
-    """One program per row: _sample_row."""
-    _sample_row(tl.program_id(0), tl.num_programs(0), logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, seed_ptr,
-                pos_ptr, out_ids_ptr, sequences_ptr, arrivals_ptr, stride_logits, stride_sequences, V, BLOCK_V, GREEDY,
-                WRITE_SEQUENCES, ADVANCE_POS, USE_PDL)
-
-
-@triton.jit
-def _argmax_nan_first(values, cols, in_row, BLOCK_V: tl.constexpr):
-    """torch.argmax's choice over the row's lanes (the PyTorch stand-in's): the first NaN if there is one, else the
-    first of the largest. Compiled, tl.argmax compares with > and ==, which a NaN fails both ways, so over NaN
-    logits (a float16 overflow upstream) it picks some other lane, and with V not a power of two it can end on a
-    padding lane past V: a token the next step would embed from past the end of wte. (The interpreter's argmax is
-    numpy's nanargmax, which skips NaN instead.)"""
-    first_nan = tl.min(tl.where(in_row & (values != values), cols, BLOCK_V), axis=0)
-    return tl.where(first_nan < BLOCK_V, first_nan, tl.argmax(values, axis=0, tie_break_left=True))
-
-
-@triton.jit
-def _sample_row(
-    row,  # which row of logits
-    n_rows,  # B: how many programs count themselves in on arrivals
-    logits_ptr,  # float32 [B, V], row stride stride_logits, columns contiguous
-    temperature_ptr,  # float32 [B]
-    top_k_ptr,  # int32 [B]
-    top_p_ptr,  # float32 [B]
-    seed_ptr,  # int64 [1]: the Philox seed of row 0 (row b uses seed + b)
-    pos_ptr,  # int32 [1]: the decode step t (offsets of the uniforms, and where sequences is written)
-    out_ids_ptr,  # int64 [B]: the chosen token of each row
-    sequences_ptr,  # int64 [B, L], row stride stride_sequences; written at [b, t + 1] if WRITE_SEQUENCES
-    arrivals_ptr,  # int32 [1], zero between launches: with ADVANCE_POS, the programs that have read pos so far
-    stride_logits,
-    stride_sequences,
-    V,
-    BLOCK_V: tl.constexpr,
-    GREEDY: tl.constexpr,
-    WRITE_SEQUENCES: tl.constexpr,
-    ADVANCE_POS: tl.constexpr,  # pos[0] += 1 once every program has read it (the last to arrive writes it)
-    USE_PDL: tl.constexpr,
-):
+    """One program per row of logits."""
+    row = tl.program_id(0)
+    n_rows = tl.num_programs(0)  # B: how many programs count themselves in on arrivals
     sync.wait_for_inputs(USE_PDL)  # the logits are the previous kernel's output
     row = tl.cast(row, tl.int64)
     cols = tl.arange(0, BLOCK_V)

@@ -1,8 +1,8 @@
 """How a decode kernel's programs wait for what the previous kernel wrote: programmatic dependent launch (PDL).
 
-The per-program bodies of the decode kernels (linear._gemv_program, attention._decode_program, ...) call
-wait_for_inputs once they have issued the reads that do not depend on earlier work (weights), so under PDL those
-reads overlap the previous kernel's tail.
+The decode kernels (linear's GEMV, attention's decode, embedding, sampling) call wait_for_inputs once they have
+issued the reads that do not depend on earlier work (weights), so under PDL those reads overlap the previous
+kernel's tail.
 """
 
 import triton
