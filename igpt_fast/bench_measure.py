@@ -61,6 +61,7 @@ class Result:
     baseline: str | None = None  # kernels: the unfused PyTorch equivalent and its time
     baseline_ms: float | None = None
     peak_memory_bytes: int | None = None  # the system's own peak GPU memory (weights, caches, graphs)
+    wall_s: float | None = None  # what the row cost the run (building, compiling, timing): where a time limit goes
     environment: dict = field(default_factory=dict)
 
 

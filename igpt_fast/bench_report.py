@@ -225,6 +225,20 @@ def quantize_table(rows: list[dict]) -> str:
                   range(1, 6))
 
 
+def run_time(rows: list[dict]) -> str:
+    """What each system (the kernel, quantize and startup rows as one each) cost the run, building and compiling
+    included, and how many rows the time limit cut: where to look when a limit cuts the rows after it."""
+    spent: dict[str, float] = {}
+    for r in rows:
+        if r.get("wall_s") is not None:
+            part = r["task"] + "s" if r["task"] in ("kernel", "quantize") else r["task"] if r["task"] == "startup" \
+                else r["system"]
+            spent[part] = spent.get(part, 0.0) + r["wall_s"]
+    cut = sum(r["status"] == "skipped" and r["note"] == "time limit reached" for r in rows)
+    parts = ", ".join(f"{part} {seconds:.0f} s" for part, seconds in spent.items())
+    return f"run time: {parts or 'not recorded'}; {cut} rows cut by the time limit"
+
+
 def summary(rows: list[dict]) -> str:
     """Every table, the generation table last, with the run's card and versions."""
     env = next((r["environment"] for r in rows if r.get("environment")), {})
@@ -236,7 +250,7 @@ def summary(rows: list[dict]) -> str:
              "steps in the middle of the image, images/s extrapolated; vs best anchor: the fastest anchor's "
              "ms/step over this row's; % of floor: the bytes a step must move at the copy bandwidth over the "
              "time; targets are set for an H100.")
-    parts = [header]
+    parts = [header, run_time(rows)]
     if any(r["task"] == "kernel" for r in rows):
         parts += ["", "Kernels (one decode step's launches; torch: the unfused PyTorch equivalent)",
                   kernel_table(rows)]
@@ -304,6 +318,12 @@ def replace_readme_block(readme: Path, block: str) -> None:
     readme.write_text(f"{head}{README_START}\n{block}\n{README_END}{tail}")
 
 
+def _system_order(system_dtype: tuple[str, str]) -> tuple:
+    """The systems in SYSTEMS' order; one an older run measured and this version no longer has, after them."""
+    system, dtype = system_dtype
+    return (SYSTEMS.index(system) if system in SYSTEMS else len(SYSTEMS), system, dtype)
+
+
 def write_plot(rows: list[dict], path: Path) -> None:
     """images/s against batch, one line per (system, dtype), one panel per model; hollow markers are
     extrapolated."""
@@ -315,7 +335,7 @@ def write_plot(rows: list[dict], path: Path) -> None:
     axes = fig.subplots(1, len(models), squeeze=False)[0]
     for ax, model in zip(axes, models, strict=True):
         lines = sorted({(r["system"], r["dtype"]) for r in generate if r["model"] == model},
-                       key=lambda sd: (SYSTEMS.index(sd[0]), sd[1]))
+                       key=_system_order)
         for system, dtype in lines:
             points = sorted((r["batch"], r["images_per_s"], r["extrapolated"]) for r in generate
                             if (r["model"], r["system"], r["dtype"]) == (model, system, dtype))

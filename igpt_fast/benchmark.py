@@ -198,6 +198,7 @@ class Runner:
         if self.out_of_time():
             row.status, row.note = "skipped", "time limit reached"
         else:
+            started = time.perf_counter()
             try:
                 for key, value in fn().items():
                     setattr(row, key, value)
@@ -208,6 +209,7 @@ class Runner:
                 traceback.print_exc()
                 row.status, row.note = "failed", f"{type(e).__name__}: {_first_line(e)}"
                 self.release()
+            row.wall_s = time.perf_counter() - started
         self.record(row)
 
     def built(self, key: tuple, build: Callable):
