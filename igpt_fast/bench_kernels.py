@@ -80,6 +80,11 @@ SWEEPS = (
 )
 
 
+def current_value(sweep: Sweep):
+    """The value the sweep's heuristic holds now (its default, outside a heuristic() block)."""
+    return getattr(importlib.import_module(sweep.module), sweep.constant)
+
+
 @contextlib.contextmanager
 def heuristic(module: str, constant: str, value):
     """Inside, <module>.<constant> is `value` (read by the launchers at each call)."""

@@ -5,7 +5,6 @@ generation table last) under the run's card and versions, and the plot of images
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 import re
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from igpt_fast.anchors import ANCHORS
-from igpt_fast.bench_kernels import QUANTIZE_CLUSTERS, QUANTIZE_SIDE, SWEEPS
+from igpt_fast.bench_kernels import QUANTIZE_CLUSTERS, QUANTIZE_SIDE, SWEEPS, current_value
 from igpt_fast.bench_measure import ENGINE, MODELS, SYSTEMS, TOP_K, Result
 
 if TYPE_CHECKING:
@@ -173,7 +172,7 @@ def sweep_table(rows: list[dict]) -> str:
         match = _SWEEP_STEP.fullmatch(r["system"]) if r["task"] == "kernel" and r["status"] == "ok" else None
         if match:
             groups.setdefault((match["name"], r["model"], r["dtype"], r["batch"]), {})[match["value"]] = r["ms"]
-    defaults = {s.constant.strip("_"): str(getattr(importlib.import_module(s.module), s.constant)) for s in SWEEPS}
+    defaults = {s.constant.strip("_"): str(current_value(s)) for s in SWEEPS}
     lines = []
     for (name, model, dtype, batch), ms in groups.items():
         default = defaults.get(name)

@@ -50,7 +50,15 @@ import torch
 
 from igpt_fast.anchors import COMPILED_ANCHORS, StaticCacheAnchor, TransformersAnchor
 from igpt_fast.backend import PDL_ENV, use_triton
-from igpt_fast.bench_kernels import SWEEPS, heuristic, kernel_cases, measure_kernel, measure_quantize, quantize_cases
+from igpt_fast.bench_kernels import (
+    SWEEPS,
+    current_value,
+    heuristic,
+    kernel_cases,
+    measure_kernel,
+    measure_quantize,
+    quantize_cases,
+)
 from igpt_fast.bench_measure import (
     DTYPES,
     ENGINE,
@@ -363,21 +371,31 @@ class Runner:
         where the heuristic is read: first the whole decode step (a fresh engine, its graphs captured under that
         value), "decode step [constant=value]", what a kernel's gain is worth once it overlaps its neighbours under
         programmatic dependent launch; then, with the time left, the kernels it changes, "kernel [constant=value]"
-        (a time limit cuts the slower kernel rows, not the steps that decide a default)."""
+        (a time limit cuts the slower kernel rows, not the steps that decide a default). Every sweep's default row
+        at a batch is the same engine, so its decode step is measured once a batch and shared by those rows."""
         device, dtype_name = self.plan.device, self.plan.dtypes[0]
         if not use_triton(device):
             self.record(Result("kernel", "sweep", model_name, "-", 0, status="skipped", note=NO_TRITON))
             return
+        defaults_step: dict[int, dict] = {}  # batch -> the decode step under every default
+
+        def sweep_step(batch: int, is_default: bool) -> dict:
+            if is_default and batch in defaults_step:
+                return {**defaults_step[batch], "note": "every default: measured once a batch"}
+            measured = self.measure_sweep_step(config, weights, dtype_name, batch)
+            if is_default:
+                defaults_step[batch] = measured
+            return measured
+
         for steps_pass in (True, False):
             for sweep in SWEEPS:
-                label = sweep.constant.strip("_")
+                label, default = sweep.constant.strip("_"), current_value(sweep)
                 for value in sweep.values:
                     with heuristic(sweep.module, sweep.constant, value):
                         for batch in [b for b in self.plan.batches if b in sweep.batches]:
                             if steps_pass and sweep.steps:
                                 self.measure("kernel", f"decode step [{label}={value}]", model_name, dtype_name,
-                                             batch, functools.partial(self.measure_sweep_step, config, weights,
-                                                                      dtype_name, batch))
+                                             batch, functools.partial(sweep_step, batch, value == default))
                             elif not steps_pass and sweep.cases:
                                 self.measure_sweep_kernels(config, model_name, dtype_name, batch, sweep.cases,
                                                            f"{label}={value}")

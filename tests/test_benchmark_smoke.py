@@ -323,6 +323,12 @@ def test_sweep_measures_each_heuristic_value_and_restores_the_default(tmp_path):
     assert all(r["status"] == "ok" and r["ms"] > 0 for r in rows), [r for r in rows if r["status"] != "ok"]
     is_step = [r["system"].startswith("decode step") for r in rows]
     assert is_step == sorted(is_step, reverse=True), "every decode-step row comes before the kernel rows"
+    # every sweep's default row is the same engine: its step is measured once and shared
+    defaults = {f"decode step [{s.constant.strip('_')}={bench_kernels.current_value(s)}]" for s in bench_kernels.SWEEPS}
+    default_rows = [r for r in rows if r["system"] in defaults]
+    assert len(default_rows) == 11 and len({r["ms"] for r in default_rows}) == 1, default_rows
+    assert sum(r["note"] == "every default: measured once a batch" for r in default_rows) == 10
+    assert len({r["ms"] for r in rows if r["system"].startswith("decode step")}) > 1
     with bench_kernels.heuristic("igpt_fast.kernels.linear", "_GEMV_MIN_BLOCK_N", 32):
         assert linear._gemv_config(1, 512, 512)["BLOCK_N"] == 32
     assert linear._GEMV_MIN_BLOCK_N == 4 and linear._gemv_config(1, 512, 512)["BLOCK_N"] == 4
