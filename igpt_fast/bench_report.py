@@ -225,13 +225,12 @@ def quantize_table(rows: list[dict]) -> str:
 
 
 def run_time(rows: list[dict]) -> str:
-    """What each system (the kernel, quantize and startup rows as one each) cost the run, building and compiling
-    included, and how many rows the time limit cut: where to look when a limit cuts the rows after it."""
+    """What each system (the kernel, quantize and startup rows as one each, by task) cost the run, building and
+    compiling included, and how many rows the time limit cut: where to look when a limit cuts the rows after it."""
     spent: dict[str, float] = {}
     for r in rows:
         if r.get("wall_s") is not None:
-            part = r["task"] + "s" if r["task"] in ("kernel", "quantize") else r["task"] if r["task"] == "startup" \
-                else r["system"]
+            part = r["task"] if r["task"] in ("kernel", "quantize", "startup") else r["system"]
             spent[part] = spent.get(part, 0.0) + r["wall_s"]
     cut = sum(r["status"] == "skipped" and r["note"] == "time limit reached" for r in rows)
     parts = ", ".join(f"{part} {seconds:.0f} s" for part, seconds in spent.items())
