@@ -6,6 +6,9 @@ counts only what it adds to the chain. Needs a CUDA GPU; random weights of the n
 
     python benchmarks/profile_step.py --model small --dtype float16 --batches 1,8,64 --steps 128
 
+The steps follow a prompt of --prompt-length tokens (the SOS, then random pixels): the default 1 profiles an image
+from its start; a long prompt profiles its end, where attention reads the most keys.
+
 With programmatic dependent launch (on by default from sm_90) a kernel starts while its predecessor drains and
 its profiled duration includes that wait, so the kernels' sum can exceed the wall (seen on an H100: 133-165%);
 the critical path is the measure that holds either way. IGPT_FAST_PDL=0 gives each kernel's own time.
@@ -15,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections import defaultdict
 
 import torch
@@ -23,7 +25,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from igpt_fast.backend import use_pdl
-from igpt_fast.bench_measure import DTYPES, MODELS, TOP_K, random_weights
+from igpt_fast.bench_measure import DTYPES, MODELS, EngineSystem, prompt_of, random_weights
 from igpt_fast.model import ImageGPT
 
 
@@ -34,6 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float16", choices=list(DTYPES))
     parser.add_argument("--batches", default="1,8,64", help="comma-separated batch sizes (default 1,8,64)")
     parser.add_argument("--steps", type=int, default=128, help="decode steps profiled per batch (default 128)")
+    parser.add_argument("--prompt-length", type=int, default=1,
+                        help="tokens before the profiled steps: the SOS, then random pixels (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
@@ -42,8 +46,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--batches must be comma-separated integers, got {args.batches!r}")
     if any(b < 1 for b in args.batches):
         parser.error(f"--batches must be positive, got {args.batches}")
-    if not 1 <= args.steps < MODELS[args.model].n_positions:
-        parser.error(f"--steps must be in [1, {MODELS[args.model].n_positions - 1}], got {args.steps}")
+    n_positions = MODELS[args.model].n_positions
+    if not 1 <= args.prompt_length < n_positions:
+        parser.error(f"--prompt-length must be in [1, {n_positions - 1}], got {args.prompt_length}")
+    if not 1 <= args.steps <= n_positions - args.prompt_length:
+        parser.error(f"--steps must be in [1, {n_positions - args.prompt_length}] after a prompt of "
+                     f"{args.prompt_length}, got {args.steps}")
     return args
 
 
@@ -106,21 +114,20 @@ def print_roles(totals: dict[str, float], steps: int, n_layer: int, title: str) 
         print(f"{us / steps:8.1f} {100 * us / steps / step_us:9.0f}% {us / steps / launches:10.2f}  {role}")
 
 
-def profile_batch(model: ImageGPT, batch: int, steps: int, seed: int) -> None:
+def profile_batch(model: ImageGPT, batch: int, steps: int, prompt_length: int, seed: int) -> None:
+    """`steps` decode steps after a prompt, timed and then profiled apart from its prefill (EngineSystem's calls)."""
     config = model.config
-    prompt = torch.full((batch, 1), config.sos_token_id, device="cuda")
-
-    def run():
-        return model.generate(prompt, max_new_tokens=steps, do_sample=True, top_k=TOP_K, seed=seed)
-
-    run()  # compile the kernels, capture the graphs
+    prompt = prompt_of(config, batch, prompt_length, seed, torch.device("cuda"))
+    engine = EngineSystem(model, seed)
+    engine.generate(prompt, steps + 1)  # compile the kernels, capture the graphs
+    timed = engine.generate(prompt, steps + 1)
+    wall_us = 1e6 * timed.decode_s / timed.decode_steps
+    decoder = model.decoder
+    state = decoder.state(batch)  # the sampling settings engine.generate left in it
+    decoder.start(state, prompt, greedy=False)
     torch.cuda.synchronize()
-    start = time.perf_counter()
-    run()
-    torch.cuda.synchronize()
-    wall_us = 1e6 * (time.perf_counter() - start) / steps
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        run()
+        decoder.decode(state, steps, greedy=False)
         torch.cuda.synchronize()
     per_kernel: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     for event in prof.key_averages():
@@ -130,7 +137,8 @@ def profile_batch(model: ImageGPT, batch: int, steps: int, seed: int) -> None:
             per_kernel[event.key][1] += us
     busy = sum(us for _, us in per_kernel.values()) / steps
     launches = sum(count for count, _ in per_kernel.values()) / steps
-    print(f"\n== {config.n_layer} layers, batch {batch}, {steps} steps: {wall_us:.1f} us/step wall, kernels busy "
+    print(f"\n== {config.n_layer} layers, batch {batch}, {steps} steps after a prompt of {prompt_length}: "
+          f"{wall_us:.1f} us/step wall, kernels busy "
           f"{busy:.1f} us/step over {launches:.1f} launches/step ({100 * busy / wall_us:.0f}% of the wall)")
     print(f"{'us/step':>8} {'launches/step':>14} {'us/launch':>10}  kernel")
     for name, (count, us) in sorted(per_kernel.items(), key=lambda item: -item[1][1])[:20]:
@@ -151,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     pdl = "on" if use_pdl(torch.device("cuda")) else "off"
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.model} {args.dtype}, PDL {pdl}")
     for batch in args.batches:
-        profile_batch(model, batch, args.steps, args.seed)
+        profile_batch(model, batch, args.steps, args.prompt_length, args.seed)
     return 0
 
 
