@@ -144,13 +144,16 @@ def test_sampling_matches_reference_fed_the_same_random_numbers(backend, weights
     assert not torch.equal(out, model.generate(context, seed=4321, **kwargs))
 
 
-@pytest.mark.parametrize("batch", [1, 17])
-def test_odd_batches_are_padded_to_a_bucket_and_sliced_back(batch, weights, reference):
-    model = ImageGPT(TINY, weights, backend="torch")
+@pytest.mark.parametrize("batch, backend", [(1, "torch"), (17, "torch"), (17, "triton")])
+def test_odd_batches_are_padded_to_a_bucket_and_sliced_back(batch, backend, weights, reference):
+    """Batch 17 runs in bucket 32: with the kernels, the decode step's linears take the tiled dot path (over 16 rows),
+    the qkv one scattering k and v into the cache at pos."""
+    model = ImageGPT(TINY, weights, backend=backend)
     prompt = torch.randint(0, TINY.n_clusters, (batch, 3))
-    out = model.generate(prompt, max_new_tokens=6, do_sample=True, top_k=6, seed=99)
-    assert out.shape == (batch, 9) and set(model.decoder.states) == {1 if batch == 1 else 32}
-    assert torch.equal(out, reference.generate(prompt, max_new_tokens=6, do_sample=True, top_k=6,
+    new_tokens = 6 if backend == "torch" else 3
+    out = model.generate(prompt, max_new_tokens=new_tokens, do_sample=True, top_k=6, seed=99)
+    assert out.shape == (batch, 3 + new_tokens) and set(model.decoder.states) == {1 if batch == 1 else 32}
+    assert torch.equal(out, reference.generate(prompt, max_new_tokens=new_tokens, do_sample=True, top_k=6,
                                                uniforms=philox(99)))
 
 
@@ -462,21 +465,23 @@ def test_gpu_low_precision_next_token_distributions_are_close(small_weights, dty
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_low_precision_decode_steps_give_the_reference_next_token_distributions(small_weights, dtype):
-    """The decode step itself at batch 8 (the test above checks the prefill's forward): each step's logits against the
-    float32 reference's forward over the sampled sequence."""
+@pytest.mark.parametrize("dtype, batch", [(torch.float16, 8), (torch.bfloat16, 8), (torch.float16, 64),
+                                          (torch.float16, 256)])
+def test_gpu_low_precision_decode_steps_give_the_reference_next_token_distributions(small_weights, dtype, batch):
+    """The decode step itself (the test above checks the prefill's forward): each step's logits against the float32
+    reference's forward over the sampled sequence. Batch 8 runs the GEMV linears and split-K attention; 64 and 256
+    the tiled dot linears and attention in one split per (batch, head), in buckets no GPU test ran before."""
     reference = ReferenceImageGPT.from_state_dict(SMALL, small_weights).cuda()
     model = ImageGPT(SMALL, small_weights, device="cuda", dtype=dtype)
     steps = 64
-    out = model.generate(torch.full((8, 1), SMALL.sos_token_id, device="cuda"), max_new_tokens=steps, do_sample=True,
-                         top_k=40, seed=3, return_dict_in_generate=True, output_logits=True)
+    out = model.generate(torch.full((batch, 1), SMALL.sos_token_id, device="cuda"), max_new_tokens=steps,
+                         do_sample=True, top_k=40, seed=3, return_dict_in_generate=True, output_logits=True)
     with torch.no_grad():
         p = torch.log_softmax(reference(out.sequences[:, :-1]).logits[:, -steps:].double(), -1)
     q = torch.log_softmax(torch.stack(out.logits, dim=1).double(), -1)
     kl = (p.exp() * (p - q)).sum(-1).mean().item()
-    print(f"{dtype} decode steps: mean KL(reference fp32 || engine) over {8 * steps} next-token distributions = "
-          f"{kl:.2e}")
+    print(f"{dtype} decode steps at batch {batch}: mean KL(reference fp32 || engine) over {batch * steps} next-token "
+          f"distributions = {kl:.2e}")
     # The PyTorch stand-ins in fp16 on a CPU give 1.2e-6 here (and 1.1e-6 for the forward above): the same bounds.
     assert kl < (1e-4 if dtype == torch.float16 else 2e-3)
 
