@@ -156,8 +156,10 @@ stage pytest-benchmark pytest_benchmark.log timeout -k 5 60 python3 -m pytest -m
 # Where a decode step's GPU time goes (fp16, batch 1, 8, 64, a whole image): per kernel, and the critical path by
 # role (what each launch adds to the chain), with PDL as the engine runs (a kernel's own duration then includes
 # waiting for its predecessor; the no-PDL step is in the benchmark's table). 48 s at 1023 steps on an H200, most of
-# it profiling 123 launches a step; 511 steps (half an image, so attention's share is a whole image's) for time.
-stage profile profile.txt timeout -k 5 90 python3 benchmarks/profile_step.py --batches 1,8,64 --steps 511
+# it profiling 123 launches a step; now half as many, the 511 steps after a 257-token prompt (positions 257-767,
+# whose mean is a whole image's, so attention's share is a whole image's too).
+stage profile profile.txt timeout -k 5 90 python3 benchmarks/profile_step.py --batches 1,8,64 --prompt-length 257 \
+    --steps 511
 # float32 at batch 64: on the H200 its step (14.7 ms a whole image) was about three times what its kernels'
 # graph-timed rows add up to (on the H100 before it, twice), where float16's and float32's at batch 8 add up. Where
 # the rest goes, by role, in the image's last 128 steps (past a 768-token prompt: whether it grows with the keys
