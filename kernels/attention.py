@@ -33,7 +33,10 @@ MAX_HEAD_DIM = 256
 # Decode: keys per loop iteration, and how many programs a launch should have in flight: about four per
 # SM of an H100 (132 SMs), so batch 1 with 8 heads is split 16 ways on a 1024-long cache.
 _DECODE_BLOCK_N = 64
-_DECODE_TARGET_PROGRAMS = 512
+# 256, not 512: on an H200 (fp16, 2026-12-04 sweep) batch 8's decode step took 0.580 ms in 4 splits against 0.648 in
+# 8 (2 splits 0.610, 1 split 0.625); batch 1 (16 splits, capped by the cache's 16 key blocks) and batch 64 (1 split)
+# launch the same grid either way.
+_DECODE_TARGET_PROGRAMS = 256
 # Fewest keys a split of decode attention takes (rounded up to whole key blocks): below it, a short cache is
 # split fewer ways, and under one split's worth the launch writes its output with no merge at all. 64 (one block,
 # what the splits always took) until the sweep times 128 and 256: at batch 1 an image's first quarter would then skip
@@ -44,8 +47,9 @@ _DECODE_MIN_SPLIT_KEYS = 64
 # masked. Chosen without a GPU (same results; ptxas reports no spills for sm_90), where prefill was 0.68-1.07x SDPA
 # in fp16 and 0.35-0.57x in fp32 on an H100; the sweep times both.
 _PREFILL_SPLIT_DIAGONAL = True
-# Load the next key/value block while computing this one. Chosen without a GPU (for batches >= 64, where a program
-# walks its whole cache row, it keeps twice the bytes in flight); `benchmark --tasks sweep` measures both.
+# Load the next key/value block while computing this one (two blocks of registers live), or once this one is computed.
+# Either way the first block's loads go out before q's. On an H200 (fp16, 2026-12-04 sweep, when without it the first
+# block was loaded after q) it was worth 13% of batch 1's decode step and cost 5% of batch 8's, 7% of batch 64's.
 _DECODE_PREFETCH = True
 # Keep one online softmax per key lane of a block and merge the lanes once at the end, instead of reducing every
 # block's scores and values across warps (three reductions, each through shared memory with barriers). Chosen
@@ -209,7 +213,7 @@ def _decode_kernel(
     PREFETCH: tl.constexpr,
     PER_LANE: tl.constexpr,
     USE_PDL: tl.constexpr,
-    KV_BEFORE_WAIT: tl.constexpr,  # with PREFETCH: pos and the first block's keys before t read before gdc_wait
+    KV_BEFORE_WAIT: tl.constexpr,  # pos and the first block's keys before t read before gdc_wait
 ):
     """Grid (batch * head, split)."""
     pid_bh = tl.program_id(0)  # batch * n_head + head
@@ -238,7 +242,7 @@ def _decode_kernel(
         k_t, v_t = _kv_block(k_ptr, v_ptr, start, end, offs_d, d_mask, stride_ks, stride_vs, BLOCK_N, lo=n_keys - 1)
         k_next += k_t
         v_next += v_t
-    elif PREFETCH:
+    else:  # the first block's loads go out before q's, whose round trip they then overlap
         k_next, v_next = _kv_block(k_ptr, v_ptr, start, end, offs_d, d_mask, stride_ks, stride_vs, BLOCK_N)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0).to(tl.float32)
 
@@ -252,12 +256,11 @@ def _decode_kernel(
         acc = tl.zeros([BLOCK_D], tl.float32)
     for start_n in range(start, end, BLOCK_N):
         n_mask = start_n + tl.arange(0, BLOCK_N) < end
+        k, v = k_next, v_next
         if PREFETCH:  # the next block's loads are in flight while this one is computed (Triton does not
-            k, v = k_next, v_next  # pipeline loads that feed no tl.dot); past the split they are masked off
+            # pipeline loads that feed no tl.dot); past the split they are masked off
             k_next, v_next = _kv_block(k_ptr, v_ptr, start_n + BLOCK_N, end, offs_d, d_mask, stride_ks, stride_vs,
                                        BLOCK_N)
-        else:
-            k, v = _kv_block(k_ptr, v_ptr, start_n, end, offs_d, d_mask, stride_ks, stride_vs, BLOCK_N)
         scores = tl.sum(q[None, :] * k.to(tl.float32), axis=1) * qk_scale_log2
         scores = tl.where(n_mask, scores, float("-inf"))
         if PER_LANE:  # elementwise over the lanes: no reduction across warps inside the loop
@@ -274,6 +277,9 @@ def _decode_kernel(
             l_i = l_i * alpha + tl.sum(p, axis=0)
             acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         m_i = m_new
+        if not PREFETCH:  # issued once this block is computed: one block's registers live, not two
+            k_next, v_next = _kv_block(k_ptr, v_ptr, start_n + BLOCK_N, end, offs_d, d_mask, stride_ks, stride_vs,
+                                       BLOCK_N)
     if PER_LANE:  # merge the lanes into the single running softmax the rest of the kernel expects
         m_max = tl.max(m_i, axis=0)
         weight = tl.exp2(m_i - tl.where(m_max == float("-inf"), 0.0, m_max))  # 0 for lanes that saw no key
@@ -563,7 +569,7 @@ def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace,
         PREFETCH=_DECODE_PREFETCH,
         PER_LANE=_DECODE_PER_LANE_SOFTMAX,
         USE_PDL=pdl,
-        KV_BEFORE_WAIT=kv_before_wait and _DECODE_PREFETCH,  # it reads the prefetched block early
+        KV_BEFORE_WAIT=kv_before_wait,
         launch_pdl=pdl,
         num_warps=num_warps,
         enable_fp_fusion=backend.FP_FUSION,

@@ -45,8 +45,9 @@ _GEMV_MAX_M = 16  # rows up to which the weight-streaming GEMV path is used
 _MAX_GRID_Y = 65535
 # Narrowest column stripe: the fewest [out, in] rows of W one GEMV program streams. 4 rather than 8: on an H100
 # (fp16, 2026-11-27) the N = 512 projections then get twice the programs, and mlp c_proj took 8.6 us instead of
-# 13.7 at batch 8 (4.0 instead of 4.8 at batch 1); the other linears were unchanged.
-_GEMV_MIN_BLOCK_N = 4
+# 13.7 at batch 8 (4.0 instead of 4.8 at batch 1); the other linears were unchanged. 2 rather than 4: on an H200
+# (fp16, 2026-12-04 sweep) the decode step took 0.275 ms instead of 0.287 at batch 1, 0.628 instead of 0.648 at 8.
+_GEMV_MIN_BLOCK_N = 2
 _TARGET_PROGRAMS = 264  # about two per SM on an H100 (132 SMs); measured there: 132 is slower at batch 8, 528 the same
 _GEMV_TILE = 8192  # BLOCK_M * BLOCK_K * BLOCK_N elements per GEMV step (64 per thread at 4 warps); 4096: slower (H100)
 _GEMV_NUM_WARPS = 4
@@ -65,9 +66,10 @@ _GEMV_PREFETCH = 1
 _EARLY_LOADS = True
 _GROUP_M = 8  # row tiles walked together in the dot path, so W tiles are reused from L2
 # K step of the dot path's small 16-bit tiles (at most 32 x 32: decode batches of 17..64, where the serial K loop,
-# not the tile's arithmetic, is the time): 64 like every other tile. On an H100 at batch 64, mlp c_proj (K = 4d)
-# took 13.5 us against 5.3 for attn c_proj (K = d): 128 or 256 would halve or quarter its K steps (the sweep's).
-_DOT_SMALL_TILE_BLOCK_K = 64
+# not the tile's arithmetic, is the time); other tiles step 64. At 64, on an H100 at batch 64, mlp c_proj (K = 4d)
+# took 13.5 us against 5.3 for attn c_proj (K = d). 256 quarters its K steps: on an H200 (fp16, 2026-12-04 sweep)
+# batch 64's decode step took 1.257 ms instead of 1.449 (128: 1.414).
+_DOT_SMALL_TILE_BLOCK_K = 256
 # The "qkv" epilogue stores through per-element int64 cache pointers (head_dim is a runtime value, so no contiguity
 # is provable): compiled for sm_90, its 128 x 128 dot tile spills 0.9-3 KB of registers per thread (every dtype);
 # 128 x 64 spills none in 16-bit and 24 B in float32. Large prefills (M >= 1024 at imagegpt-large) would get 128 x 128.

@@ -331,7 +331,7 @@ def test_sweep_measures_each_heuristic_value_and_restores_the_default(tmp_path):
     assert len({r["ms"] for r in rows if r["system"].startswith("decode step")}) > 1
     with bench_kernels.heuristic("igpt_fast.kernels.linear", "_GEMV_MIN_BLOCK_N", 32):
         assert linear._gemv_config(1, 512, 512)["BLOCK_N"] == 32
-    assert linear._GEMV_MIN_BLOCK_N == 4 and linear._gemv_config(1, 512, 512)["BLOCK_N"] == 4
+    assert linear._GEMV_MIN_BLOCK_N == 2 and linear._gemv_config(1, 512, 512)["BLOCK_N"] == 2
 
 
 def test_the_sweep_table_puts_each_default_first_and_names_the_fastest(monkeypatch):

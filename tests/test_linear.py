@@ -236,8 +236,8 @@ QKV_CASES = [
     ("dot", 17, 1, 11, 1, 96),  # decode at batch 17: heuristic picks dot
     ("gemv", 2, 5, 0, 2, 48),  # prefill of 5 positions per sequence
     ("dot", 2, 17, 3, 1, 96),  # a 17-position chunk starting at position 3
-    # d = 10 and 20: column tiles of 4 (GEMV) and 16 (dot) straddle q | k | v (the per-column epilogue)
-    ("gemv", 2, 1, 3, 1, 10),
+    # d = 9 and 20: column tiles of 2 (GEMV) and 16 (dot) straddle q | k | v (the per-column epilogue)
+    ("gemv", 2, 1, 3, 1, 9),
     ("dot", 2, 9, 1, 2, 10),
 ]
 
