@@ -4,9 +4,10 @@ decode-step rows are (a fresh engine whose graphs are captured under it, SWEEP_S
 image), over --rounds rounds that visit the settings in turn, so drift shows as spread rather than as a winner.
 Needs a CUDA GPU; random weights of the named model size.
 
-    python benchmarks/step_settings.py --batches 1,8,64 \\
+    python benchmarks/step_settings.py --batches 1,8 \\
         --setting "" \\
-        --setting "igpt_fast.kernels.attention._DECODE_BLOCK_N=32 igpt_fast.kernels.attention._DECODE_PREFETCH=False"
+        --setting "igpt_fast.kernels.attention._DECODE_WHOLE_ROW_BLOCK_N=16" \\
+        --setting "igpt_fast.decoder.ATTENTION_KV_BEFORE_WAIT_MAX_BATCH=8 igpt_fast.kernels.linear._GEMV_TILE=16384"
 
 The empty setting is the code's defaults. Prints, per dtype and batch, each setting's median ms/step (and its
 spread over the rounds) and its change against the first setting.

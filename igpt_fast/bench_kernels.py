@@ -45,38 +45,19 @@ class Sweep:
     steps: bool = True
 
 
-_LINEAR_CASES = ("norm_qkv", "linear_residual", "norm_linear")
-GEMV_BATCHES, DOT_BATCHES, ALL_BATCHES = range(1, 17), range(17, 257), range(1, 257)  # kernels.linear's _GEMV_MAX_M
+ALL_BATCHES = range(1, 257)
 # Launch heuristics not yet settled on a GPU, for the sweep to measure one at a time (the others at their
 # defaults), likeliest wins first, as a sweep cut short by its time limit keeps its first rows. Settled on an H100
-# (2026-11-27) and so left out: the weight layout, _TARGET_PROGRAMS, _GEMV_TILE below 8192 and _GEMV_MIN_BLOCK_N
-# above 8 (see their comments).
+# (2026-11-27) or an H200 (2026-12-04, see each constant's comment) and so left out: the weight layout, the program
+# targets, every GEMV constant, the dot path's K step, decode attention's key blocks, several steps per graph.
 SWEEPS = (
-    # Decode attention was the largest role of a step on an H200 (2026-12-04: 4.4 us a layer at batch 1, 7.5 at 8).
-    # The one-launch step measured then ran the same attention code cut in 2 splits at batch 8 (one program per SM)
-    # in 3.2 us a phase, where the launched kernel, 8 splits at 512 target programs, added 7.5 us.
-    Sweep("igpt_fast.kernels.attention", "_DECODE_TARGET_PROGRAMS", (64, 128, 256, 512, 1024), ("decode_attention",),
-          ALL_BATCHES),
-    # batch 64's tensor-core linears took 12.6-17.4 us each on the H200, mlp c_proj (32 K steps of 64) the most
-    Sweep("igpt_fast.kernels.linear", "_DOT_SMALL_TILE_BLOCK_K", (64, 128, 256), _LINEAR_CASES, DOT_BATCHES),
-    # two K steps of W and x in flight, where K takes several steps (from batch 2 at imagegpt-small)
-    Sweep("igpt_fast.kernels.linear", "_GEMV_PREFETCH", (1, 2), _LINEAR_CASES, range(2, 17)),
-    # 1: the tiled tl.dot path (tensor cores, a pipelined K loop) from batch 2, instead of the GEMV's serial K steps
-    Sweep("igpt_fast.kernels.linear", "_GEMV_MAX_M", (16, 1), _LINEAR_CASES, range(2, 17)),
-    Sweep("igpt_fast.decoder", "STEPS_PER_GRAPH", (1, 4, 16), (), ALL_BATCHES),  # decode steps only
+    # kv_before_wait paid at batch 1 (-4.7%) and cost at 8 (+12%) on the H200: buckets 2 and 4 are unmeasured
+    Sweep("igpt_fast.decoder", "ATTENTION_KV_BEFORE_WAIT_MAX_BATCH", (1, 0, 2, 4), (), range(1, 9)),  # steps only
+    # with 4 splits at batch 8 (256 target programs), whether short caches should take fewer
     Sweep("igpt_fast.kernels.attention", "_DECODE_MIN_SPLIT_KEYS", (64, 128, 256), ("decode_attention",),
           ALL_BATCHES),
-    Sweep("igpt_fast.kernels.attention", "_DECODE_BLOCK_N", (32, 64, 128), ("decode_attention",), ALL_BATCHES),
-    Sweep("igpt_fast.kernels.linear", "_EARLY_LOADS", (True, False), _LINEAR_CASES, ALL_BATCHES),
-    Sweep("igpt_fast.decoder", "ATTENTION_KV_BEFORE_WAIT", (False, True), (), ALL_BATCHES),  # decode steps only
-    Sweep("igpt_fast.kernels.linear", "_GEMV_TILE", (8192, 16384), _LINEAR_CASES, GEMV_BATCHES),
-    Sweep("igpt_fast.kernels.linear", "_GEMV_MIN_BLOCK_N", (2, 4, 8), _LINEAR_CASES, GEMV_BATCHES),
-    Sweep("igpt_fast.kernels.linear", "_GEMV_NUM_WARPS", (4, 8), _LINEAR_CASES, GEMV_BATCHES),
-    Sweep("igpt_fast.kernels.attention", "_PREFILL_SPLIT_DIAGONAL", (True, False), ("prefill_attention",),
-          ALL_BATCHES, steps=False),
-    Sweep("igpt_fast.kernels.attention", "_DECODE_PREFETCH", (True, False), ("decode_attention",), ALL_BATCHES),
-    Sweep("igpt_fast.kernels.attention", "_DECODE_PER_LANE_SOFTMAX", (True, False), ("decode_attention",),
-          ALL_BATCHES),
+    # one split's whole row in 32-key blocks beat 64 (batch 64: -8%, 256: -4%); 16 is untimed
+    Sweep("igpt_fast.kernels.attention", "_DECODE_WHOLE_ROW_BLOCK_N", (32, 16), ("decode_attention",), ALL_BATCHES),
 )
 
 

@@ -103,8 +103,8 @@ NO_TRITON = "Triton kernels need CUDA (or TRITON_INTERPRET=1 set before the impo
 # anchor), the engine without PDL (what PDL buys), the first call (a target: 15 s cold), the kernels, the compiled
 # reference (performance.md's best anchor, gpt-fast style), then the rest. On an H100 the core preset's rows took
 # about 56 s (engine), 20 s (startup), 45 s (reference-eager) and 13 s and more per compiled anchor. On an H200
-# (2026-12-04) the GPU check's 170 s reached the compiled reference (its batch-64 completion cut);
-# transformers-static and reference-eager were not measured.
+# (2026-12-04, second run) the GPU check's 185 s reached transformers-static (igpt-fast 30 s, transformers 18,
+# startup 18, kernels 33, quantize 4, reference-compiled 45, transformers-static 21); reference-eager was cut.
 STAGES = (ENGINE, "transformers", ENGINE_NO_PDL, "startup", "kernels", "reference-compiled",
           "transformers-static", "reference-eager")
 STARTUP_BATCH = 8  # the model card's

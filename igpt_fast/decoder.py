@@ -33,16 +33,12 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # every linear kernel, 1.3x at batch 1 and 2-3x at batch 8.
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Let decode attention read pos and the cached keys before t ahead of its wait on norm_qkv (decode_attention's
-# kv_before_wait): pos and the cache rows before t change only between steps (pos by the previous step's sampler,
-# which the step's first kernel waits for; earlier rows in earlier steps or the prefill), never in the kernel just
-# before attention. Off until a GPU has timed it and run the GPU tests with it (the sweep's decode-step rows time
-# both).
-ATTENTION_KV_BEFORE_WAIT = False
-# Decode steps captured in one CUDA graph, beside the one-step graph that serves the rest of a call (and calls that
-# read the logits of every step): a replay then pays for one graph launch per that many steps, and the steps inside
-# it stay chained by PDL, which does not cross a graph boundary. 1 (one-step graphs only) until a GPU times it: the
-# sweep's decode-step rows time 4 and 16, and benchmarks/launch_floor.py measures what a boundary costs.
-STEPS_PER_GRAPH = 1
+# kv_before_wait) in buckets of up to this many rows: pos and the cache rows before t change only between steps (pos
+# by the previous step's sampler, which the step's first kernel waits for; earlier rows in earlier steps or the
+# prefill), never in the kernel just before attention. On an H200 (fp16, imagegpt-small, 2026-12-04) the decode step
+# took 0.262 ms instead of 0.275 at batch 1, but 0.613 instead of 0.547 at batch 8 and 1.187 instead of 1.150 at 64;
+# buckets 2 and 4 are not measured (the sweep times them).
+ATTENTION_KV_BEFORE_WAIT_MAX_BATCH = 1
 
 
 def kernel_ops(backend: str):
@@ -130,7 +126,7 @@ class BucketState:
     top_p: torch.Tensor  # float32 [batch]
     workspace: torch.Tensor  # decode attention's split-K partials
     sample_arrivals: torch.Tensor  # int32 [1]: the sampler's arrival counter, with which it advances pos
-    graphs: dict = field(default_factory=dict)  # (greedy flag, decode steps) -> torch.cuda.CUDAGraph
+    graphs: dict = field(default_factory=dict)  # greedy flag -> torch.cuda.CUDAGraph of one decode step
 
 
 def bucket_for(batch: int, max_bucket: int) -> int:
@@ -250,7 +246,7 @@ class StaticDecoder:
     def start(self, state: BucketState, prompt: torch.Tensor, *, greedy: bool) -> None:
         """Prefill prompt [bucket, P] into the bucket's cache and sample token P; leaves pos = P."""
         P = prompt.shape[1]
-        if self.use_cuda_graphs and (greedy, 1) not in state.graphs:
+        if self.use_cuda_graphs and greedy not in state.graphs:
             self._capture(state, greedy)  # before the prompt: warm-up steps scribble on the state
         # Split-K decode attention's and the sampler's arrival counters must be zero between launches, and every
         # complete launch leaves them so; a launch stopped between its programs (Ctrl-C or an error under the
@@ -270,20 +266,14 @@ class StaticDecoder:
 
     def step(self, state: BucketState, *, greedy: bool) -> None:
         """Feed ids at pos, sample the token at pos + 1, advance pos: a graph replay when captured."""
-        graph = state.graphs.get((greedy, 1))
+        graph = state.graphs.get(greedy)
         if graph is not None:
             graph.replay()
         else:
             self._decode_step(state, greedy)
 
     def decode(self, state: BucketState, steps: int, *, greedy: bool) -> None:
-        """`steps` decode steps: replays of the bucket's several-step graph while that many are left, then single
-        steps."""
-        run = max((n for flag, n in state.graphs if flag == greedy and n > 1), default=None)
-        if run is not None:
-            for _ in range(steps // run):
-                state.graphs[greedy, run].replay()
-            steps %= run
+        """`steps` decode steps."""
         for _ in range(steps):
             self.step(state, greedy=greedy)
 
@@ -297,7 +287,7 @@ class StaticDecoder:
                          v_cache=v_cache, pos=s.pos, seq_len=1)
             ops.decode_attention(s.q.view(B, H, D), k_cache, v_cache, s.pos, scale=layer.scale,
                                  out=s.attn.view(B, H, D), workspace=s.workspace,
-                                 kv_before_wait=ATTENTION_KV_BEFORE_WAIT)
+                                 kv_before_wait=B <= ATTENTION_KV_BEFORE_WAIT_MAX_BATCH)
             ops.linear_residual(s.attn, layer.attn_proj_w, layer.attn_proj_b, s.x)
             ops.norm_linear(s.x, layer.ln_2, layer.c_fc_w, layer.c_fc_b, eps=eps, activation="quick_gelu",
                             out=s.hidden)
@@ -308,11 +298,9 @@ class StaticDecoder:
                           arrivals=s.sample_arrivals)  # and pos += 1, in the same launch
 
     def _capture(self, state: BucketState, greedy: bool) -> None:
-        """Warm up (compiles the kernels) on a side stream, then capture one decode step into a graph, and
-        STEPS_PER_GRAPH steps into another when that is above 1, sharing one memory pool with the other buckets'
-        graphs. The bucket keeps them only when every capture succeeded."""
-        if not isinstance(STEPS_PER_GRAPH, int) or STEPS_PER_GRAPH < 1:
-            raise ValueError(f"STEPS_PER_GRAPH must be a positive int, got {STEPS_PER_GRAPH!r}")
+        """Warm up (compiles the kernels) on a side stream, then capture one decode step into a graph that shares one
+        memory pool with the other buckets' graphs; the bucket keeps it only when the capture succeeded. (Graphs of 4
+        and 16 steps, one graph launch for several steps, were timed no faster on an H200, 2026-12-04.)"""
         state.pos.zero_()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -323,18 +311,14 @@ class StaticDecoder:
         state.pos.zero_()
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
-        graphs = {}
-        for steps in sorted({1, STEPS_PER_GRAPH}):
-            graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(graph, pool=self._graph_pool):
-                    for _ in range(steps):
-                        self._decode_step(state, greedy)
-            except RuntimeError as e:
-                raise RuntimeError(
-                    f"CUDA graph capture of {steps} decode step(s) failed for batch bucket {state.batch} ({e}). Run "
-                    f"with use_cuda_graphs=False to debug the same kernels eagerly, or with {backend.PDL_ENV}=0 to "
-                    f"rule out programmatic dependent launch."
-                ) from e
-            graphs[greedy, steps] = graph
-        state.graphs.update(graphs)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                self._decode_step(state, greedy)
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"CUDA graph capture of the decode step failed for batch bucket {state.batch} ({e}). Run with "
+                f"use_cuda_graphs=False to debug the same kernels eagerly, or with {backend.PDL_ENV}=0 to rule out "
+                f"programmatic dependent launch."
+            ) from e
+        state.graphs[greedy] = graph

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from igpt_fast import decoder
 from igpt_fast.backend import capability_major, on_device, triton_interpreter_on
 from igpt_fast.checkpoint import CONFIG_NAME, check_state_dict, is_legacy_buffer, load_checkpoint, save_pretrained
 from igpt_fast.config import ImageGPTConfig
@@ -443,11 +442,9 @@ class ImageGPT:
         """decode(steps) in runs of PROGRESS_STEPS, calling report(steps done) once the first token (sampled by
         start) and then each run have finished on the device. The host waits for a run only once the next is
         queued, so the GPU never idles for a report."""
-        # Runs no shorter than a several-step graph, which a shorter run could never replay.
-        every = max(PROGRESS_STEPS, decoder.STEPS_PER_GRAPH)
         finished = (self._recorded_event(), 0)
-        for done in range(0, steps, every):
-            run = min(every, steps - done)
+        for done in range(0, steps, PROGRESS_STEPS):
+            run = min(PROGRESS_STEPS, steps - done)
             decode(run)
             queued = (self._recorded_event(), done + run)
             _report_when_done(*finished, report)

@@ -30,9 +30,13 @@ from . import sync
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 
-# Decode: keys per loop iteration, and how many programs a launch should have in flight: about four per
-# SM of an H100 (132 SMs), so batch 1 with 8 heads is split 16 ways on a 1024-long cache.
+# Decode: keys per loop iteration of a split launch, and of a launch whose programs each walk a whole cache row (one
+# split: batch x heads fill the GPU alone). 32 for the latter: on an H200 (fp16, imagegpt-small, 2026-12-04) the
+# decode step took 1.150 ms instead of 1.254 at batch 64 and 2.900 instead of 3.027 at 256; batches 1 and 8, split
+# 16 and 4 ways, were 6-9% slower with 32 (so it is not one value for all).
 _DECODE_BLOCK_N = 64
+_DECODE_WHOLE_ROW_BLOCK_N = 32
+# How many programs a launch should have in flight.
 # 256, not 512: on an H200 (fp16, 2026-12-04 sweep) batch 8's decode step took 0.580 ms in 4 splits against 0.648 in
 # 8 (2 splits 0.610, 1 split 0.625); batch 1 (16 splits, capped by the cache's 16 key blocks) and batch 64 (1 split)
 # launch the same grid either way.
@@ -42,19 +46,6 @@ _DECODE_TARGET_PROGRAMS = 256
 # what the splits always took) until the sweep times 128 and 256: at batch 1 an image's first quarter would then skip
 # the merge (a counter and a reload of the partials) for one program reading up to 256 keys.
 _DECODE_MIN_SPLIT_KEYS = 64
-# Prefill: walk the key blocks left of each query block's diagonal in a loop of their own, with no causal mask to
-# build or apply and no bounds on the loads, as Triton's fused-attention tutorial does; only the diagonal blocks are
-# masked. Chosen without a GPU (same results; ptxas reports no spills for sm_90), where prefill was 0.68-1.07x SDPA
-# in fp16 and 0.35-0.57x in fp32 on an H100; the sweep times both.
-_PREFILL_SPLIT_DIAGONAL = True
-# Load the next key/value block while computing this one (two blocks of registers live), or once this one is computed.
-# Either way the first block's loads go out before q's. On an H200 (fp16, 2026-12-04 sweep, when without it the first
-# block was loaded after q) it was worth 13% of batch 1's decode step and cost 5% of batch 8's, 7% of batch 64's.
-_DECODE_PREFETCH = True
-# Keep one online softmax per key lane of a block and merge the lanes once at the end, instead of reducing every
-# block's scores and values across warps (three reductions, each through shared memory with barriers). Chosen
-# without a GPU; the sweep measures both.
-_DECODE_PER_LANE_SOFTMAX = True
 
 
 @triton.jit
@@ -107,7 +98,6 @@ def _prefill_attention_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    SPLIT_DIAGONAL: tl.constexpr,  # the blocks before the diagonal in a loop of their own, without masks
 ):
     pid_bh = tl.program_id(0)
     # Heaviest query blocks (most keys under the causal mask) are scheduled first.
@@ -134,14 +124,14 @@ def _prefill_attention_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # Key 0 is visible to every row, so the first block makes m_i finite and l_i > 0 for all rows.
     kv_end = tl.minimum((block_m + 1) * BLOCK_M, seq_len)
-    diagonal = 0
-    if SPLIT_DIAGONAL:
-        # Keys before this query block are visible to all its rows and lie inside S: no mask to build or apply
-        # (BLOCK_N divides BLOCK_M, so the blocks meet the diagonal block exactly).
-        diagonal = block_m * BLOCK_M
-        for start_n in range(0, diagonal, BLOCK_N):
-            m_i, l_i, acc = _prefill_block(q, k_ptr, v_ptr, start_n, offs_m, offs_d, d_mask, stride_ks, stride_vs,
-                                           seq_len, qk_scale_log2, m_i, l_i, acc, BLOCK_N, False)
+    # Keys before this query block are visible to all its rows and lie inside S: a loop of their own with no causal
+    # mask to build or apply and no bounds on the loads, as Triton's fused-attention tutorial does (BLOCK_N divides
+    # BLOCK_M, so the blocks meet the diagonal block exactly). On an H200 (fp16, 2026-12-04) prefill took 5-28% less
+    # than with every block masked.
+    diagonal = block_m * BLOCK_M
+    for start_n in range(0, diagonal, BLOCK_N):
+        m_i, l_i, acc = _prefill_block(q, k_ptr, v_ptr, start_n, offs_m, offs_d, d_mask, stride_ks, stride_vs,
+                                       seq_len, qk_scale_log2, m_i, l_i, acc, BLOCK_N, False)
     for start_n in range(diagonal, kv_end, BLOCK_N):
         m_i, l_i, acc = _prefill_block(q, k_ptr, v_ptr, start_n, offs_m, offs_d, d_mask, stride_ks, stride_vs,
                                        seq_len, qk_scale_log2, m_i, l_i, acc, BLOCK_N, True)
@@ -210,8 +200,6 @@ def _decode_kernel(
     NUM_SPLITS: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
     MIN_CHUNK: tl.constexpr,  # fewest keys a split takes (a multiple of BLOCK_N)
-    PREFETCH: tl.constexpr,
-    PER_LANE: tl.constexpr,
     USE_PDL: tl.constexpr,
     KV_BEFORE_WAIT: tl.constexpr,  # pos and the first block's keys before t read before gdc_wait
 ):
@@ -246,46 +234,35 @@ def _decode_kernel(
         k_next, v_next = _kv_block(k_ptr, v_ptr, start, end, offs_d, d_mask, stride_ks, stride_vs, BLOCK_N)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0).to(tl.float32)
 
-    if PER_LANE:  # each of the BLOCK_N key lanes keeps its own online softmax, merged once after the loop
-        m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_N], tl.float32)
-        acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    else:
-        m_i = tl.full([], float("-inf"), tl.float32)  # running max of scaled scores (base 2)
-        l_i = tl.full([], 0.0, tl.float32)  # running sum of 2^(score - m_i)
-        acc = tl.zeros([BLOCK_D], tl.float32)
+    # Each of the BLOCK_N key lanes keeps its own online softmax, merged once after the loop: no reduction across
+    # warps inside it (one running softmax took three a block, each through shared memory with barriers, and made
+    # the decode step 1-2% slower on an H200, fp16, 2026-12-04).
+    m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start_n in range(start, end, BLOCK_N):
         n_mask = start_n + tl.arange(0, BLOCK_N) < end
+        # The next block's loads are in flight while this one is computed (Triton does not pipeline loads that
+        # feed no tl.dot); past the split they are masked off. Loading each block only once the one before was
+        # computed made the H200's decode step up to 14% slower (batch 8) and never more than 1% faster.
         k, v = k_next, v_next
-        if PREFETCH:  # the next block's loads are in flight while this one is computed (Triton does not
-            # pipeline loads that feed no tl.dot); past the split they are masked off
-            k_next, v_next = _kv_block(k_ptr, v_ptr, start_n + BLOCK_N, end, offs_d, d_mask, stride_ks, stride_vs,
-                                       BLOCK_N)
+        k_next, v_next = _kv_block(k_ptr, v_ptr, start_n + BLOCK_N, end, offs_d, d_mask, stride_ks, stride_vs,
+                                   BLOCK_N)
         scores = tl.sum(q[None, :] * k.to(tl.float32), axis=1) * qk_scale_log2
         scores = tl.where(n_mask, scores, float("-inf"))
-        if PER_LANE:  # elementwise over the lanes: no reduction across warps inside the loop
-            m_new = tl.maximum(m_i, scores)
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane with no key yet: 2^(-inf - 0) = 0
-            alpha = tl.exp2(m_i - m_ref)
-            p = tl.exp2(scores - m_ref)
-            l_i = l_i * alpha + p
-            acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
-        else:  # one running softmax: three reductions over the keys (across warps) per block
-            m_new = tl.maximum(m_i, tl.max(scores, axis=0))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(scores - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        m_new = tl.maximum(m_i, scores)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane with no key yet: 2^(-inf - 0) = 0
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(scores - m_ref)
+        l_i = l_i * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
         m_i = m_new
-        if not PREFETCH:  # issued once this block is computed: one block's registers live, not two
-            k_next, v_next = _kv_block(k_ptr, v_ptr, start_n + BLOCK_N, end, offs_d, d_mask, stride_ks, stride_vs,
-                                       BLOCK_N)
-    if PER_LANE:  # merge the lanes into the single running softmax the rest of the kernel expects
-        m_max = tl.max(m_i, axis=0)
-        weight = tl.exp2(m_i - tl.where(m_max == float("-inf"), 0.0, m_max))  # 0 for lanes that saw no key
-        l_i = tl.sum(l_i * weight, axis=0)
-        acc = tl.sum(acc * weight[:, None], axis=0)
-        m_i = m_max
+    # merge the lanes into the single running softmax the rest of the kernel expects
+    m_max = tl.max(m_i, axis=0)
+    weight = tl.exp2(m_i - tl.where(m_max == float("-inf"), 0.0, m_max))  # 0 for lanes that saw no key
+    l_i = tl.sum(l_i * weight, axis=0)
+    acc = tl.sum(acc * weight[:, None], axis=0)
+    m_i = m_max
 
     out_ptr += b * stride_ob + h * stride_oh
     if NUM_SPLITS == 1:
@@ -358,11 +335,12 @@ def _prefill_launch_config(block_d: int, dtype: torch.dtype) -> tuple[int, int, 
     return block_m, block_n, num_warps, num_stages
 
 
-def _decode_tile(block_d: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_N, num_warps): _DECODE_BLOCK_N keys a block, halved while one [BLOCK_N, BLOCK_D] key tile is over 32 KB
-    (256-wide float32 heads: with 64 keys they spilled 3.7 KB of registers a thread on sm_90); 4 warps while a tile
-    is <= 8 KB, else 8 (keeps registers spill-free)."""
-    block_n = _DECODE_BLOCK_N
+def _decode_tile(block_d: int, dtype: torch.dtype, num_splits: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps): _DECODE_BLOCK_N keys a block when the launch is split, _DECODE_WHOLE_ROW_BLOCK_N when
+    not, halved while one [BLOCK_N, BLOCK_D] key tile is over 32 KB (256-wide float32 heads: with 64 keys they
+    spilled 3.7 KB of registers a thread on sm_90); 4 warps while a tile is <= 8 KB, else 8 (keeps registers
+    spill-free)."""
+    block_n = _DECODE_BLOCK_N if num_splits > 1 else _DECODE_WHOLE_ROW_BLOCK_N
     while block_n > 16 and block_n * block_d * dtype.itemsize > 32768:
         block_n //= 2
     return block_n, 4 if block_n * block_d * dtype.itemsize <= 8192 else 8
@@ -402,6 +380,7 @@ def prefill_attention(q, k, v, *, scale: float, out=None) -> torch.Tensor:
 
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
     block_m, block_n, num_warps, num_stages = _prefill_launch_config(block_d, q.dtype)
+    assert block_m % block_n == 0, "the kernel's unmasked loop ends on the diagonal block's first key"
     grid = (batch * n_head, triton.cdiv(seq_len, block_m))
     _prefill_attention_kernel[grid](
         q,
@@ -427,7 +406,6 @@ def prefill_attention(q, k, v, *, scale: float, out=None) -> torch.Tensor:
         BLOCK_D=block_d,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        SPLIT_DIAGONAL=_PREFILL_SPLIT_DIAGONAL and block_m % block_n == 0,
         num_warps=num_warps,
         num_stages=num_stages,
         enable_fp_fusion=backend.FP_FUSION,
@@ -535,7 +513,7 @@ def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace,
     part_lse = workspace[n_rows * head_dim : n_rows * (head_dim + 1)]
     arrived = workspace[workspace.numel() - batch * n_head :].view(torch.int32) if num_splits > 1 else workspace
     block_d = triton.next_power_of_2(head_dim)
-    block_n, num_warps = _decode_tile(block_d, q.dtype)
+    block_n, num_warps = _decode_tile(block_d, q.dtype, num_splits)
     qk_scale_log2 = scale * math.log2(math.e)
     pdl = backend.use_pdl(q.device)
     _decode_kernel[(batch * n_head, num_splits)](
@@ -566,8 +544,6 @@ def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace,
         NUM_SPLITS=num_splits,
         BLOCK_SPLITS=triton.next_power_of_2(num_splits),
         MIN_CHUNK=triton.cdiv(max(_DECODE_MIN_SPLIT_KEYS, 1), block_n) * block_n,
-        PREFETCH=_DECODE_PREFETCH,
-        PER_LANE=_DECODE_PER_LANE_SOFTMAX,
         USE_PDL=pdl,
         KV_BEFORE_WAIT=kv_before_wait,
         launch_pdl=pdl,

@@ -51,19 +51,6 @@ _GEMV_MIN_BLOCK_N = 2
 _TARGET_PROGRAMS = 264  # about two per SM on an H100 (132 SMs); measured there: 132 is slower at batch 8, 528 the same
 _GEMV_TILE = 8192  # BLOCK_M * BLOCK_K * BLOCK_N elements per GEMV step (64 per thread at 4 warps); 4096: slower (H100)
 _GEMV_NUM_WARPS = 4
-# W blocks (and x's, and the norm weight's) a GEMV program has in flight ahead of the one it multiplies. From batch 2 a
-# K step is BLOCK_K = _GEMV_TILE / (BLOCK_M * BLOCK_N) wide, so K takes several steps (8 for mlp c_proj at batch 8),
-# and on an H100 each step beyond the first cost about 1 us at batch 8, as if each waited out a memory round trip.
-# Then only W was read ahead: x was loaded in the step that used it, one L2 round trip a step whatever the depth. Now
-# x rides with W, so 2 keeps two steps' reads in flight (the sweep's). At batch 1 K takes one step and the depth
-# changes nothing.
-_GEMV_PREFETCH = 1
-# Read what the epilogue adds (the bias; the residual tile or the cache position) early, not after the sum over K:
-# the bias before gdc_wait, as a weight no kernel writes, and the residual or position right after it, alongside
-# the first x loads. Each was a memory round trip of its own between the sum and the store, in every linear of a
-# decode step (97 launches at imagegpt-small), where a step at batch 1 is latency-bound. Chosen without a GPU (the
-# values are the same, loaded earlier; ptxas reports no spills for sm_90); the sweep times False against it.
-_EARLY_LOADS = True
 _GROUP_M = 8  # row tiles walked together in the dot path, so W tiles are reused from L2
 # K step of the dot path's small 16-bit tiles (at most 32 x 32: decode batches of 17..64, where the serial K loop,
 # not the tile's arithmetic, is the time); other tiles step 64. At 64, on an H100 at batch 64, mlp c_proj (K = 4d)
@@ -230,20 +217,23 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    PREFETCH: tl.constexpr,  # 1 or 2: W blocks loaded ahead of the one in use
-    EARLY_LOADS: tl.constexpr,  # the epilogue's bias before gdc_wait, its residual or pos right after it
 ):
     """Grid (column stripes, row blocks): column stripe pid_n of row block pid_m. Products on CUDA cores in float32
     (exact for float32 inputs).
 
-    W is read PREFETCH blocks ahead of its use: the first blocks before waiting on the previous kernel (weights
-    are never written during a step, so under programmatic dependent launch that read overlaps the previous
-    kernel), then each iteration loads the block PREFETCH ahead before computing with the current one. Each is
-    loaded as the [1, BLOCK_K, BLOCK_N] slab of the product, so the product takes the load's vectorized layout:
-    compiled for sm_90 with K-contiguous W, the loop has 1-2 layout conversions (shared-memory round trips)
-    instead of 3-4, and from batch 8 the sum over K stays inside a warp. x's blocks and the norm weight's ride
-    with W's, PREFETCH ahead (x's first ones right after the wait). Before, x was loaded in the iteration that used
-    it, so every K step (several from batch 2) waited out an L2 round trip for it, whatever W's prefetch depth.
+    W is read one block ahead of its use: the first block before waiting on the previous kernel (weights are never
+    written during a step, so under programmatic dependent launch that read overlaps the previous kernel), then
+    each iteration loads the next block before computing with the current one. Each is loaded as the
+    [1, BLOCK_K, BLOCK_N] slab of the product, so the product takes the load's vectorized layout: compiled for sm_90
+    with K-contiguous W, the loop has 1-2 layout conversions (shared-memory round trips) instead of 3-4, and from
+    batch 8 the sum over K stays inside a warp. x's blocks and the norm weight's ride with W's (x's first one right
+    after the wait): loaded in the iteration that used it, x made every K step (several from batch 2) wait out an L2
+    round trip. Two blocks ahead instead of one timed the same on an H200 (fp16, batch 8, 2026-12-04).
+
+    The epilogue's additions are read early, not after the sum over K: the bias before the wait (a weight no kernel
+    writes), the residual or the cache position right after it, alongside the first x loads. Read after the sum,
+    each was a memory round trip of its own before the store, in every linear of a decode step: the H200's step
+    took 9-10% longer at batch 1 and 8.
     """
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -254,39 +244,22 @@ def _gemv_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     w_next = _w_block(w_ptr, offs_k, offs_n, n_mask, K, stride_wk, stride_wn)
     nw_next = _norm_weight_block(nw_ptr, offs_k, K, HAS_NORM)
-    if PREFETCH == 2:
-        w_after = _w_block(w_ptr, BLOCK_K + offs_k, offs_n, n_mask, K, stride_wk, stride_wn)
-        nw_after = _norm_weight_block(nw_ptr, BLOCK_K + offs_k, K, HAS_NORM)
-    if EARLY_LOADS:
-        bias = _load_bias(b_ptr, offs_n, N, HAS_BIAS)
+    bias = _load_bias(b_ptr, offs_n, N, HAS_BIAS)
     # the previous kernel's writes (x, the residual, the cache) are visible after this
     sync.wait_for_inputs(USE_PDL)
     x_next = _x_block(x_ptr, rows, row_mask, stride_xm, offs_k, K)
-    if PREFETCH == 2:
-        x_after = _x_block(x_ptr, rows, row_mask, stride_xm, BLOCK_K + offs_k, K)
-    if EARLY_LOADS:  # issued with the first x loads, not after the sum over K
-        residual, pos = _load_activations(out_ptr, pos_ptr, rows, offs_n, M, N, stride_om, EPILOGUE)
+    residual, pos = _load_activations(out_ptr, pos_ptr, rows, offs_n, M, N, stride_om, EPILOGUE)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         w = w_next.to(tl.float32)
-        ahead = offs_k + PREFETCH * BLOCK_K  # past K on the last iterations: fully masked, no memory traffic
-        w_ahead = _w_block(w_ptr, ahead, offs_n, n_mask, K, stride_wk, stride_wn)
-        if PREFETCH == 2:
-            w_next = w_after
-            w_after = w_ahead
-        else:
-            w_next = w_ahead
+        ahead = offs_k + BLOCK_K  # past K on the last iteration: fully masked, no memory traffic
+        w_next = _w_block(w_ptr, ahead, offs_n, n_mask, K, stride_wk, stride_wn)
         x = x_next.to(tl.float32)
         nw = nw_next
-        x_ahead = _x_block(x_ptr, rows, row_mask, stride_xm, ahead, K)
-        nw_ahead = _norm_weight_block(nw_ptr, ahead, K, HAS_NORM)
-        if PREFETCH == 2:
-            x_next, nw_next = x_after, nw_after
-            x_after, nw_after = x_ahead, nw_ahead
-        else:
-            x_next, nw_next = x_ahead, nw_ahead
+        x_next = _x_block(x_ptr, rows, row_mask, stride_xm, ahead, K)
+        nw_next = _norm_weight_block(nw_ptr, ahead, K, HAS_NORM)
         if HAS_NORM:
             sumsq += tl.sum(x * x, axis=1)
             x = x * nw[None, :]
@@ -294,9 +267,6 @@ def _gemv_kernel(
         acc += tl.sum(x[:, :, None] * w, axis=1)
     if HAS_NORM:  # rmsnorm's per-row factor, applied after the sum: x is read once, in the same pass
         acc = acc * tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(sumsq, K * 1.0) + eps))[:, None]
-    if not EARLY_LOADS:
-        bias = _load_bias(b_ptr, offs_n, N, HAS_BIAS)
-        residual, pos = _load_activations(out_ptr, pos_ptr, rows, offs_n, M, N, stride_om, EPILOGUE)
     _epilogue(acc, rows, offs_n, pid_n * BLOCK_N, M, N, bias, residual, pos, out_ptr, stride_om, k_ptr,
               v_ptr, seq_len, head_dim, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
               HAS_BIAS, ACTIVATION, EPILOGUE, ONE_PART)
@@ -329,7 +299,6 @@ def _dot_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    EARLY_LOADS: tl.constexpr,  # the bias before gdc_wait; the residual or pos right after it (tiles <= 64 x 64)
 ):
     """1-D grid over [BLOCK_M, BLOCK_N] tiles in grouped order; tl.dot in the inputs' dtype into float32."""
     pid = tl.program_id(0)
@@ -345,13 +314,12 @@ def _dot_kernel(
     rows = tl.cast(pid_m, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < M
-    if EARLY_LOADS:
-        bias = _load_bias(b_ptr, offs_n, N, HAS_BIAS)
+    bias = _load_bias(b_ptr, offs_n, N, HAS_BIAS)  # read early, as in the GEMV kernel
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     # A larger residual tile would sit in registers through the K loop (spilling in 128 x 128 prefill tiles).
-    if EARLY_LOADS and BLOCK_M * BLOCK_N <= 64 * 64:
+    if BLOCK_M * BLOCK_N <= 64 * 64:
         residual, pos = _load_activations(out_ptr, pos_ptr, rows, offs_n, M, N, stride_om, EPILOGUE)
     if HAS_NORM:
         # In the main loop's K steps. Reading a 16-row decode tile's whole x in one step instead (8192 elements) was
@@ -375,9 +343,7 @@ def _dot_kernel(
         )
         # "ieee": float32 stays exact fp32 (no TF32); ignored for 16-bit inputs, which use tensor cores.
         acc = tl.dot(x, w, acc, input_precision="ieee")
-    if not EARLY_LOADS:
-        bias = _load_bias(b_ptr, offs_n, N, HAS_BIAS)
-    if not (EARLY_LOADS and BLOCK_M * BLOCK_N <= 64 * 64):
+    if BLOCK_M * BLOCK_N > 64 * 64:
         residual, pos = _load_activations(out_ptr, pos_ptr, rows, offs_n, M, N, stride_om, EPILOGUE)
     _epilogue(acc, rows, offs_n, pid_n * BLOCK_N, M, N, bias, residual, pos, out_ptr, stride_om, k_ptr, v_ptr,
               seq_len, head_dim, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
@@ -395,14 +361,12 @@ def _choose_path(M: int, path: str | None) -> str:
 
 
 def _gemv_config(M: int, N: int, K: int) -> dict:
-    if _GEMV_PREFETCH not in (1, 2):  # the kernel rotates one or two blocks; any other depth would skip blocks
-        raise ValueError(f"_GEMV_PREFETCH must be 1 or 2, got {_GEMV_PREFETCH!r}")
     block_m = min(triton.next_power_of_2(M), _GEMV_MAX_M)
     row_blocks = triton.cdiv(M, block_m)
     # Column stripes: enough of them that about _TARGET_PROGRAMS programs each stream a disjoint part of W.
     block_n = min(max(triton.next_power_of_2(triton.cdiv(N * row_blocks, _TARGET_PROGRAMS)), _GEMV_MIN_BLOCK_N), 128)
     block_k = min(max(_GEMV_TILE // (block_m * block_n), 16), max(triton.next_power_of_2(K), 16))
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=_GEMV_PREFETCH,
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                 num_warps=_GEMV_NUM_WARPS, grid=(triton.cdiv(N, block_n), row_blocks))
 
 
@@ -535,7 +499,6 @@ def _launch(path, x, norm_weight, weight, bias, out, *, eps=0.0, activation=None
         M, N, K, x.stride(0), out.stride(0), *weight.stride(), float(eps), seq_len, head_dim, *k_strides, *v_strides,
         HAS_NORM=norm_weight is not None, HAS_BIAS=bias is not None, ACTIVATION=activation, EPILOGUE=epilogue,
         ONE_PART=epilogue == "qkv" and (N // 3) % config["BLOCK_N"] == 0, USE_PDL=pdl, launch_pdl=pdl,
-        EARLY_LOADS=_EARLY_LOADS,
         enable_fp_fusion=backend.FP_FUSION, **config,
     )
 

@@ -11,11 +11,18 @@ Run by tests/test_sm90_compile.py in a subprocess, because kernels must be impor
 
     python tests/sm90_compile_check.py            # prints one line per variant, exits 1 on any failure
     python tests/sm90_compile_check.py --sweeps   # and every variant the benchmark's sweep would launch
+    python tests/sm90_compile_check.py --ptx-digests FILE   # and each variant's PTX digest, one JSON line each
+
+The digests compare machine code across commits without a GPU: a change meant to leave the compiled kernels alone
+(a refactor, code paths deleted behind constexprs a launch never takes) should leave every variant's digest as it
+was. Source line numbers are left out of them.
 """
 
 import argparse
 import concurrent.futures
+import hashlib
 import io
+import json
 import os
 import re
 import sys
@@ -67,17 +74,26 @@ class PerThreadStdout(io.TextIOBase):
         return (getattr(self.local, "buffer", None) or sys.__stdout__).write(text)
 
 
-def compile_variant(variant) -> tuple[str, str]:
-    """(status, the line to print) of one launch compiled for sm_90."""
+def ptx_digest(ptx: str) -> str:
+    """sha256 of the PTX without what moves with the source (.file and .loc lines, the debug sections after the
+    code)."""
+    code = ptx.split("\t.section\t.debug", 1)[0]
+    kept = [line for line in code.splitlines() if not line.lstrip().startswith((".loc", ".file"))]
+    return hashlib.sha256("\n".join(kept).encode()).hexdigest()
+
+
+def compile_variant(variant) -> tuple[str, str, str | None]:
+    """(status, the line to print, PTX digest or None) of one launch compiled for sm_90."""
     fn, signature, constexprs, aligned, options = variant
     shown = {k: v for k, v in constexprs.items() if v is not None}
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
-    ptxas_log, registers, spills = io.StringIO(), None, None
+    ptxas_log, registers, spills, digest = io.StringIO(), None, None, None
     sys.stdout.local.buffer = ptxas_log
     try:
         compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs), target=H100,
                                   options=options)
         shared = compiled.metadata.shared
+        digest = ptx_digest(compiled.asm["ptx"])
         spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", ptxas_log.getvalue()))
         registers = max(map(int, re.findall(r"Used (\d+) registers", ptxas_log.getvalue())), default=None)
         status = ("ok" if shared <= H100_SHARED_MEMORY and spills <= TOLERATED_SPILL_BYTES
@@ -89,13 +105,17 @@ def compile_variant(variant) -> tuple[str, str]:
     finally:
         sys.stdout.local.buffer = None
     pointers = ",".join(t for t in signature.values() if t.startswith("*"))
-    return status, f"{fn.__name__:24s} {status:4s} {registers} regs {spills} B spilled {shown} {options} [{pointers}]"
+    return (status, f"{fn.__name__:24s} {status:4s} {registers} regs {spills} B spilled {shown} {options} [{pointers}]",
+            digest)
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweeps", action="store_true", help="also every variant the benchmark's sweep launches "
                         "(each value of bench_kernels.SWEEPS, imagegpt-small fp16): none may fail or spill")
+    parser.add_argument("--ptx-digests", type=argparse.FileType("w"), metavar="FILE",
+                        help="write each variant's kernel, constexprs, signature, options and PTX digest to FILE, "
+                             "one JSON line each")
     args = parser.parse_args(argv)
     launches = distinct(engine_launches(ENGINE_CASES))
     if args.sweeps:
@@ -112,9 +132,15 @@ def main(argv: list[str]) -> int:
             results = list(pool.map(compile_variant, [launch.variant()[1] for launch in launches.values()]))
     finally:
         sys.stdout = sys.__stdout__
-    for _, line in results:
+    for _, line, _ in results:
         print(line, flush=True)
-    failures = sum(status != "ok" for status, _ in results)
+    if args.ptx_digests:
+        for launch, (_, _, digest) in zip(launches.values(), results, strict=True):
+            fn, signature, constexprs, _, options = launch.variant()[1]
+            args.ptx_digests.write(json.dumps(dict(kernel=fn.__name__, constexprs=constexprs, signature=signature,
+                                                   options=options, ptx=digest), default=str) + "\n")
+        args.ptx_digests.close()
+    failures = sum(status != "ok" for status, _, _ in results)
     print(f"{len(launches)} kernel variants compiled for sm_90 with triton {triton.__version__}: "
           f"{len(launches) - failures} ok, {failures} failed")
     return 1 if failures or not launches else 0

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import triton
 from tolerances import tol
 
 from igpt_fast.kernels import attention
@@ -71,10 +72,8 @@ def test_prefill_matches_reference(device, batch, n_head, seq_len, head_dim, dty
     torch.testing.assert_close(out.double(), reference_attention(q, k, v, scale), **tol("kernel", dtype))
 
 
-@pytest.mark.parametrize("split_diagonal", [True, False])
-def test_prefill_with_and_without_the_unmasked_loop(device, split_diagonal, monkeypatch):
-    """The sweep's _PREFILL_SPLIT_DIAGONAL: three query blocks (float32), the same either way."""
-    monkeypatch.setattr(attention, "_PREFILL_SPLIT_DIAGONAL", split_diagonal)
+def test_prefill_unmasked_loop_meets_the_masked_diagonal(device):
+    """Three query blocks (float32): the last walks two blocks' keys unmasked, then its diagonal block masked."""
     torch.manual_seed(130)
     q, k, v = random_qkv((1, 2, 130, 64), torch.float32, device)
     out = prefill_attention(q, k, v, scale=0.125)
@@ -155,7 +154,8 @@ def run_decode_steps(device, batch, n_head, head_dim, max_len, dtype, steps, wor
 
 
 # (batch, n_head, head_dim, max_len, dtype): max_len 256 splits 1 or 2 heads four ways (decode_num_splits),
-# so empty splits (t < 64..192), partial last blocks and the merge all run; 65 runs a single split.
+# so empty splits (t < 64..192), partial last blocks and the merge all run; 65 and 17 run a single split (whole rows
+# in 32-key blocks).
 DECODE_CASES = [
     (1, 1, 64, 256, torch.float32),
     (1, 2, 96, 256, torch.float16),
@@ -165,26 +165,24 @@ DECODE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("prefetch,per_lane", [(True, True), (False, True), (True, False)],
-                         ids=["default", "no_prefetch", "one_softmax"])
 @pytest.mark.parametrize("batch,n_head,head_dim,max_len,dtype", DECODE_CASES)
-def test_decode_matches_reference(device, batch, n_head, head_dim, max_len, dtype, prefetch, per_lane, monkeypatch):
-    # every loop variant: the sweep times them on a GPU
-    monkeypatch.setattr(attention, "_DECODE_PREFETCH", prefetch)
-    monkeypatch.setattr(attention, "_DECODE_PER_LANE_SOFTMAX", per_lane)
+def test_decode_matches_reference(device, batch, n_head, head_dim, max_len, dtype):
     torch.manual_seed(batch * 100 + n_head + head_dim + max_len)
     steps = sorted({0, 1, 16, 62, 63, 64, 65, 127, 200, max_len - 1} & set(range(max_len)))
     run_decode_steps(device, batch, n_head, head_dim, max_len, dtype, steps)
 
 
-@pytest.mark.parametrize("block_n", [32, 128])
-@pytest.mark.parametrize("batch,n_head,head_dim,max_len,dtype", [DECODE_CASES[1], DECODE_CASES[2]])
-def test_decode_key_block_sizes_the_sweep_times(device, batch, n_head, head_dim, max_len, dtype, block_n, monkeypatch):
-    """Key blocks of 32 and 128 (the splits, their chunks and the workspace follow _DECODE_BLOCK_N)."""
-    monkeypatch.setattr(attention, "_DECODE_BLOCK_N", block_n)
-    assert decode_num_splits(batch, n_head, max_len) <= max_len // block_n
+@pytest.mark.parametrize("block_n", [16, 64])
+@pytest.mark.parametrize("batch,n_head,head_dim,max_len,dtype", [DECODE_CASES[3], DECODE_CASES[4]])
+def test_decode_whole_row_key_blocks_the_sweep_times(device, batch, n_head, head_dim, max_len, dtype, block_n,
+                                                     monkeypatch):
+    """A launch of one split walks each cache row in _DECODE_WHOLE_ROW_BLOCK_N-key blocks (32; the sweep's 16),
+    whatever the split launches' _DECODE_BLOCK_N."""
+    monkeypatch.setattr(attention, "_DECODE_WHOLE_ROW_BLOCK_N", block_n)
+    assert decode_num_splits(batch, n_head, max_len) == 1
+    assert attention._decode_tile(triton.next_power_of_2(head_dim), dtype, 1)[0] == block_n
     torch.manual_seed(block_n + batch)
-    steps = sorted({0, 31, 32, 127, 128, 129, max_len - 1} & set(range(max_len)))
+    steps = sorted({0, 15, 16, 17, 31, 32, 63, 64, max_len - 1} & set(range(max_len)))
     run_decode_steps(device, batch, n_head, head_dim, max_len, dtype, steps)
 
 
@@ -192,21 +190,20 @@ def test_decode_key_block_sizes_the_sweep_times(device, batch, n_head, head_dim,
 def test_decode_of_the_widest_float32_heads_walks_smaller_key_blocks(device, head_dim, monkeypatch):
     """A 64-key block of 256 float32 values a key is 64 KB (it spilled on sm_90): such heads walk 32-key blocks,
     and the splits, their chunks and their merge follow."""
-    assert attention._decode_tile(256, torch.float32) == (32, 8)  # BLOCK_D of both head widths
-    assert attention._decode_tile(128, torch.float32) == (64, 8)  # imagegpt-medium's heads keep 64 keys
-    assert attention._decode_tile(64, torch.float16) == (64, 4)  # and imagegpt-small's
+    assert attention._decode_tile(256, torch.float32, 2) == (32, 8)  # BLOCK_D of both head widths
+    assert attention._decode_tile(128, torch.float32, 2) == (64, 8)  # imagegpt-medium's heads keep 64 keys
+    assert attention._decode_tile(64, torch.float16, 2) == (64, 4)  # and imagegpt-small's
+    assert attention._decode_tile(64, torch.float16, 1) == (32, 4)  # unless one split walks each whole row
     monkeypatch.setattr(attention, "_DECODE_TARGET_PROGRAMS", 2)
     assert decode_num_splits(1, 1, 160) == 2  # chunks of 64 keys or more: 2 blocks of 32, or 3 past t = 127
     torch.manual_seed(head_dim)
     run_decode_steps(device, 1, 1, head_dim, 160, torch.float32, [0, 31, 32, 33, 63, 64, 65, 100, 159])
 
 
-@pytest.mark.parametrize("batch,n_head,head_dim,max_len,dtype,prefetch",
-                         [(*case, True) for case in DECODE_CASES] + [(*DECODE_CASES[0], False)])
-def test_decode_with_keys_read_before_the_wait(device, batch, n_head, head_dim, max_len, dtype, prefetch, monkeypatch):
+@pytest.mark.parametrize("batch,n_head,head_dim,max_len,dtype", DECODE_CASES)
+def test_decode_with_keys_read_before_the_wait(device, batch, n_head, head_dim, max_len, dtype):
     """kv_before_wait: the first block without key t, then key t alone, add up to the block (every split, t at
-    block edges; NaN past t is never read), with the next blocks read ahead (prefetch) or after each block."""
-    monkeypatch.setattr(attention, "_DECODE_PREFETCH", prefetch)
+    block edges; NaN past t is never read)."""
     torch.manual_seed(batch + n_head + max_len)
     steps = sorted({0, 1, 63, 64, 65, 127, 128, max_len - 1} & set(range(max_len)))
     run_decode_steps(device, batch, n_head, head_dim, max_len, dtype, steps, kv_before_wait=True)
@@ -452,13 +449,12 @@ def test_decode_full_length(device, dtype, batch, n_head, head_dim):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kv_before_wait", [False, True])
-@pytest.mark.parametrize("block_n,prefetch", [(64, True), (64, False), (32, True), (32, False)])
-@pytest.mark.parametrize("batch", [1, 8, 64])
-def test_decode_full_length_loop_variants(device, batch, block_n, prefetch, kv_before_wait, monkeypatch):
-    """The key-block and read-ahead variants the benchmark times, at imagegpt-small's decode shapes on the card."""
-    monkeypatch.setattr(attention, "_DECODE_BLOCK_N", block_n)
-    monkeypatch.setattr(attention, "_DECODE_PREFETCH", prefetch)
-    torch.manual_seed(batch + block_n)
+@pytest.mark.parametrize("batch,splits", [(1, 16), (8, 4), (64, 1), (256, 1)])
+def test_decode_imagegpt_small_batches(device, batch, splits, kv_before_wait):
+    """imagegpt-small's decode shapes on the card at the batches the launch heuristics tell apart: 64-key blocks in
+    16 and 4 splits, one split walking whole rows in 32-key blocks; keys read before the wait or after it."""
+    assert decode_num_splits(batch, 8, 1024) == splits
+    torch.manual_seed(batch)
     run_decode_steps(device, batch, 8, 64, 1024, torch.float16, [0, 31, 64, 511, 1023], kv_before_wait=kv_before_wait)
 
 
@@ -469,13 +465,6 @@ def test_small_prefill_odd_sizes_bf16(device, dtype):
         q, k, v = random_qkv((batch, n_head, seq_len, head_dim), dtype, device)
         out = prefill_attention(q, k, v, scale=0.1)
         torch.testing.assert_close(out.double(), reference_attention(q, k, v, 0.1), **tol("kernel", dtype))
-
-
-@pytest.mark.gpu
-def test_decode_imagegpt_small_shapes(device):
-    """Batch 64, 8 heads, head_dim 64, 1024 positions, float16: the benchmark's decode step."""
-    torch.manual_seed(7)
-    run_decode_steps(device, 64, 8, 64, 1024, torch.float16, [0, 255, 1023])
 
 
 @pytest.mark.gpu

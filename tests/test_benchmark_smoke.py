@@ -309,16 +309,13 @@ def test_sweep_measures_each_heuristic_value_and_restores_the_default(tmp_path):
                                                         torch.device("cpu"), 0, with_dtype_free=False)]
     expected = {f"{name} [{sweep.constant.strip('_')}={value}]" for sweep in bench_kernels.SWEEPS if 1 in sweep.batches
                 for value in sweep.values for name in names if name.startswith(sweep.cases)}
-    # at batch 1: the GEMV heuristics on five linear kernels, the decode ones on two attention cases; not the dot's,
-    # nor the GEMV row loop's and prefetch depth's (swept from batch 2)
-    assert len(expected) == (2 + 2 + 3 + 2) * 5 + (5 + 3 + 3 + 2 + 2) * 2 + 2 * 2  # the last: two prefills
+    # at batch 1: the decode attention heuristics (3 and 2 values) on two attention cases
+    assert len(expected) == (3 + 2) * 2
     steps = {f"decode step [{sweep.constant.strip('_')}={value}]" for sweep in bench_kernels.SWEEPS
              if 1 in sweep.batches and sweep.steps for value in sweep.values}
-    # ATTENTION_KV_BEFORE_WAIT and STEPS_PER_GRAPH (2 and 3 values): decode steps alone
-    assert len(steps) == 2 + 2 + 3 + 5 + 3 + 3 + 2 + 3 + 2 + 2 + 2
+    # and ATTENTION_KV_BEFORE_WAIT_MAX_BATCH's 4 values: decode steps alone
+    assert len(steps) == 4 + 3 + 2
     expected |= steps
-    assert bench_kernels.GEMV_BATCHES == range(1, linear._GEMV_MAX_M + 1)
-    assert bench_kernels.DOT_BATCHES.start == linear._GEMV_MAX_M + 1
     assert {r["system"] for r in rows} == expected and len(rows) == len(expected)
     assert all(r["status"] == "ok" and r["ms"] > 0 for r in rows), [r for r in rows if r["status"] != "ok"]
     is_step = [r["system"].startswith("decode step") for r in rows]
@@ -326,8 +323,8 @@ def test_sweep_measures_each_heuristic_value_and_restores_the_default(tmp_path):
     # every sweep's default row is the same engine: its step is measured once and shared
     defaults = {f"decode step [{s.constant.strip('_')}={bench_kernels.current_value(s)}]" for s in bench_kernels.SWEEPS}
     default_rows = [r for r in rows if r["system"] in defaults]
-    assert len(default_rows) == 11 and len({r["ms"] for r in default_rows}) == 1, default_rows
-    assert sum(r["note"] == "every default: measured once a batch" for r in default_rows) == 10
+    assert len(default_rows) == 3 and len({r["ms"] for r in default_rows}) == 1, default_rows
+    assert sum(r["note"] == "every default: measured once a batch" for r in default_rows) == 2
     assert len({r["ms"] for r in rows if r["system"].startswith("decode step")}) > 1
     with bench_kernels.heuristic("igpt_fast.kernels.linear", "_GEMV_MIN_BLOCK_N", 32):
         assert linear._gemv_config(1, 512, 512)["BLOCK_N"] == 32
@@ -335,21 +332,23 @@ def test_sweep_measures_each_heuristic_value_and_restores_the_default(tmp_path):
 
 
 def test_the_sweep_table_puts_each_default_first_and_names_the_fastest(monkeypatch):
-    from igpt_fast.kernels import linear
+    from igpt_fast.kernels import attention
 
-    monkeypatch.setattr(linear, "_GEMV_PREFETCH", 1)  # the default, whatever the code holds
+    monkeypatch.setattr(attention, "_DECODE_MIN_SPLIT_KEYS", 64)  # the default, whatever the code holds
 
     def row(system, ms, batch=1, status="ok"):
         return dict(task="kernel", system=system, model="small", dtype="float16", batch=batch, ms=ms, status=status)
 
-    rows = [row("decode step [GEMV_PREFETCH=2]", 0.30), row("decode step [GEMV_PREFETCH=1]", 0.40),
-            row("decode step [GEMV_PREFETCH=1]", 0.50, batch=8), row("decode step [GEMV_PREFETCH=2]", 0.55, batch=8),
-            row("decode step [STEPS_PER_GRAPH=4]", 0.1, status="failed"), row("norm_qkv [GEMV_PREFETCH=2]", 0.01)]
+    name = "DECODE_MIN_SPLIT_KEYS"
+    rows = [row(f"decode step [{name}=128]", 0.30), row(f"decode step [{name}=64]", 0.40),
+            row(f"decode step [{name}=64]", 0.50, batch=8), row(f"decode step [{name}=128]", 0.55, batch=8),
+            row("decode step [DECODE_WHOLE_ROW_BLOCK_N=16]", 0.1, status="failed"),
+            row(f"decode_attention (late) [{name}=128]", 0.01)]
     lines = bench_report.sweep_table(rows).splitlines()[2:]
     assert len(lines) == 2  # a failed row and kernel rows are not verdicts
     cells = [[cell.strip() for cell in line.split("|")] for line in lines]
-    assert cells[0] == ["GEMV_PREFETCH", "small", "float16", "1", "1: 0.4000, 2: 0.3000 (-25.0%)", "2"]
-    assert cells[1] == ["GEMV_PREFETCH", "small", "float16", "8", "1: 0.5000, 2: 0.5500 (+10.0%)", "1 (default)"]
+    assert cells[0] == [name, "small", "float16", "1", "64: 0.4000, 128: 0.3000 (-25.0%)", "128"]
+    assert cells[1] == [name, "small", "float16", "8", "64: 0.5000, 128: 0.5500 (+10.0%)", "64 (default)"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
@@ -363,9 +362,9 @@ def test_the_gpu_check_script_checks_its_arguments_and_refuses_without_a_gpu(tmp
         return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=120)
 
     assert run().returncode == 2 and "usage" in run().stderr
-    short = run(str(tmp_path / "out"), "300")
-    assert short.returncode == 2 and "SECONDS must be a whole number of at least 360" in short.stderr
-    assert "got '300'" in short.stderr
+    short = run(str(tmp_path / "out"), "400")
+    assert short.returncode == 2 and "SECONDS must be a whole number of at least 420" in short.stderr
+    assert "got '400'" in short.stderr
     for seconds in ((), ("560",)):
         refused = run(str(tmp_path / "out"), *seconds)
         assert refused.returncode == 2 and "no CUDA GPU" in refused.stderr
@@ -447,7 +446,7 @@ def test_cases_that_fail_to_build_are_recorded_and_the_run_goes_on(tmp_path, mon
     monkeypatch.setattr(benchmark, "kernel_cases", kernel_cases)
     monkeypatch.setattr(benchmark, "quantize_cases", quantize_cases)
     monkeypatch.setattr(benchmark, "SWEEPS", (bench_kernels.Sweep("igpt_fast.kernels.linear", "_GEMV_NUM_WARPS", (4, 8),
-                                                                 ("norm_qkv",), bench_kernels.GEMV_BATCHES),))
+                                                                 ("norm_qkv",), range(1, 17)),))
     with contextlib.redirect_stdout(io.StringIO()):
         code = benchmark.main(["--sizes", "smoke", "--tasks", "kernels,sweep", "--batches", "1", "--device", "cpu",
                                "--systems", "igpt-fast", "--out", str(tmp_path)])
@@ -500,6 +499,26 @@ def test_the_decode_step_profiler_checks_its_arguments_and_refuses_without_a_gpu
         assert refused.returncode == 2 and "needs a CUDA GPU" in refused.stderr
 
 
+def test_the_settings_timer_checks_its_settings_and_refuses_without_a_gpu():
+    def run(*args):
+        return run_benchmark_script("step_settings.py", *args)
+
+    shown = run("--help")
+    assert shown.returncode == 0 and "--setting" in shown.stdout
+    assert run("--batches", "1").returncode == 2  # no --setting at all
+    unknown = run("--setting", "igpt_fast.kernels.attention._DECODE_BLOK_N=32")
+    assert unknown.returncode == 2 and "module igpt_fast.kernels.attention has no _DECODE_BLOK_N" in unknown.stderr
+    not_literal = run("--setting", "igpt_fast.decoder.ATTENTION_KV_BEFORE_WAIT_MAX_BATCH=eight")
+    assert not_literal.returncode == 2 and "the value must be a Python literal, got 'eight'" in not_literal.stderr
+    no_value = run("--setting", "", "--setting", "igpt_fast.decoder.ATTENTION_KV_BEFORE_WAIT_MAX_BATCH")
+    assert no_value.returncode == 2 and "a setting is 'package.module.CONSTANT=value ...'" in no_value.stderr
+    bad_dtype = run("--setting", "", "--dtypes", "float16,int8")
+    assert bad_dtype.returncode == 2 and "--dtypes must be among float32,float16,bfloat16, got int8" in bad_dtype.stderr
+    if not torch.cuda.is_available():
+        refused = run("--setting", "")
+        assert refused.returncode == 2 and "needs a CUDA GPU" in refused.stderr
+
+
 def test_the_profilers_critical_path_charges_each_role_what_it_adds_to_the_chain(monkeypatch):
     """Decode steps are found by the kernels the engine really launches (under the interpreter), in any event
     order, among launches that are not a step; each launch is charged from its predecessor's end to its own."""
@@ -549,10 +568,10 @@ def test_the_gpu_check_gives_what_its_seconds_leave_to_batch_256_and_the_sweep(t
                                                              "--from-json"], benchmark_calls
     core, b256, sweep, verdicts, summary = benchmark_calls
     assert "--without" not in core and "--batches 256" in b256
-    # the benchmark gets what the 6 minutes leave: 360 s less what the stand-in stages took (a second or two), the
+    # the benchmark gets what the 7 minutes leave: 420 s less what the stand-in stages took (a second or two), the
     # 80 s kept for the stages after it and 20 s for the measurement running when the limit strikes
     core_limit = int(core.split("--time-limit ")[1].split()[0])
-    assert 360 - 80 - 20 - 5 <= core_limit <= 360 - 80 - 20
+    assert 420 - 80 - 20 - 5 <= core_limit <= 420 - 80 - 20
     assert f"== benchmark time limit: {core_limit} s" in done.stdout
     warm = logged.index("benchmarks/warm_triton_cache.py")  # started before the tests, stopped before the benchmark
     assert logged.index(next(line for line in logged if "pip install" in line)) < warm < logged.index(core)
@@ -591,7 +610,7 @@ def test_the_cache_warmer_lists_what_the_gpu_checks_timed_stages_launch():
     kernels = [line.split()[0] for line in lines[1:]]
     assert {"_decode_kernel", "_gemv_kernel", "_dot_kernel", "_sample_kernel", "_embed_kernel"} <= set(kernels)
     assert any("'USE_PDL': False" in line for line in lines)  # the no-PDL rows'
-    assert any("_gemv_kernel" in line and "'PREFETCH': 2" in line for line in lines)  # a sweep value
+    assert any("_decode_kernel" in line and "'BLOCK_N': 16" in line for line in lines)  # a sweep value
     assert any("_dot_kernel" in line and "'BLOCK_K': 256" in line for line in lines)
     fewer = run("--dry-run", "--no-sweeps")
     assert fewer.returncode == 0 and int(fewer.stdout.split()[0]) < count

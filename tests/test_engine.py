@@ -123,9 +123,12 @@ def test_greedy_and_per_step_logits_match_reference(backend, weights, reference)
     torch.testing.assert_close(torch.stack(out.logits, dim=1), full, **tol("model", torch.float32))
 
 
-def test_attention_reading_keys_before_its_wait_generates_the_same(weights, reference, monkeypatch):
-    """The decoder's ATTENTION_KV_BEFORE_WAIT (the sweep's alternative), through the Triton kernels."""
-    monkeypatch.setattr(igpt_fast.decoder, "ATTENTION_KV_BEFORE_WAIT", True)
+@pytest.mark.parametrize("max_batch", [None, 2])
+def test_attention_reading_keys_before_its_wait_generates_the_same(weights, reference, monkeypatch, max_batch):
+    """Decode attention reading pos and the keys before t ahead of its wait (kv_before_wait), through the Triton
+    kernels: off in bucket 2 by default (ATTENTION_KV_BEFORE_WAIT_MAX_BATCH = 1), on with the sweep's value 2."""
+    if max_batch is not None:
+        monkeypatch.setattr(igpt_fast.decoder, "ATTENTION_KV_BEFORE_WAIT_MAX_BATCH", max_batch)
     context = torch.tensor([[TINY.sos_token_id], [3]])
     out = ImageGPT(TINY, weights, backend="triton").generate(context, max_length=STEPS["triton"] + 1)
     assert torch.equal(out, reference.generate(context, max_length=STEPS["triton"] + 1))
@@ -517,17 +520,6 @@ def test_gpu_eager_switch_gives_the_same_tokens(small_weights):
 
 
 @pytest.mark.gpu
-def test_gpu_several_steps_per_graph_give_the_same_tokens(small_weights, monkeypatch):
-    monkeypatch.setattr(igpt_fast.decoder, "STEPS_PER_GRAPH", 4)
-    context = torch.full((2, 1), SMALL.sos_token_id, device="cuda")
-    graphed = ImageGPT(SMALL, small_weights, device="cuda", dtype=torch.float16)
-    eager = ImageGPT(SMALL, small_weights, device="cuda", dtype=torch.float16, use_cuda_graphs=False)
-    kwargs = dict(max_new_tokens=127, do_sample=True, seed=42, top_k=40)  # 126 steps: 31 replays of 4, then 2 of 1
-    assert torch.equal(graphed.generate(context, **kwargs), eager.generate(context, **kwargs))
-    assert set(graphed.decoder.states[2].graphs) == {(False, 1), (False, 4)}
-
-
-@pytest.mark.gpu
 def test_gpu_progress_reports_as_runs_finish_and_changes_no_token(small_weights, monkeypatch):
     monkeypatch.setattr(igpt_fast.model, "PROGRESS_STEPS", 32)
     context = torch.full((2, 1), SMALL.sos_token_id, device="cuda")
@@ -561,9 +553,9 @@ def test_gpu_programmatic_dependent_launch_gives_the_same_tokens(small_weights, 
     monkeypatch.setenv(backend.PDL_ENV, "0")
     without = ImageGPT(SMALL, small_weights, device="cuda", dtype=torch.float16).generate(context, **kwargs)
     assert torch.equal(with_pdl, without)
-    # Decode attention reading pos and the cache rows before t ahead of its wait (the sweep's alternative).
+    # Decode attention reading pos and the cache rows before t ahead of its wait (by default only in bucket 1).
     monkeypatch.setenv(backend.PDL_ENV, "1")
-    monkeypatch.setattr(igpt_fast.decoder, "ATTENTION_KV_BEFORE_WAIT", True)
+    monkeypatch.setattr(igpt_fast.decoder, "ATTENTION_KV_BEFORE_WAIT_MAX_BATCH", 8)
     early = ImageGPT(SMALL, small_weights, device="cuda", dtype=torch.float16).generate(context, **kwargs)
     assert torch.equal(early, without)
 

@@ -181,27 +181,29 @@ def test_per_row_values_may_be_zero_dim_tensors_or_numpy_scalars(weights):
     assert torch.equal(given, plain)
 
 
-def test_decode_replays_the_several_step_graph_while_that_many_steps_are_left(weights):
-    """decoder.decode's arithmetic, with stand-ins for the captured graphs that run the eager step (CUDA graphs
-    exist only on a GPU, where test_gpu_several_steps_per_graph_give_the_same_tokens runs real ones)."""
+def test_decode_replays_the_graph_of_its_sampling_mode(weights):
+    """A decode step replays the bucket's graph captured for its sampling mode (sampled or greedy), and runs eagerly
+    without one; stand-ins for the graphs run the eager step (CUDA graphs exist only on a GPU)."""
     model = ImageGPT(TINY, weights, backend="torch")
     context = torch.full((2, 1), SOS)
     expected = model.generate(context, max_new_tokens=12, do_sample=True, seed=3)
     state, replayed = model.decoder.states[2], []
 
+    greedy = model.generate(context, max_new_tokens=12)
+
     class StandIn:
-        def __init__(self, steps):
-            self.steps = steps
+        def __init__(self, greedy):
+            self.greedy = greedy
 
         def replay(self):
-            replayed.append(self.steps)
-            for _ in range(self.steps):
-                model.decoder._decode_step(state, False)
+            replayed.append(self.greedy)
+            model.decoder._decode_step(state, self.greedy)
 
-    state.graphs.update({(False, 1): StandIn(1), (False, 4): StandIn(4), (True, 8): StandIn(8)})
+    state.graphs.update({False: StandIn(False)})
     assert torch.equal(model.generate(context, max_new_tokens=12, do_sample=True, seed=3), expected)
-    assert replayed == [4, 4, 1, 1, 1]  # the 11 steps after the prefill's token
-    replayed.clear()
-    model.generate(context, max_new_tokens=12, do_sample=True, seed=3, return_dict_in_generate=True,
-                   output_logits=True)
-    assert replayed == [1] * 11  # every step's logits are read: one step at a time
+    assert replayed == [False] * 11  # the 11 steps after the prefill's token
+    assert torch.equal(model.generate(context, max_new_tokens=12), greedy)
+    assert replayed == [False] * 11  # no greedy graph: the greedy steps ran eagerly
+    state.graphs.update({True: StandIn(True)})
+    assert torch.equal(model.generate(context, max_new_tokens=12), greedy)
+    assert replayed == [False] * 11 + [True] * 11
