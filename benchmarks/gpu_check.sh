@@ -7,18 +7,19 @@
 # For a machine where torch, triton and transformers are installed and nothing can be downloaded. Everything
 # lands in OUT_DIR: env.txt, install.log, demo.log, demo_grid.png, warm_cache.log, gpu_tests.log (and one log per
 # test process), benchmark.log, results.json, summary.txt, images_per_s.png, pytest_benchmark.log, profile.txt,
-# profile_fp32.txt, launch_floor.txt.
+# profile_fp32.txt, profile_fp32_no_pdl.txt, launch_floor.txt.
 # Budget, about 7 minutes (CHECK_SECONDS; an H200 on 2026-12-04, second run, spent about 330 s of 6 minutes then):
 # install <= 60 s (3 s there), the main job on the shipped demo model <= 40 s (7 s), tests <= 100 s (four processes
 # at once; the slowest took 53 s), the benchmark what the 7 minutes leave (below; it rewrites results.json after each
 # measurement, so a cut-short run still reports; with 6 minutes it had about 185 s, ran 181 and left out
 # reference-eager, about 45 s on an H100), one test of each pytest-benchmark file <= 60 s, the decode-step profile
-# <= 90 s, float32's at batch 64 <= 45 s, the launch floor <= 60 s (these four took about 60 s together).
+# <= 90 s, float32's at batch 64 <= 45 s (twice: PDL on and off), the launch floor <= 60 s (these took about 60 s
+# together, float32's without PDL not yet among them).
 # SECONDS (default CHECK_SECONDS; at least that) bounds the whole script. What it leaves after those stages, if
 # 120 s or more, goes to benchmarks/gpu_sweep.sh in OUT_DIR/more/ (batch 256, then the launch-heuristic sweep, whose
 # verdicts it prints), so one device call of `timeout -k 5 570 gpu_check.sh OUT 560` does everything: a device lease
 # of 15 minutes, start-up included, has room for one 10-minute call but hardly for two. (The outer timeout because
-# the 7-minute stages' own limits add up to about 730 s at worst; what they wrote is kept when it strikes.)
+# the 7-minute stages' own limits add up to about 680 s at worst; what they wrote is kept when it strikes.)
 # The demo job is also the probe of programmatic dependent launch (on by default from sm_90): if it fails with PDL
 # and passes without, the rest runs with IGPT_FAST_PDL=0 (said loudly, and the check fails).
 # A failing stage does not stop the later ones; the exit status says whether any failed.
@@ -163,9 +164,14 @@ stage profile profile.txt timeout -k 5 90 python3 benchmarks/profile_step.py --b
 # float32 at batch 64: on the H200 its step (9.4-14.7 ms a whole image) was two or three times what its kernels'
 # graph-timed rows add up to, where float16's and float32's at batch 8 add up. In the image's last 128 steps (past a
 # 768-token prompt) the two residual projections took 4.4x their rows' time in the step (mlp c_proj 198 us against
-# 43.5; the norm-fused linears about their rows'), the open question this stage keeps measuring. About 15 s.
+# 43.5; the norm-fused linears about their rows'), the open question these two stages measure: once as the engine
+# runs, once without programmatic dependent launch. If the projections take their rows' time without it, PDL is the
+# cause (a guess: their 128 programs, launched early by the predecessor's trigger while its many programs still
+# hold the SMs, land on the few SMs that free up first). About 15 s each.
 stage profile-fp32 profile_fp32.txt timeout -k 5 45 python3 benchmarks/profile_step.py --dtype float32 --batches 64 \
     --prompt-length 768 --steps 128
+stage profile-fp32-no-pdl profile_fp32_no_pdl.txt env IGPT_FAST_PDL=0 timeout -k 5 45 python3 \
+    benchmarks/profile_step.py --dtype float32 --batches 64 --prompt-length 768 --steps 128
 
 # The floor of a chain of dependent launches here (a graph of 124 launches that do almost nothing, PDL on and off),
 # the same as grid barriers in one launch, and both moving a decode step's weights: a few seconds. The engine's
