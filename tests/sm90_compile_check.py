@@ -136,9 +136,10 @@ def main(argv: list[str]) -> int:
         print(line, flush=True)
     if args.ptx_digests:
         for launch, (_, _, digest) in zip(launches.values(), results, strict=True):
-            fn, signature, constexprs, _, options = launch.variant()[1]
+            fn, signature, constexprs, aligned, options = launch.variant()[1]
+            # aligned: which pointers were 16-byte aligned in the recorded launch, which changes the code
             args.ptx_digests.write(json.dumps(dict(kernel=fn.__name__, constexprs=constexprs, signature=signature,
-                                                   options=options, ptx=digest), default=str) + "\n")
+                                                   aligned=aligned, options=options, ptx=digest), default=str) + "\n")
         args.ptx_digests.close()
     failures = sum(status != "ok" for status, _, _ in results)
     print(f"{len(launches)} kernel variants compiled for sm_90 with triton {triton.__version__}: "
