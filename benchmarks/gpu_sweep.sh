@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What the 7-minute check (benchmarks/gpu_check.sh) leaves out: imagegpt-small fp16 generation at batch 256
+# What the 6-minute check (benchmarks/gpu_check.sh) leaves out: imagegpt-small fp16 generation at batch 256
 # (igpt-fast alone, whole images; its target is 3.0 ms/step), then the launch-heuristic sweep (fp16, batch 1, 8, 64:
 # every decode-step row first, then kernel rows) in the time that is left. gpu_check.sh OUT SECONDS runs it with
 # what its SECONDS leave; it also runs alone, as a device call of its own.

@@ -362,9 +362,9 @@ def test_the_gpu_check_script_checks_its_arguments_and_refuses_without_a_gpu(tmp
         return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=120)
 
     assert run().returncode == 2 and "usage" in run().stderr
-    short = run(str(tmp_path / "out"), "400")
-    assert short.returncode == 2 and "SECONDS must be a whole number of at least 420" in short.stderr
-    assert "got '400'" in short.stderr
+    short = run(str(tmp_path / "out"), "300")
+    assert short.returncode == 2 and "SECONDS must be a whole number of at least 360" in short.stderr
+    assert "got '300'" in short.stderr
     for seconds in ((), ("560",)):
         refused = run(str(tmp_path / "out"), *seconds)
         assert refused.returncode == 2 and "no CUDA GPU" in refused.stderr
@@ -562,6 +562,17 @@ def run_gpu_check_with_stand_ins(tmp_path, seconds: int):
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash here")
+def test_the_six_minute_gpu_check_leaves_out_the_diagnostics_and_the_sweep(tmp_path):
+    """Issue 7's check: install, tests, the core benchmark, the summary last; nothing past its 6 minutes."""
+    done, logged = run_gpu_check_with_stand_ins(tmp_path, 360)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not any(line.startswith(("benchmarks/profile_step.py", "benchmarks/launch_floor.py")) for line in logged)
+    assert not any("--tasks sweep" in line or "--batches 256" in line for line in logged)
+    assert logged[-1].startswith("-m igpt_fast.benchmark --from-json")
+    assert "skipped" not in done.stdout  # the plain check is not a cut-short long one
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash here")
 def test_the_gpu_check_gives_what_its_seconds_leave_to_batch_256_and_the_sweep(tmp_path):
     """The scripts' order and time arithmetic, with a stand-in python3: a script bug found on the GPU machine costs
     device time that comes a few times a month."""
@@ -571,10 +582,15 @@ def test_the_gpu_check_gives_what_its_seconds_leave_to_batch_256_and_the_sweep(t
                                                              "--from-json"], benchmark_calls
     core, b256, sweep, verdicts, summary = benchmark_calls
     assert "--without" not in core and "--batches 256" in b256
-    # the benchmark gets what the 7 minutes leave: 420 s less what the stand-in stages took (a second or two), the
-    # 80 s kept for the stages after it and 20 s for the measurement running when the limit strikes
+    # the benchmark gets what the 6 minutes leave: 360 s less what the stand-in stages took (a second or two), the
+    # 30 s kept for the stages after it and 20 s for the measurement running when the limit strikes
     core_limit = int(core.split("--time-limit ")[1].split()[0])
-    assert 420 - 80 - 20 - 5 <= core_limit <= 420 - 80 - 20
+    assert 360 - 30 - 20 - 5 <= core_limit <= 360 - 30 - 20
+    # the diagnostics come after the 6 minutes' stages, before batch 256 and the sweep
+    profiles = [i for i, line in enumerate(logged) if line.startswith("benchmarks/profile_step.py")]
+    pytest_benchmark = next(i for i, line in enumerate(logged) if "benchmarks/test_bench_generation.py" in line)
+    assert len(profiles) == 3 and pytest_benchmark < profiles[0] and profiles[-1] < logged.index(b256)
+    assert logged.index("benchmarks/launch_floor.py") < logged.index(b256)
     assert f"== benchmark time limit: {core_limit} s" in done.stdout
     warm = logged.index("benchmarks/warm_triton_cache.py")  # started before the tests, stopped before the benchmark
     assert logged.index(next(line for line in logged if "pip install" in line)) < warm < logged.index(core)
