@@ -25,7 +25,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from igpt_fast.backend import use_pdl
-from igpt_fast.bench_measure import DTYPES, MODELS, EngineSystem, prompt_of, random_weights
+from igpt_fast.bench_measure import DTYPES, MODELS, EngineSystem, batch_list, prompt_of, random_weights
 from igpt_fast.model import ImageGPT
 
 
@@ -34,18 +34,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="small", choices=[m for m in MODELS if m != "tiny"])
     parser.add_argument("--dtype", default="float16", choices=list(DTYPES))
-    parser.add_argument("--batches", default="1,8,64", help="comma-separated batch sizes (default 1,8,64)")
+    parser.add_argument("--batches", type=batch_list, default="1,8,64",
+                        help="comma-separated batch sizes (default 1,8,64)")
     parser.add_argument("--steps", type=int, default=128, help="decode steps profiled per batch (default 128)")
     parser.add_argument("--prompt-length", type=int, default=1,
                         help="tokens before the profiled steps: the SOS, then random pixels (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    try:
-        args.batches = [int(b) for b in args.batches.split(",")]
-    except ValueError:
-        parser.error(f"--batches must be comma-separated integers, got {args.batches!r}")
-    if any(b < 1 for b in args.batches):
-        parser.error(f"--batches must be positive, got {args.batches}")
     n_positions = MODELS[args.model].n_positions
     if not 1 <= args.prompt_length < n_positions:
         parser.error(f"--prompt-length must be in [1, {n_positions - 1}], got {args.prompt_length}")

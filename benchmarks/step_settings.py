@@ -25,7 +25,15 @@ import sys
 import torch
 
 from igpt_fast.bench_kernels import heuristic
-from igpt_fast.bench_measure import DTYPES, MODELS, EngineSystem, allocated_memory, measure_generation, random_weights
+from igpt_fast.bench_measure import (
+    DTYPES,
+    MODELS,
+    EngineSystem,
+    allocated_memory,
+    batch_list,
+    measure_generation,
+    random_weights,
+)
 from igpt_fast.benchmark import SWEEP_STEPS
 from igpt_fast.model import ImageGPT
 
@@ -53,19 +61,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="small", choices=[m for m in MODELS if m != "tiny"])
     parser.add_argument("--dtypes", default="float16", help="comma-separated dtypes (default float16)")
-    parser.add_argument("--batches", default="1,8,64", help="comma-separated batch sizes (default 1,8,64)")
+    parser.add_argument("--batches", type=batch_list, default="1,8,64",
+                        help="comma-separated batch sizes (default 1,8,64)")
     parser.add_argument("--setting", action="append", required=True, dest="settings",
                         help="space-separated package.module.CONSTANT=value assignments; repeat for each setting "
                              "('' for the defaults)")
     parser.add_argument("--rounds", type=int, default=2, help="times each setting is timed at each batch (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    try:
-        args.batches = [int(b) for b in args.batches.split(",")]
-    except ValueError:
-        parser.error(f"--batches must be comma-separated integers, got {args.batches!r}")
-    if any(b < 1 for b in args.batches):
-        parser.error(f"--batches must be positive, got {args.batches}")
     args.dtypes = args.dtypes.split(",")
     if unknown := [d for d in args.dtypes if d not in DTYPES]:
         parser.error(f"--dtypes must be among {','.join(DTYPES)}, got {','.join(unknown)}")

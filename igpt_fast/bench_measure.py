@@ -6,6 +6,7 @@ whole-image forwards. Each measure_* returns the Result fields it measured, as a
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.metadata
 import platform
@@ -112,6 +113,17 @@ def environment(device: torch.device) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "copy_gb_per_s": round(copy_bandwidth(device) / 1e9, 1),
     }
+
+
+def batch_list(text: str) -> list[int]:
+    """argparse type of the benchmark scripts' --batches: '1,8,64' -> [1, 8, 64]."""
+    try:
+        batches = [int(b) for b in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
+    if any(b < 1 for b in batches):
+        raise argparse.ArgumentTypeError(f"must be positive, got {batches}")
+    return batches
 
 
 def random_weights(config: ImageGPTConfig, seed: int, device: torch.device) -> dict[str, torch.Tensor]:

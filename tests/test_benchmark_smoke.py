@@ -486,7 +486,7 @@ def test_the_decode_step_profiler_checks_its_arguments_and_refuses_without_a_gpu
     shown = run("--help")
     assert shown.returncode == 0 and "--batches" in shown.stdout
     bad = run("--batches", "1,x")
-    assert bad.returncode == 2 and "--batches must be comma-separated integers, got '1,x'" in bad.stderr
+    assert bad.returncode == 2 and "argument --batches: must be comma-separated integers, got '1,x'" in bad.stderr
     too_long = run("--steps", "1024")
     assert too_long.returncode == 2 and "--steps must be in [1, 1023] after a prompt of 1, got 1024" in too_long.stderr
     past_the_end = run("--prompt-length", "768", "--steps", "257")
@@ -512,6 +512,8 @@ def test_the_settings_timer_checks_its_settings_and_refuses_without_a_gpu():
     assert not_literal.returncode == 2 and "the value must be a Python literal, got 'eight'" in not_literal.stderr
     no_value = run("--setting", "", "--setting", "igpt_fast.decoder.ATTENTION_KV_BEFORE_WAIT_MAX_BATCH")
     assert no_value.returncode == 2 and "a setting is 'package.module.CONSTANT=value ...'" in no_value.stderr
+    no_batch = run("--setting", "", "--batches", "8,0")
+    assert no_batch.returncode == 2 and "argument --batches: must be positive, got [8, 0]" in no_batch.stderr
     bad_dtype = run("--setting", "", "--dtypes", "float16,int8")
     assert bad_dtype.returncode == 2 and "--dtypes must be among float32,float16,bfloat16, got int8" in bad_dtype.stderr
     if not torch.cuda.is_available():
