@@ -36,10 +36,10 @@ MAX_HEAD_DIM = 256
 # 16 and 4 ways, were 6-9% slower with 32 (so it is not one value for all).
 _DECODE_BLOCK_N = 64
 _DECODE_WHOLE_ROW_BLOCK_N = 32
-# How many programs a launch should have in flight.
-# 256, not 512: on an H200 (fp16, 2026-12-04 sweep) batch 8's decode step took 0.580 ms in 4 splits against 0.648 in
-# 8 (2 splits 0.610, 1 split 0.625); batch 1 (16 splits, capped by the cache's 16 key blocks) and batch 64 (1 split)
-# launch the same grid either way.
+# How many programs a launch should have in flight: 256, not 512 (two per SM of an H100, not four). On an H200 (fp16,
+# 2026-12-04 sweep) batch 8's decode step took 0.580 ms in 4 splits against 0.648 in 8 (2 splits 0.610, 1 split
+# 0.625); batch 1 (16 splits, capped by the cache's 16 key blocks) and batch 64 (1 split) launch the same grid
+# either way.
 _DECODE_TARGET_PROGRAMS = 256
 # Fewest keys a split of decode attention takes (rounded up to whole key blocks): below it, a short cache is
 # split fewer ways, and under one split's worth the launch writes its output with no merge at all. 64 (one block,
