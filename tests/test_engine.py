@@ -123,13 +123,15 @@ def test_greedy_and_per_step_logits_match_reference(backend, weights, reference)
     torch.testing.assert_close(torch.stack(out.logits, dim=1), full, **tol("model", torch.float32))
 
 
-@pytest.mark.parametrize("max_batch", [None, 2])
-def test_attention_reading_keys_before_its_wait_generates_the_same(weights, reference, monkeypatch, max_batch):
+@pytest.mark.parametrize("batch,max_batch", [(1, None), (2, 2)])
+def test_attention_reading_keys_before_its_wait_generates_the_same(weights, reference, monkeypatch, batch, max_batch):
     """Decode attention reading pos and the keys before t ahead of its wait (kv_before_wait), through the Triton
-    kernels: off in bucket 2 by default (ATTENTION_KV_BEFORE_WAIT_MAX_BATCH = 1), on with the sweep's value 2."""
+    kernels: in bucket 1 by default (ATTENTION_KV_BEFORE_WAIT_MAX_BATCH = 1), in bucket 2 with the sweep's value 2.
+    (Every other engine test of bucket 2 and up runs it off.)"""
     if max_batch is not None:
         monkeypatch.setattr(igpt_fast.decoder, "ATTENTION_KV_BEFORE_WAIT_MAX_BATCH", max_batch)
-    context = torch.tensor([[TINY.sos_token_id], [3]])
+    assert batch <= igpt_fast.decoder.ATTENTION_KV_BEFORE_WAIT_MAX_BATCH
+    context = torch.tensor([[TINY.sos_token_id], [3]])[:batch]
     out = ImageGPT(TINY, weights, backend="triton").generate(context, max_length=STEPS["triton"] + 1)
     assert torch.equal(out, reference.generate(context, max_length=STEPS["triton"] + 1))
 
