@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What the 6-minute check (benchmarks/gpu_check.sh) leaves out: imagegpt-small fp16 generation at batch 256
-# (igpt-fast alone, whole images; its target is 3.0 ms/step), then the launch-heuristic sweep (fp16, batch 1, 8, 64:
-# every decode-step row first, then kernel rows) in the time that is left. gpu_check.sh OUT SECONDS runs it with
+# (igpt-fast alone, whole images; its target is 3.0 ms/step), then the launch-heuristic sweep (fp16, batch 1, 2, 4, 8,
+# 64: every decode-step row first, then kernel rows) in the time that is left. gpu_check.sh OUT SECONDS runs it with
 # what its SECONDS leave; it also runs alone, as a device call of its own.
 #
 #   benchmarks/gpu_sweep.sh OUT_DIR [SECONDS]
@@ -56,7 +56,7 @@ if [ $left -lt 60 ]; then  # under a minute the sweep measures next to nothing (
     echo "== sweep skipped: ${left} s left"
 else
     echo "== sweep, ${left} s ($(date +%T))"
-    timeout -k 10 "$left" python3 -m igpt_fast.benchmark --tasks sweep --dtypes float16 --batches 1,8,64 \
+    timeout -k 10 "$left" python3 -m igpt_fast.benchmark --tasks sweep --dtypes float16 --batches 1,2,4,8,64 \
         --systems igpt-fast --out "$OUT/sweep" --time-limit $((left - 25)) >"$OUT/sweep.log" 2>&1 || failed+=(sweep)
     # The verdicts of the decode-step rows, the ones that decide defaults, from whatever results.json holds (a
     # cut-short run too).

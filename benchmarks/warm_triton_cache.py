@@ -43,7 +43,7 @@ ONE_LAYER = ImageGPTConfig.small(n_layer=1)
 # from the middle of an image (benchmark.SWEEP_STEPS = 128 of them from position 448). Whole images (features,
 # likelihood) at batch 1 and 8 only: at 64 the recording alone holds GBs of activations on the CPU.
 COMPLETE, SWEEP_WINDOW = 1 + SMALL.n_positions // 2, 1 + (SMALL.n_positions - 1 - 128) // 2
-SWEEP_BATCHES = (1, 8, 64)  # gpu_sweep.sh's
+SWEEP_BATCHES = (1, 2, 4, 8, 64)  # gpu_sweep.sh's
 
 
 def launches_to_warm(pdl: bool, sweeps: bool = True) -> list[Launch]:

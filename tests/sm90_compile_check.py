@@ -61,7 +61,7 @@ ENGINE_CASES = [Case(ImageGPTConfig.small(), (1, 8, 64), (torch.float16, torch.f
                 Case(ImageGPTConfig.large(n_layer=1), (1, 8, 64), (torch.float16, torch.float32), True),
                 Case(ImageGPTConfig(n_embd=512, n_head=2, n_layer=1), (1, 8), (torch.float16, torch.float32), True)]
 # Where the sweep times its alternatives (bench_kernels.SWEEPS): imagegpt-small, fp16, with PDL.
-SWEEP_CASES = [Case(ImageGPTConfig.small(), (1, 8, 64), (torch.float16,), True)]
+SWEEP_CASES = [Case(ImageGPTConfig.small(), (1, 2, 4, 8, 64), (torch.float16,), True)]
 
 
 class PerThreadStdout(io.TextIOBase):

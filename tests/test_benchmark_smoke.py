@@ -301,20 +301,20 @@ def test_sweep_measures_each_heuristic_value_and_restores_the_default(tmp_path):
     from igpt_fast.kernels import linear
 
     with contextlib.redirect_stdout(io.StringIO()):
-        code = benchmark.main(["--sizes", "smoke", "--tasks", "sweep", "--batches", "1", "--device", "cpu",
+        code = benchmark.main(["--sizes", "smoke", "--tasks", "sweep", "--batches", "2", "--device", "cpu",
                                "--systems", "igpt-fast", "--out", str(tmp_path)])
     assert code == 0
     rows = [r for r in json.loads((tmp_path / "results.json").read_text())["results"] if r["task"] == "kernel"]
-    names = [c.name for c in bench_kernels.kernel_cases(bench_measure.MODELS["tiny"], torch.float32, 1,
+    names = [c.name for c in bench_kernels.kernel_cases(bench_measure.MODELS["tiny"], torch.float32, 2,
                                                         torch.device("cpu"), 0, with_dtype_free=False)]
-    expected = {f"{name} [{sweep.constant.strip('_')}={value}]" for sweep in bench_kernels.SWEEPS if 1 in sweep.batches
+    expected = {f"{name} [{sweep.constant.strip('_')}={value}]" for sweep in bench_kernels.SWEEPS if 2 in sweep.batches
                 for value in sweep.values for name in names if name.startswith(sweep.cases)}
-    # at batch 1: the decode attention heuristics (3 and 2 values) on two attention cases
+    # at batch 2: the decode attention heuristics (3 and 2 values) on two attention cases
     assert len(expected) == (3 + 2) * 2
     steps = {f"decode step [{sweep.constant.strip('_')}={value}]" for sweep in bench_kernels.SWEEPS
-             if 1 in sweep.batches and sweep.steps for value in sweep.values}
-    # and ATTENTION_KV_BEFORE_WAIT_MAX_BATCH's 4 values: decode steps alone
-    assert len(steps) == 4 + 3 + 2
+             if 2 in sweep.batches and sweep.steps for value in sweep.values}
+    # and ATTENTION_KV_BEFORE_WAIT_MAX_BATCH's 2 values: decode steps alone
+    assert len(steps) == 2 + 3 + 2
     expected |= steps
     assert {r["system"] for r in rows} == expected and len(rows) == len(expected)
     assert all(r["status"] == "ok" and r["ms"] > 0 for r in rows), [r for r in rows if r["status"] != "ok"]
