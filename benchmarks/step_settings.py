@@ -25,17 +25,8 @@ import sys
 import torch
 
 from igpt_fast.bench_kernels import heuristic
-from igpt_fast.bench_measure import (
-    DTYPES,
-    MODELS,
-    EngineSystem,
-    allocated_memory,
-    batch_list,
-    measure_generation,
-    random_weights,
-)
-from igpt_fast.benchmark import SWEEP_STEPS
-from igpt_fast.model import ImageGPT
+from igpt_fast.bench_measure import DTYPES, MODELS, batch_list, random_weights
+from igpt_fast.benchmark import SWEEP_STEPS, measure_decode_step
 
 
 def parse_setting(text: str) -> list[tuple[str, str, object]]:
@@ -81,14 +72,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def step_ms(config, weights, dtype_name: str, batch: int, seed: int, device) -> float:
-    model = ImageGPT(config, weights, dtype=DTYPES[dtype_name], device=device, max_batch=batch)
-    measured = measure_generation(EngineSystem(model, seed), config, "generate", DTYPES[dtype_name], batch,
-                                  steps=min(SWEEP_STEPS, config.n_positions // 4), seed=seed, device=device,
-                                  peak_base=allocated_memory(device), copy_bytes_per_s=float("inf"))
-    return measured["ms"]
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -109,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                     with contextlib.ExitStack() as stack:
                         for module, constant, value in assignments:
                             stack.enter_context(heuristic(module, constant, value))
-                        times[i].append(step_ms(config, weights, dtype_name, batch, args.seed, device))
+                        times[i].append(measure_decode_step(config, weights, dtype_name, batch, device=device,
+                                                            seed=args.seed)["ms"])
                     torch.cuda.empty_cache()
             base = statistics.median(times[0])
             for i, ms in enumerate(times):

@@ -415,14 +415,19 @@ class Runner:
                          functools.partial(measure_kernel, case, device, self.copy_bytes_per_s, with_baseline=False))
 
     def measure_sweep_step(self, config: ImageGPTConfig, weights: dict, dtype_name: str, batch: int) -> dict:
-        """ms per decode step of a fresh engine (its kernels and graph under the heuristics as they are now), over
-        SWEEP_STEPS steps from the middle of an image."""
         plan = self.plan
-        model = ImageGPT(config, weights, dtype=DTYPES[dtype_name], device=plan.device, backend=plan.backend,
-                         max_batch=batch)
-        return measure_generation(EngineSystem(model, plan.seed), config, "generate", DTYPES[dtype_name], batch,
-                                  steps=min(SWEEP_STEPS, config.n_positions // 4), seed=plan.seed, device=plan.device,
-                                  peak_base=allocated_memory(plan.device), copy_bytes_per_s=self.copy_bytes_per_s)
+        return measure_decode_step(config, weights, dtype_name, batch, device=plan.device, seed=plan.seed,
+                                   backend=plan.backend, copy_bytes_per_s=self.copy_bytes_per_s)
+
+
+def measure_decode_step(config: ImageGPTConfig, weights: dict, dtype_name: str, batch: int, *, device: torch.device,
+                        seed: int, backend: str | None = None, copy_bytes_per_s: float = float("inf")) -> dict:
+    """ms per decode step of a fresh engine (its kernels and graph under the heuristics as they are now), over
+    SWEEP_STEPS steps from the middle of an image: the sweep's decode-step rows, and benchmarks/step_settings.py's."""
+    model = ImageGPT(config, weights, dtype=DTYPES[dtype_name], device=device, backend=backend, max_batch=batch)
+    return measure_generation(EngineSystem(model, seed), config, "generate", DTYPES[dtype_name], batch,
+                              steps=min(SWEEP_STEPS, config.n_positions // 4), seed=seed, device=device,
+                              peak_base=allocated_memory(device), copy_bytes_per_s=copy_bytes_per_s)
 
 
 # ---------------------------------------------------------------------------------------------------------
