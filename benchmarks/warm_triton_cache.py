@@ -4,10 +4,10 @@ benchmarks/gpu_check.sh runs this in the background at the lowest priority while
 before the benchmark starts: the test processes keep a few of the machine's cores busy compiling their own kernels,
 this uses the idle ones, and the timed stages then find their kernel variants compiled instead of compiling them
 inside their time limits (the sweep builds a fresh engine for every value it times). It records the engine's
-launches on the CPU (igpt_fast.kernel_launches) at imagegpt-small, as the later stages run it, and hands each
-distinct one to the JIT with warmup=True: compiled for this GPU exactly as that launch would be, and not run. The
-most needed first (the benchmark's rows, then batch 256, then the sweep's values); what is compiled before it is
-stopped stays in the cache. Needs a CUDA GPU.
+launches on the CPU (igpt_fast.kernel_launches), as the later stages run it, and hands each distinct one to the JIT
+with warmup=True: compiled for this GPU exactly as that launch would be, and not run. The most needed first (the
+benchmark's rows, then the wider stage's, batch 256, the sweep's values); what is compiled before it is stopped
+stays in the cache. Needs a CUDA GPU.
 
     python benchmarks/warm_triton_cache.py [--threads N] [--no-sweeps] [--dry-run]
 """
@@ -44,17 +44,20 @@ ONE_LAYER = ImageGPTConfig.small(n_layer=1)
 # likelihood) at batch 1 and 8 only: at 64 the recording alone holds GBs of activations on the CPU.
 COMPLETE, SWEEP_WINDOW = 1 + SMALL.n_positions // 2, 1 + (SMALL.n_positions - 1 - 128) // 2
 SWEEP_BATCHES = (1, 2, 4, 8, 64)  # gpu_sweep.sh's
+# gpu_check.sh's wider stage: bfloat16 at imagegpt-small, -medium and -large, batch 8 and 64, whole images too.
+WIDER = (ONE_LAYER, ImageGPTConfig.medium(n_layer=1), ImageGPTConfig.large(n_layer=1))
 
 
 def launches_to_warm(pdl: bool, sweeps: bool = True) -> list[Launch]:
     """The distinct launches of the GPU check's timed stages, most needed first: the benchmark's engine rows (fp16 and
-    fp32 at batch 1, 8, 64, with PDL as this machine runs it; fp16 at 1 and 8 without it), batch 256, then each
-    sweep value's decode steps where it applies."""
+    fp32 at batch 1, 8, 64, with PDL as this machine runs it; fp16 at 1 and 8 without it), the wider stage's
+    (bfloat16, three model widths), batch 256, then each sweep value's decode steps where it applies."""
     stages = [engine_launches([Case(ONE_LAYER, (1, 8, 64), (torch.float16, torch.float32), pdl,
                                     (COMPLETE, SWEEP_WINDOW), False),
                                Case(ONE_LAYER, (1, 8), (torch.float16, torch.float32), pdl, (SMALL.n_positions,),
                                     False, False),
                                Case(ONE_LAYER, (1, 8), (torch.float16,), False, (), False, False)]),
+              engine_launches([Case(config, (8, 64), (torch.bfloat16,), pdl, (), True, False) for config in WIDER]),
               engine_launches([Case(ONE_LAYER, (256,), (torch.float16,), pdl, (), False, False)])]
     if sweeps:  # one model for every value: each value's launches read it at launch (the caches are rebuilt under it)
         with recording() as launches, pdl_as(pdl):

@@ -569,29 +569,35 @@ def test_the_six_minute_gpu_check_leaves_out_the_diagnostics_and_the_sweep(tmp_p
     done, logged = run_gpu_check_with_stand_ins(tmp_path, 360)
     assert done.returncode == 0, done.stdout + done.stderr
     assert not any(line.startswith(("benchmarks/profile_step.py", "benchmarks/launch_floor.py")) for line in logged)
-    assert not any("--tasks sweep" in line or "--batches 256" in line for line in logged)
+    assert not any("--tasks sweep" in line or "--batches 256" in line or "--sizes full" in line for line in logged)
     assert logged[-1].startswith("-m igpt_fast.benchmark --from-json")
     assert "skipped" not in done.stdout  # the plain check is not a cut-short long one
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash here")
-def test_the_gpu_check_gives_what_its_seconds_leave_to_batch_256_and_the_sweep(tmp_path):
+def test_the_gpu_check_gives_what_its_seconds_leave_to_the_wider_sizes_batch_256_and_the_sweep(tmp_path):
     """The scripts' order and time arithmetic, with a stand-in python3: a script bug found on the GPU machine costs
     device time that comes a few times a month."""
     done, logged = run_gpu_check_with_stand_ins(tmp_path, 560)
+    out = tmp_path / "out"
     benchmark_calls = [line for line in logged if line.startswith("-m igpt_fast.benchmark")]
-    assert [call.split()[2] for call in benchmark_calls] == ["--sizes", "--sizes", "--tasks", "--from-json",
-                                                             "--from-json"], benchmark_calls
-    core, b256, sweep, verdicts, summary = benchmark_calls
+    assert [call.split()[2] for call in benchmark_calls] == ["--sizes", "--sizes", "--from-json", "--sizes", "--tasks",
+                                                             "--from-json", "--from-json"], benchmark_calls
+    core, wider, wider_tables, b256, sweep, verdicts, summary = benchmark_calls
     assert "--without" not in core and "--batches 256" in b256
+    # the wider sizes first: bfloat16 at every model width, into a folder of their own, with a time limit
+    assert wider.startswith("-m igpt_fast.benchmark --sizes full --models small,medium,large --dtypes bfloat16 ")
+    assert f"--out {out}/wider --time-limit " in wider
+    assert wider_tables == f"-m igpt_fast.benchmark --from-json {out}/wider/results.json --out {out}/wider"
     # the benchmark gets what the 6 minutes leave: 360 s less what the stand-in stages took (a second or two), the
     # 30 s kept for the stages after it and 20 s for the measurement running when the limit strikes
     core_limit = int(core.split("--time-limit ")[1].split()[0])
     assert 360 - 30 - 20 - 5 <= core_limit <= 360 - 30 - 20
-    # the diagnostics come after the 6 minutes' stages, before batch 256 and the sweep
+    # the wider sizes, then the diagnostics come after the 6 minutes' stages, before batch 256 and the sweep
     profiles = [i for i, line in enumerate(logged) if line.startswith("benchmarks/profile_step.py")]
     pytest_benchmark = next(i for i, line in enumerate(logged) if "benchmarks/test_bench_generation.py" in line)
-    assert len(profiles) == 3 and pytest_benchmark < profiles[0] and profiles[-1] < logged.index(b256)
+    assert pytest_benchmark < logged.index(wider) < logged.index(wider_tables) < profiles[0]
+    assert len(profiles) == 3 and profiles[-1] < logged.index(b256)
     assert logged.index("benchmarks/launch_floor.py") < logged.index(b256)
     assert f"== benchmark time limit: {core_limit} s" in done.stdout
     warm = logged.index("benchmarks/warm_triton_cache.py")  # started before the tests, stopped before the benchmark
@@ -602,7 +608,7 @@ def test_the_gpu_check_gives_what_its_seconds_leave_to_batch_256_and_the_sweep(t
     # the 25 s the sweep keeps to write its tables
     assert 560 - 10 - 15 - 25 - 5 <= sweep_limit <= 560 - 10 - 15 - 25
     assert "/more/sweep/results.json" in verdicts
-    assert summary == f"-m igpt_fast.benchmark --from-json {tmp_path / 'out'}/results.json --out {tmp_path / 'out'}"
+    assert summary == f"-m igpt_fast.benchmark --from-json {out}/results.json --out {out}"
     assert logged[-1] == summary  # the summary table is printed last
     assert "== install: this checkout is installed already" in done.stdout  # gpu_sweep.sh does not install again
     assert not any("pip install" in line for line in logged[logged.index(b256) - 1:])
