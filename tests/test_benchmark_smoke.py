@@ -588,6 +588,10 @@ def test_the_gpu_check_gives_what_its_seconds_leave_to_the_wider_sizes_batch_256
     # the wider sizes first: bfloat16 at every model width, into a folder of their own, with a time limit
     assert wider.startswith("-m igpt_fast.benchmark --sizes full --models small,medium,large --dtypes bfloat16 ")
     assert f"--out {out}/wider --time-limit " in wider
+    plan = benchmark.make_plan(benchmark.parse_args(wider.split()[2:]))  # arguments the benchmark takes, as meant
+    assert (plan.models, plan.dtypes, plan.batches) == (("small", "medium", "large"), ("bfloat16",), (8, 64))
+    assert (plan.systems, plan.tasks) == (("igpt-fast", "transformers"), ("generate", "features", "likelihood"))
+    assert plan.anchor_steps == 32 and 60 <= plan.time_limit_s <= 120
     assert wider_tables == f"-m igpt_fast.benchmark --from-json {out}/wider/results.json --out {out}/wider"
     # the benchmark gets what the 6 minutes leave: 360 s less what the stand-in stages took (a second or two), the
     # 30 s kept for the stages after it and 20 s for the measurement running when the limit strikes
