@@ -521,7 +521,7 @@ def test_the_settings_timer_checks_its_settings_and_refuses_without_a_gpu():
         assert refused.returncode == 2 and "needs a CUDA GPU" in refused.stderr
 
 
-def test_the_profilers_critical_path_charges_each_role_what_it_adds_to_the_chain(monkeypatch):
+def test_the_profilers_critical_path_charges_each_role_what_it_adds_to_the_chain(monkeypatch, few_linear_programs):
     """Decode steps are found by the kernels the engine really launches (under the interpreter), in any event
     order, among launches that are not a step; each launch is charged from its predecessor's end to its own."""
     spec = importlib.util.spec_from_file_location("profile_step", pathlib.Path(__file__).parents[1] / "benchmarks"

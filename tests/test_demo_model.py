@@ -19,6 +19,8 @@ from igpt_fast.philox import philox_uniforms
 from igpt_fast.processor import ImageProcessor
 from igpt_fast.reference import ReferenceImageGPT
 
+# Under the interpreter, the linears in a handful of programs each (conftest.py: few_linear_programs).
+pytestmark = pytest.mark.usefixtures("few_linear_programs")
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_model.py"
 # Held-out digits must cost well under a uniform model's log2(16) = 4 bits per pixel. The shipped model
 # measures 0.60 on these 20 (0.59 on all 100 held out, printed by the training script); 1.0 leaves room for

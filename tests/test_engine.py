@@ -15,6 +15,8 @@ import igpt_fast.decoder
 import igpt_fast.model
 from igpt_fast import ImageGPT, ImageGPTConfig, ReferenceImageGPT, backend
 
+# Under the interpreter, the linears in a handful of programs each (conftest.py: few_linear_programs).
+pytestmark = pytest.mark.usefixtures("few_linear_programs")
 BACKENDS = ["torch", "triton"]
 # Interpreted Triton runs ~1 s per decode step at TINY: keep its sequences short.
 STEPS = {"torch": TINY.n_positions, "triton": 4}

@@ -14,6 +14,8 @@ from helpers import TINY, philox, random_state_dict
 
 from igpt_fast import ImageGPT
 
+# Under the interpreter, the linears in a handful of programs each (conftest.py: few_linear_programs).
+pytestmark = pytest.mark.usefixtures("few_linear_programs")
 SOS = TINY.sos_token_id
 
 
