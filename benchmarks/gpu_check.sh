@@ -187,7 +187,7 @@ diagnostics() {
 }
 
 # The full preset's dimensions that the core sizes leave out, each once: bfloat16, and imagegpt-medium and -large
-# (their widths of 1024 and 1536, heads of 128 and 96, 24 and 48 layers), in bfloat16 at batch 8 and 64: igpt-fast's
+# (their widths of 1024 and 1536, heads of 128 and 96, 36 and 48 layers), in bfloat16 at batch 8 and 64: igpt-fast's
 # whole-image generation, features and likelihood against transformers' generate (32 steps a row). A timing run,
 # not a test: the GPU tests check these shapes kernel by kernel, and tests/test_engine_sizes.py the engine's
 # decode step at both widths. WIDER_SECONDS bound what it starts; a large-model row may run 20 s past them.
