@@ -31,6 +31,13 @@ def random_state_dict(config: ImageGPTConfig, seed: int = 0, dtype=torch.float32
     return state
 
 
+def mean_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean KL(reference || engine) over the next-token distributions along the last dim, in float64."""
+    p = torch.log_softmax(reference_logits.double(), -1)
+    q = torch.log_softmax(logits.double(), -1)
+    return (p.exp() * (p - q)).sum(-1).mean().item()
+
+
 def philox(seed: int):
     """The engine's random numbers for `seed`, in the form ReferenceImageGPT.generate(uniforms=...) takes them."""
     return lambda step, batch, vocab: philox_uniforms(seed, step, batch, vocab)

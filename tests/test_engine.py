@@ -8,7 +8,7 @@ the kernels inside the real control flow. GPU-marked tests run imagegpt-small sh
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, decode_step_kernels, philox, random_state_dict
+from helpers import TINY, decode_step_kernels, mean_kl, philox, random_state_dict
 from tolerances import tol
 
 import igpt_fast.decoder
@@ -459,9 +459,7 @@ def test_gpu_low_precision_next_token_distributions_are_close(small_weights, dty
     model = ImageGPT(SMALL, small_weights, device="cuda", dtype=dtype)
     ids = torch.randint(0, SMALL.n_clusters, (4, 256), device="cuda")
     with torch.no_grad():
-        p = torch.log_softmax(reference(ids).logits.double(), -1)
-    q = torch.log_softmax(model(ids).logits.double(), -1)
-    kl = (p.exp() * (p - q)).sum(-1).mean().item()
+        kl = mean_kl(reference(ids).logits, model(ids).logits)
     print(f"{dtype}: mean KL(reference fp32 || engine) over 1024 next-token distributions = {kl:.2e}")
     # PyTorch ops in the same storage dtypes on a CPU give 1.1e-6 (fp16) and 6.7e-5 (bf16) on these inputs: the
     # bounds leave 100x and 30x for the kernels' different summation orders, and catch a real error (KL ~ 0.1).
@@ -484,9 +482,7 @@ def test_gpu_low_precision_decode_steps_give_the_reference_next_token_distributi
     out = model.generate(torch.full((batch, 1), SMALL.sos_token_id, device="cuda"), max_new_tokens=steps,
                          do_sample=True, top_k=40, seed=3, return_dict_in_generate=True, output_logits=True)
     with torch.no_grad():
-        p = torch.log_softmax(reference(out.sequences[:, :-1]).logits[:, -steps:].double(), -1)
-    q = torch.log_softmax(torch.stack(out.logits, dim=1).double(), -1)
-    kl = (p.exp() * (p - q)).sum(-1).mean().item()
+        kl = mean_kl(reference(out.sequences[:, :-1]).logits[:, -steps:], torch.stack(out.logits, dim=1))
     print(f"{dtype} decode steps at batch {batch}: mean KL(reference fp32 || engine) over {batch * steps} next-token "
           f"distributions = {kl:.2e}")
     # The PyTorch stand-ins in fp16 on a CPU give 1.2e-6 here (and 1.1e-6 for the forward above): the same bounds.
