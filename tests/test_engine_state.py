@@ -6,6 +6,7 @@ model: a call must not depend on what the calls before it did.
 """
 
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -107,10 +108,21 @@ def test_values_the_float32_sampler_cannot_hold_are_refused_before_anything_is_a
     assert model.generate(torch.full((2, 1), SOS), max_new_tokens=3, do_sample=True, seed=1).shape == (2, 4)
 
 
-def test_a_decode_attention_launch_interrupted_midway_does_not_poison_later_calls(monkeypatch):
-    """Split-K decode attention counts the splits of each (batch, head) in the workspace and the last one to arrive
-    merges and zeroes the counter. Under the interpreter a launch can stop between two splits (Ctrl-C, an error):
-    the counter it left made the next launches merge too early, and every later call's logits were wrong."""
+def launched_from(kernel_name: str) -> bool:
+    """Whether the interpreter is running kernel_name (a frame of its Python body is on the stack)."""
+    frame = sys._getframe()
+    while frame is not None and frame.f_code.co_name != kernel_name:
+        frame = frame.f_back
+    return frame is not None
+
+
+@pytest.mark.parametrize("kernel_name", ["_decode_kernel", "_sample_kernel"])
+def test_a_launch_interrupted_between_its_arrivals_does_not_poison_later_calls(kernel_name):
+    """Split-K decode attention counts the splits of each (batch, head) in the workspace, and the sampler its
+    programs in sample_arrivals; the last one to arrive merges (or advances pos) and zeroes the counter. Under the
+    interpreter a launch can stop between two arrivals (Ctrl-C, an error): the counter it left made the next launches
+    act too early, and every later call's tokens and logits were wrong. Each kernel is interrupted at its own second
+    arrival (the sampler runs first, after the prefill, so counting every atomic would interrupt it alone)."""
     from triton.runtime.interpreter import InterpreterBuilder
 
     from igpt_fast.kernels.attention import decode_num_splits
@@ -119,20 +131,22 @@ def test_a_decode_attention_launch_interrupted_midway_does_not_poison_later_call
     assert decode_num_splits(2, config.n_head, config.n_positions) == 2
     state = random_state_dict(config)
     prompt = torch.randint(0, config.n_clusters, (2, 70))  # past the first 64-key block: both splits hold keys
-    kwargs = dict(max_new_tokens=3, do_sample=True, seed=1, return_dict_in_generate=True, output_logits=True)
+    # one decode step after the prefill's token: the first launches after an interruption are the ones it poisoned
+    kwargs = dict(max_new_tokens=2, do_sample=True, seed=1, return_dict_in_generate=True, output_logits=True)
     model = ImageGPT(config, state, backend="triton")
-    atomic, calls = InterpreterBuilder.create_atomic_rmw, []
+    atomic, arrivals = InterpreterBuilder.create_atomic_rmw, []
 
     def interrupted(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:  # the first split has counted itself in, the second has not
-            raise KeyboardInterrupt
+        if launched_from(kernel_name):
+            arrivals.append(1)
+            if len(arrivals) == 2:  # the first program has counted itself in, the second has not
+                raise KeyboardInterrupt
         return atomic(self, *args, **kwargs)
 
-    monkeypatch.setattr(InterpreterBuilder, "create_atomic_rmw", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(InterpreterBuilder, "create_atomic_rmw", interrupted)
         model.generate(prompt, **kwargs)
-    monkeypatch.undo()
+    assert len(arrivals) == 2
     after = model.generate(prompt, **kwargs)
     fresh = ImageGPT(config, state, backend="triton").generate(prompt, **kwargs)
     assert torch.equal(after.sequences, fresh.sequences)
