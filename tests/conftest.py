@@ -48,9 +48,9 @@ def device() -> torch.device:
 def few_linear_programs(monkeypatch):
     """Under the Triton interpreter, the linears' launch heuristic aims at 8 programs instead of a GPU's 264
     (kernels/linear.py's _TARGET_PROGRAMS); with CUDA it stays as it is. The interpreter runs each program as a pass of
-    Python over the kernel, about 0.15 s for a GEMV at TINY, and at TINY's widths 264 cuts W into stripes of 2 columns:
-    over a thousand programs in one 4-token generate() (190 s; 18 s with 8). The engine tests that use this test the
-    kernels inside the engine's control flow, where wider stripes and tiles run the same code (the last one masked);
+    Python over the kernel, and at TINY's widths 264 cuts W into stripes of 2 columns: over a thousand GEMV programs in
+    one 4-token generate() (71 s on a 2-core machine; 20 s with 8). The engine tests that use this test the kernels
+    inside the engine's control flow, where wider stripes and tiles run the same code (the last one masked);
     tests/test_linear.py tests the heuristic itself and the 2-column stripes."""
     if not HAS_CUDA:
         from igpt_fast.kernels import linear
