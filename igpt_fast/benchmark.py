@@ -382,7 +382,8 @@ class Runner:
         def sweep_step(batch: int, is_default: bool) -> dict:
             if is_default and batch in defaults_step:
                 return {**defaults_step[batch], "note": "every default: measured once a batch"}
-            measured = self.measure_sweep_step(config, weights, dtype_name, batch)
+            measured = measure_decode_step(config, weights, dtype_name, batch, device=device, seed=self.plan.seed,
+                                           backend=self.plan.backend, copy_bytes_per_s=self.copy_bytes_per_s)
             if is_default:
                 defaults_step[batch] = measured
             return measured
@@ -413,11 +414,6 @@ class Runner:
         for case in [c for c in cases if c.name.startswith(case_names)]:
             self.measure("kernel", f"{case.name} [{setting}]", model_name, dtype_name, batch,
                          functools.partial(measure_kernel, case, device, self.copy_bytes_per_s, with_baseline=False))
-
-    def measure_sweep_step(self, config: ImageGPTConfig, weights: dict, dtype_name: str, batch: int) -> dict:
-        plan = self.plan
-        return measure_decode_step(config, weights, dtype_name, batch, device=plan.device, seed=plan.seed,
-                                   backend=plan.backend, copy_bytes_per_s=self.copy_bytes_per_s)
 
 
 def measure_decode_step(config: ImageGPTConfig, weights: dict, dtype_name: str, batch: int, *, device: torch.device,
