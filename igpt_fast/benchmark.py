@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import gc
 import json
 import os
 import sys
@@ -78,6 +77,7 @@ from igpt_fast.bench_measure import (
     random_weights,
     reference_features,
     reference_log_likelihood,
+    release_device_memory,
 )
 from igpt_fast.bench_report import markdown_summary, readme_parts, replace_readme_block, report, write_json
 from igpt_fast.bench_startup import measure_startup
@@ -231,9 +231,7 @@ class Runner:
 
     def release(self, keep: Callable[[tuple], bool] = lambda key: False) -> None:
         self._built = {k: v for k, v in self._built.items() if keep(k)}
-        if self.plan.device.type == "cuda":  # hand the memory back, so the next system's peak starts clean
-            gc.collect()
-            torch.cuda.empty_cache()
+        release_device_memory(self.plan.device)  # hand the memory back, so the next system's peak starts clean
 
     # ---- the stages ----
     def run(self) -> list[Result]:

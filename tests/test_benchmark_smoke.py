@@ -209,6 +209,33 @@ def test_static_cache_anchor_samples_from_the_top_k():
     assert len(first.unique()) > 1  # 64 draws from 3 tokens: not all the same
 
 
+@pytest.mark.gpu
+def test_a_compiled_anchors_peak_memory_holds_at_least_its_own_tensors():
+    """The benchmark's peak-memory baseline after the kernel rows: their torch baselines leave a cuBLAS workspace
+    allocated for each side stream they ran on, and torch.compile's CUDA-graph trees free those workspaces when
+    they record. Measured from a baseline that still counted them, reference-compiled's completion at batch 1
+    reported -0.34 GiB on an H200. release_device_memory frees them first; each row's peak must then hold at least
+    the anchor's weights and KV cache."""
+    device = torch.device("cuda")
+    x = torch.randn(256, 256, device=device)
+    for _ in range(4):  # what four kernel rows' baselines leave behind
+        side = torch.cuda.Stream(device)
+        with torch.cuda.stream(side):
+            x @ x
+    torch.cuda.synchronize(device)
+    del x
+    bench_measure.release_device_memory(device)
+    base = bench_measure.allocated_memory(device)
+    weights = {k: v.to(device=device, dtype=torch.float16) for k, v in random_state_dict(TINY, seed=7).items()}
+    reference = ReferenceImageGPT.from_state_dict(TINY, weights)
+    anchor = StaticCacheAnchor(reference, 2, top_k=5, compile_options=StaticCacheAnchor.compiled_options())
+    own = sum(t.numel() * t.element_size() for t in [*reference.parameters(), *anchor.model.buffers()])
+    for task in ("generate", "complete"):
+        row = bench_measure.measure_generation(anchor, TINY, task, torch.float16, 2, steps=0, seed=0, device=device,
+                                               peak_base=base, copy_bytes_per_s=1e12)
+        assert row["peak_memory_bytes"] >= own, (task, row["peak_memory_bytes"], own)
+
+
 @pytest.mark.parametrize("batch, gigabytes", [(1, 0.18), (8, 0.35), (64, 1.76), (256, 6.6)])
 def test_decode_step_bytes_match_the_performance_doc(batch, gigabytes):
     """shared/docs/performance.md's table: imagegpt-small fp16, the average step of a whole image."""
