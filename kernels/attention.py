@@ -25,7 +25,7 @@ import triton.language as tl
 
 from igpt_fast import backend
 
-from . import sync
+from . import host_math, sync
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -378,10 +378,10 @@ def prefill_attention(q, k, v, *, scale: float, out=None) -> torch.Tensor:
         if out.shape != q.shape:
             raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
 
-    block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
+    block_d = max(16, host_math.next_power_of_2(head_dim))  # tl.dot needs K >= 16
     block_m, block_n, num_warps, num_stages = _prefill_launch_config(block_d, q.dtype)
     assert block_m % block_n == 0, "the kernel's unmasked loop ends on the diagonal block's first key"
-    grid = (batch * n_head, triton.cdiv(seq_len, block_m))
+    grid = (batch * n_head, host_math.cdiv(seq_len, block_m))
     _prefill_attention_kernel[grid](
         q,
         k,
@@ -416,7 +416,7 @@ def prefill_attention(q, k, v, *, scale: float, out=None) -> torch.Tensor:
 def decode_num_splits(batch: int, n_head: int, max_len: int) -> int:
     """How many ways decode cuts the key range: enough programs to fill the GPU (~_DECODE_TARGET_PROGRAMS),
     a power of two, and never more splits than a full cache has whole key blocks (or _DECODE_MIN_SPLIT_KEYS)."""
-    wanted = triton.next_power_of_2(triton.cdiv(_DECODE_TARGET_PROGRAMS, batch * n_head))
+    wanted = host_math.next_power_of_2(host_math.cdiv(_DECODE_TARGET_PROGRAMS, batch * n_head))
     return max(1, min(wanted, max_len // max(_DECODE_BLOCK_N, _DECODE_MIN_SPLIT_KEYS)))
 
 
@@ -512,7 +512,7 @@ def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace,
     part_out = workspace[: n_rows * head_dim]  # views: nothing is allocated
     part_lse = workspace[n_rows * head_dim : n_rows * (head_dim + 1)]
     arrived = workspace[workspace.numel() - batch * n_head :].view(torch.int32) if num_splits > 1 else workspace
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = host_math.next_power_of_2(head_dim)
     block_n, num_warps = _decode_tile(block_d, q.dtype, num_splits)
     qk_scale_log2 = scale * math.log2(math.e)
     pdl = backend.use_pdl(q.device)
@@ -542,8 +542,8 @@ def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace,
         BLOCK_D=block_d,
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
-        BLOCK_SPLITS=triton.next_power_of_2(num_splits),
-        MIN_CHUNK=triton.cdiv(max(_DECODE_MIN_SPLIT_KEYS, 1), block_n) * block_n,
+        BLOCK_SPLITS=host_math.next_power_of_2(num_splits),
+        MIN_CHUNK=host_math.cdiv(max(_DECODE_MIN_SPLIT_KEYS, 1), block_n) * block_n,
         USE_PDL=pdl,
         KV_BEFORE_WAIT=kv_before_wait,
         launch_pdl=pdl,

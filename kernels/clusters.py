@@ -16,6 +16,8 @@ import triton.language as tl
 
 from igpt_fast.backend import use_triton
 
+from . import host_math
+
 
 @triton.jit
 def _quantize_kernel(
@@ -127,7 +129,7 @@ def quantize(pixels: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
     if ids.numel() == 0:
         return ids
     block_p, block_c = 128, 64
-    _quantize_kernel[(triton.cdiv(ids.numel(), block_p),)](
+    _quantize_kernel[(host_math.cdiv(ids.numel(), block_p),)](
         pixels,
         clusters,
         ids,
@@ -167,7 +169,7 @@ def dequantize(ids: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
     if ids.numel() == 0:
         return pixels
     block = 256
-    _dequantize_kernel[(triton.cdiv(ids.numel(), block),)](
+    _dequantize_kernel[(host_math.cdiv(ids.numel(), block),)](
         ids,
         clusters,
         pixels,

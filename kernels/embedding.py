@@ -12,7 +12,7 @@ import triton.language as tl
 
 from igpt_fast import backend
 
-from . import sync
+from . import host_math, sync
 from .linear import _check_pos, _check_seq_len, _check_shape, _check_tensor, _fail
 
 
@@ -70,6 +70,6 @@ def embed(ids, wte, wpe, pos, *, seq_len: int, out) -> torch.Tensor:
     if M > 0:
         pdl = backend.use_pdl(device)
         _embed_kernel[(M,)](ids, wte, wpe, pos, out, seq_len, d, ids.stride(0), out.stride(0),
-                            BLOCK_D=triton.next_power_of_2(d), USE_PDL=pdl, launch_pdl=pdl,
+                            BLOCK_D=host_math.next_power_of_2(d), USE_PDL=pdl, launch_pdl=pdl,
                             num_warps=4 if d <= 1024 else 8, enable_fp_fusion=backend.FP_FUSION)
     return out

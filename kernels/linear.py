@@ -35,7 +35,7 @@ import triton.language as tl
 
 from igpt_fast import backend
 
-from . import sync
+from . import host_math, sync
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ACTIVATIONS = (None, "quick_gelu")
@@ -361,20 +361,21 @@ def _choose_path(M: int, path: str | None) -> str:
 
 
 def _gemv_config(M: int, N: int, K: int) -> dict:
-    block_m = min(triton.next_power_of_2(M), _GEMV_MAX_M)
-    row_blocks = triton.cdiv(M, block_m)
+    block_m = min(host_math.next_power_of_2(M), _GEMV_MAX_M)
+    row_blocks = host_math.cdiv(M, block_m)
     # Column stripes: enough of them that about _TARGET_PROGRAMS programs each stream a disjoint part of W.
-    block_n = min(max(triton.next_power_of_2(triton.cdiv(N * row_blocks, _TARGET_PROGRAMS)), _GEMV_MIN_BLOCK_N), 128)
-    block_k = min(max(_GEMV_TILE // (block_m * block_n), 16), max(triton.next_power_of_2(K), 16))
+    columns_per_program = host_math.cdiv(N * row_blocks, _TARGET_PROGRAMS)
+    block_n = min(max(host_math.next_power_of_2(columns_per_program), _GEMV_MIN_BLOCK_N), 128)
+    block_k = min(max(_GEMV_TILE // (block_m * block_n), 16), max(host_math.next_power_of_2(K), 16))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                num_warps=_GEMV_NUM_WARPS, grid=(triton.cdiv(N, block_n), row_blocks))
+                num_warps=_GEMV_NUM_WARPS, grid=(host_math.cdiv(N, block_n), row_blocks))
 
 
 def _dot_config(M: int, N: int, K: int, dtype: torch.dtype, max_block_n: int = 128) -> dict:
-    block_m = min(max(triton.next_power_of_2(M), 16), 128)
+    block_m = min(max(host_math.next_power_of_2(M), 16), 128)
     block_n = max_block_n
     # Shrink tiles until about _TARGET_PROGRAMS exist: N first (down to 32), then M, then N to 16.
-    while triton.cdiv(M, block_m) * triton.cdiv(N, block_n) < _TARGET_PROGRAMS:
+    while host_math.cdiv(M, block_m) * host_math.cdiv(N, block_n) < _TARGET_PROGRAMS:
         if block_n > 32:
             block_n //= 2
         elif block_m > 16:
@@ -387,8 +388,8 @@ def _dot_config(M: int, N: int, K: int, dtype: torch.dtype, max_block_n: int = 1
         block_k = 32
     else:
         block_k = _DOT_SMALL_TILE_BLOCK_K if block_m * block_n <= 32 * 32 else 64
-    block_k = min(block_k, max(triton.next_power_of_2(K), 16))
-    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    block_k = min(block_k, max(host_math.next_power_of_2(K), 16))
+    tiles = host_math.cdiv(M, block_m) * host_math.cdiv(N, block_n)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=_GROUP_M,
                 num_warps=8 if block_m * block_n >= 128 * 64 else 4, num_stages=3, grid=(tiles,))
 
@@ -454,7 +455,7 @@ def _check_eps(eps):
 def _check_path(path, M: int):
     if path not in _PATHS:
         _fail(f"path must be one of {_PATHS}, got {path!r}")
-    if path == "gemv" and triton.cdiv(M, _GEMV_MAX_M) > _MAX_GRID_Y:  # the GEMV grid's rows are its y axis
+    if path == "gemv" and host_math.cdiv(M, _GEMV_MAX_M) > _MAX_GRID_Y:  # the GEMV grid's rows are its y axis
         _fail(f"path='gemv' takes at most {_GEMV_MAX_M * _MAX_GRID_Y} rows (CUDA's grid y limit), got M={M}; "
               f"use path='dot' or None")
 

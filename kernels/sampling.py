@@ -20,7 +20,7 @@ import triton.language as tl
 
 from igpt_fast import backend
 
-from . import sync
+from . import host_math, sync
 
 
 @triton.jit
@@ -205,7 +205,7 @@ def sample_tokens(
         if sequences.shape[1] > 1 and sequences.stride(1) != 1:
             raise ValueError(f"sample_tokens: sequences columns must be contiguous, got strides {sequences.stride()}")
 
-    block_v = triton.next_power_of_2(vocab)
+    block_v = host_math.next_power_of_2(vocab)
     # One warp holds a 512-wide row in 16 registers per thread; the 64 threshold reductions then need no
     # shared memory or barriers. Wider rows get more warps.
     num_warps = min(8, max(1, block_v // 1024))
