@@ -252,21 +252,25 @@ def allocated_memory(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
-def release_device_memory(device: torch.device) -> None:
-    """Free what nothing references any more, cuBLAS's workspaces included, so that the next system's peak is
-    measured from what the run itself still holds. cuBLAS keeps a workspace (tens of MiB on Hopper) for each stream
-    a matmul ran on, allocated through PyTorch's allocator and so counted in memory_allocated; the kernel rows'
-    torch baselines run on a side stream each. torch.compile's CUDA-graph trees ("reduce-overhead") free every
-    workspace when they record, so a baseline that still counted them exceeds what the process holds afterwards.
-    That fits what an H200 reported for reference-compiled (2026-12-04): at batch 1, 0.20 GiB for generate and
-    -0.34 for the completion after it; at batch 8, 0.04 GiB where its weights and cache alone are 0.52: each about
-    0.53 GiB (some 17 workspaces) below its own tensors once the first recording had freed them. (Not yet seen on a
-    GPU with this function in place: the GPU test of compiled anchors' peaks checks it.)"""
+def release_device_memory(device: torch.device, *, cublas_workspaces: bool = True) -> None:
+    """Free what nothing references any more and, with cublas_workspaces, cuBLAS's workspaces, so that the next
+    system's peak is measured from what the run itself still holds.
+
+    cuBLAS keeps a workspace (tens of MiB on Hopper) for each stream a matmul ran on, allocated through PyTorch's
+    allocator and so counted in memory_allocated; the kernel rows' torch baselines run on a side stream each.
+    torch.compile's CUDA-graph trees ("reduce-overhead") free every workspace when they record, so a baseline that
+    still counted them exceeds what the process holds afterwards. That fits what an H200 reported for
+    reference-compiled (2026-12-04): at batch 1, 0.20 GiB for generate and -0.34 for the completion after it; at
+    batch 8, 0.04 GiB where its weights and cache alone are 0.52: each about 0.53 GiB (some 17 workspaces) below
+    its own tensors once the first recording had freed them. (Not yet seen on a GPU with this function in place:
+    the GPU test of compiled anchors' peaks checks it.) Free the workspaces only while no CUDA graph that may use
+    one is alive (graph trees excepted: they keep theirs in their own pool): a captured matmul keeps its
+    workspace's address."""
     if device.type != "cuda":
         return
     gc.collect()
     clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)  # what CUDA-graph trees call
-    if clear_workspaces is not None:
+    if cublas_workspaces and clear_workspaces is not None:
         clear_workspaces()
     torch.cuda.empty_cache()
 

@@ -231,7 +231,9 @@ class Runner:
 
     def release(self, keep: Callable[[tuple], bool] = lambda key: False) -> None:
         self._built = {k: v for k, v in self._built.items() if keep(k)}
-        release_device_memory(self.plan.device)  # hand the memory back, so the next system's peak starts clean
+        # Hand the memory back, so the next system's peak starts clean; cuBLAS's workspaces only once nothing stays
+        # built, as a kept engine's CUDA graphs may hold one (the torch backend's matmuls).
+        release_device_memory(self.plan.device, cublas_workspaces=not self._built)
 
     # ---- the stages ----
     def run(self) -> list[Result]:
