@@ -51,6 +51,9 @@ ALL_BATCHES = range(1, 257)
 # (2026-11-27) or an H200 (2026-12-04, see each constant's comment) and so left out: the weight layout, the program
 # targets, every GEMV constant, the dot path's K step, decode attention's key blocks, several steps per graph.
 SWEEPS = (
+    # split-K of the residual projections (kernels/linear.py's comment says why it may pay at batch 8 and 64)
+    Sweep("igpt_fast.kernels.linear", "_RESIDUAL_MAX_SPLITS", (1, 4, 2),
+          ("linear_residual (attn c_proj)", "linear_residual (mlp c_proj)"), ALL_BATCHES),
     # kv_before_wait paid at batch 1 (-4.7%) and cost at 8 (+12%) on the H200: buckets 2 and 4 are unmeasured (the
     # sweep's batches must include them: gpu_sweep.sh's do)
     Sweep("igpt_fast.decoder", "ATTENTION_KV_BEFORE_WAIT_MAX_BATCH", (1, 4), (), range(2, 5)),  # steps only
@@ -167,15 +170,17 @@ def kernel_cases(config: ImageGPTConfig, dtype: torch.dtype, batch: int, device:
 
     w_attn_proj, b_attn_proj, attn_rows = pack_linear(rand(d, d, scale=d ** -0.5)), rand(d, scale=0.1), rand(batch, d)
     residual = rand(batch, d)
+    # with the engine's split-K workspace (empty while the projections do not split K)
+    residual_workspace = linear.residual_workspace(batch, d, (d, inner), dtype, device)
     cases.append(KernelCase(
         "linear_residual (attn c_proj)", "addmm + add_", (d * d + d + batch * 3 * d) * size,
-        lambda: linear.linear_residual(attn_rows, w_attn_proj, b_attn_proj, residual),
+        lambda: linear.linear_residual(attn_rows, w_attn_proj, b_attn_proj, residual, workspace=residual_workspace),
         lambda: residual.add_(torch.addmm(b_attn_proj, attn_rows, w_attn_proj)), name))
 
     w_proj, b_proj = pack_linear(rand(inner, d, scale=inner ** -0.5)), rand(d, scale=0.1)
     cases.append(KernelCase(
         "linear_residual (mlp c_proj)", "addmm + add_", (inner * d + d + batch * (inner + 2 * d)) * size,
-        lambda: linear.linear_residual(hidden, w_proj, b_proj, residual),
+        lambda: linear.linear_residual(hidden, w_proj, b_proj, residual, workspace=residual_workspace),
         lambda: residual.add_(torch.addmm(b_proj, hidden, w_proj)), name))
 
     w_head = pack_linear(rand(d, V, scale=d ** -0.5))

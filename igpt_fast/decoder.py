@@ -52,6 +52,7 @@ def kernel_ops(backend: str):
         embed=embedding.embed, norm_qkv=linear.norm_qkv, norm_linear=linear.norm_linear,
         linear_residual=linear.linear_residual, prefill_attention=attention.prefill_attention,
         decode_attention=attention.decode_attention, decode_workspace=attention.decode_workspace,
+        residual_workspace=linear.residual_workspace,
         sample_tokens=sampling.sample_tokens,
     )
 
@@ -125,6 +126,7 @@ class BucketState:
     top_k: torch.Tensor  # int32 [batch]
     top_p: torch.Tensor  # float32 [batch]
     workspace: torch.Tensor  # decode attention's split-K partials
+    residual_workspace: torch.Tensor  # the residual projections' split-K partials (empty while they do not split)
     sample_arrivals: torch.Tensor  # int32 [1]: the sampler's arrival counter, with which it advances pos
     graphs: dict = field(default_factory=dict)  # greedy flag -> torch.cuda.CUDAGraph of one decode step
 
@@ -150,7 +152,9 @@ class StaticDecoder:
         activations = batch * (3 * c.n_embd + c.inner_dim) * itemsize + batch * c.n_clusters * 4
         sequences = batch * (c.n_positions + 1) * 8
         workspace = batch * c.n_head * (64 * (c.head_dim + 1) + 1) * 4  # bound of split-K partials + counters
-        return cache + activations + sequences + workspace
+        # the residual projections': at most a split per 512 of K (kernels/linear.py's _SPLIT_MIN_K), fewer counters
+        residual_workspace = batch * c.n_embd * (c.inner_dim // 512 + 1) * 4
+        return cache + activations + sequences + workspace + residual_workspace
 
     def check_fits(self, batch: int) -> None:
         """Raise before allocating if a bucket's state would not fit in free GPU memory."""
@@ -186,6 +190,7 @@ class StaticDecoder:
             top_k=torch.full((batch,), c.n_clusters, device=dev, dtype=torch.int32),
             top_p=torch.ones(batch, device=dev, dtype=torch.float32),
             workspace=self.ops.decode_workspace(batch, c.n_head, c.head_dim, c.n_positions, dev),
+            residual_workspace=self.ops.residual_workspace(batch, c.n_embd, (c.n_embd, c.inner_dim), dt, dev),
             sample_arrivals=torch.zeros(1, device=dev, dtype=torch.int32),
         )
         self.states[batch] = state
@@ -248,11 +253,12 @@ class StaticDecoder:
         P = prompt.shape[1]
         if self.use_cuda_graphs and greedy not in state.graphs:
             self._capture(state, greedy)  # before the prompt: warm-up steps scribble on the state
-        # Split-K decode attention's and the sampler's arrival counters must be zero between launches, and every
+        # The split-K kernels' and the sampler's arrival counters must be zero between launches, and every
         # complete launch leaves them so; a launch stopped between its programs (Ctrl-C or an error under the
         # Triton interpreter) did not, and the stale count made every later step of this bucket merge early. Small
         # memsets per call, outside the graph, start each call clean.
         state.workspace.zero_()
+        state.residual_workspace.zero_()
         state.sample_arrivals.zero_()
         cache = state.kv_cache
         x = self.prefill(prompt, lambda i: (cache[i, 0], cache[i, 1]))
@@ -288,10 +294,10 @@ class StaticDecoder:
             ops.decode_attention(s.q.view(B, H, D), k_cache, v_cache, s.pos, scale=layer.scale,
                                  out=s.attn.view(B, H, D), workspace=s.workspace,
                                  kv_before_wait=B <= ATTENTION_KV_BEFORE_WAIT_MAX_BATCH)
-            ops.linear_residual(s.attn, layer.attn_proj_w, layer.attn_proj_b, s.x)
+            ops.linear_residual(s.attn, layer.attn_proj_w, layer.attn_proj_b, s.x, workspace=s.residual_workspace)
             ops.norm_linear(s.x, layer.ln_2, layer.c_fc_w, layer.c_fc_b, eps=eps, activation="quick_gelu",
                             out=s.hidden)
-            ops.linear_residual(s.hidden, layer.mlp_proj_w, layer.mlp_proj_b, s.x)
+            ops.linear_residual(s.hidden, layer.mlp_proj_w, layer.mlp_proj_b, s.x, workspace=s.residual_workspace)
         self.lm_head(s.x, out=s.logits)
         ops.sample_tokens(s.logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
                           pos=s.pos, out_ids=s.ids, sequences=s.sequences, greedy=greedy,

@@ -24,10 +24,14 @@ Two code paths, chosen by the number of rows M (or forced with path="gemv" | "do
         tiles start at min(next_pow2(M), 128) x 128 (x 64 for "qkv", whose 128 x 128 tile spills registers on
         sm_90) and shrink (N to 32, then M to 16, then N to 16) until about _TARGET_PROGRAMS tiles exist, so
         decode batches of 17..256 rows still fill the GPU.
-No split-K: quick_gelu, the in-place residual and the cache scatter all need the full sum, and a split-K
-reduction would need a workspace. Launchers allocate nothing when outputs are passed and never sync. On sm_90+
+Split-K only in linear_residual, and only when given a workspace (residual_workspace) and _RESIDUAL_MAX_SPLITS > 1:
+each K chunk's program stores its partial sum, and the tile's last to finish adds them (in split order) and runs the
+epilogue, in the same launch. The norm-fused epilogues keep whole rows in one program (the norm needs all of x).
+Launchers allocate nothing when outputs are passed and never sync. On sm_90+
 both paths are launched with programmatic dependent launch (igpt_fast.backend.use_pdl).
 """
+
+import math
 
 import torch
 import triton
@@ -61,6 +65,15 @@ _DOT_SMALL_TILE_BLOCK_K = 256
 # is provable): compiled for sm_90, its 128 x 128 dot tile spills 0.9-3 KB of registers per thread (every dtype);
 # 128 x 64 spills none in 16-bit and 24 B in float32. Large prefills (M >= 1024 at imagegpt-large) would get 128 x 128.
 _QKV_MAX_BLOCK_N = 64
+# Split-K of the residual projections (linear_residual given a workspace, as in the engine's decode step): up to this
+# many programs share an output tile, each summing a chunk of K of at least _SPLIT_MIN_K, and the last to finish adds
+# their partials in the same launch. 1 (off) until the sweep has timed 2 and 4 on a GPU. Why they may pay, from an
+# H200's decode-step profile (fp16, imagegpt-small, 2026-12-04): at batch 8, mlp c_proj (K = 2048) took 6.8 us of the
+# critical path against 4.4 for ln_2/c_fc, which streams the same 2 MB of weights; c_proj's 256 stripes of 2 columns
+# each read all of x (32 KB: 8 MB through L2, c_fc's 2 MB), where 4 splits with 8-column stripes read 4 MB. At batch 64
+# (the dot path) its 128 tiles of 16 x 16 walk K in 8 serial steps: 15.8 us, against 5.5 for attn c_proj (K = 512).
+_RESIDUAL_MAX_SPLITS = 1
+_SPLIT_MIN_K = 512
 
 
 @triton.jit
@@ -192,6 +205,43 @@ def _norm_weight_block(nw_ptr, offs_k, K, HAS_NORM: tl.constexpr):
 
 
 @triton.jit
+def _k_range(K, SPLITS: tl.constexpr, K_CHUNK: tl.constexpr, AXIS: tl.constexpr):
+    """(start, end) of this program's part of K: all of it, or chunk program_id(AXIS) of K_CHUNK (the last one
+    ragged)."""
+    if SPLITS > 1:
+        k_start = tl.program_id(AXIS) * K_CHUNK
+        return k_start, tl.minimum(k_start + K_CHUNK, K)
+    else:
+        return 0, K
+
+
+@triton.jit
+def _merge_k_splits(acc, part_ptr, arrived_ptr, tile, rows, offs_n, M, N, SPLITS: tl.constexpr, AXIS: tl.constexpr):
+    """Split-K in one launch (decode attention's semaphore pattern): store this split's partial sum of the tile,
+    count it in on the tile's arrival counter; the split that arrives last sums every split's partial in split
+    order (the same float32 sum whichever split finishes last) and sets the counter back to zero for the next
+    launch. Returns (the tile's sum, M in the last split and 0 in the others)."""
+    mask = (rows < M)[:, None] & (offs_n < N)[None, :]
+    split = tl.program_id(AXIS)
+    tl.store(part_ptr + (split * M + rows[:, None]) * N + offs_n[None, :], acc, mask=mask)
+    # The barrier puts every thread's stores before the counter's release; the acq_rel increment makes the earlier
+    # splits' stores visible to the last one.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(arrived_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    last = arrived == SPLITS - 1
+    rows_kept = tl.where(last, M, 0)
+    mask = (rows < rows_kept)[:, None] & (offs_n < N)[None, :]  # all false but in the last split: nothing loaded
+    total = tl.zeros_like(acc)
+    for s in tl.static_range(SPLITS):
+        # .cg: read from L2, where the other programs' stores are, never from this SM's L1
+        total += tl.load(part_ptr + (s * M + rows[:, None]) * N + offs_n[None, :], mask=mask, other=0.0,
+                         cache_modifier=".cg")
+    if last:
+        tl.atomic_xchg(arrived_ptr + tile, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+    return total, rows_kept
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,  # [M, K] input rows, last dim contiguous
     nw_ptr,  # [K] RMS-norm weight (not read without HAS_NORM)
@@ -208,6 +258,8 @@ def _gemv_kernel(
     seq_len, head_dim,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
+    part_ptr,  # SPLITS > 1: float32 [SPLITS, M, N] partial sums (scratch); else None
+    arrived_ptr,  # SPLITS > 1: int32 [stripes * row blocks] arrival counters, 0 before and after; else None
     HAS_NORM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
@@ -217,9 +269,11 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLITS: tl.constexpr,  # programs along K (grid axis 2), each summing K_CHUNK of it; the last to finish merges
+    K_CHUNK: tl.constexpr,  # a multiple of BLOCK_K (unused with SPLITS == 1)
 ):
-    """Grid (column stripes, row blocks): column stripe pid_n of row block pid_m. Products on CUDA cores in float32
-    (exact for float32 inputs).
+    """Grid (column stripes, row blocks[, splits]): column stripe pid_n of row block pid_m (over K chunk pid_s).
+    Products on CUDA cores in float32 (exact for float32 inputs).
 
     W is read one block ahead of its use: the first block before waiting on the previous kernel (weights are never
     written during a step, so under programmatic dependent launch that read overlaps the previous kernel), then
@@ -241,24 +295,25 @@ def _gemv_kernel(
     n_mask = offs_n < N
     rows = tl.cast(pid_m, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
-    offs_k = tl.arange(0, BLOCK_K)
-    w_next = _w_block(w_ptr, offs_k, offs_n, n_mask, K, stride_wk, stride_wn)
+    k_start, k_end = _k_range(K, SPLITS, K_CHUNK, 2)
+    offs_k = k_start + tl.arange(0, BLOCK_K)
+    w_next = _w_block(w_ptr, offs_k, offs_n, n_mask, k_end, stride_wk, stride_wn)
     nw_next = _norm_weight_block(nw_ptr, offs_k, K, HAS_NORM)
     bias = _load_bias(b_ptr, offs_n, N, HAS_BIAS)
     # the previous kernel's writes (x, the residual, the cache) are visible after this
     sync.wait_for_inputs(USE_PDL)
-    x_next = _x_block(x_ptr, rows, row_mask, stride_xm, offs_k, K)
+    x_next = _x_block(x_ptr, rows, row_mask, stride_xm, offs_k, k_end)
     residual, pos = _load_activations(out_ptr, pos_ptr, rows, offs_n, M, N, stride_om, EPILOGUE)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         w = w_next.to(tl.float32)
-        ahead = offs_k + BLOCK_K  # past K on the last iteration: fully masked, no memory traffic
-        w_next = _w_block(w_ptr, ahead, offs_n, n_mask, K, stride_wk, stride_wn)
+        ahead = offs_k + BLOCK_K  # past the K range on the last iteration: fully masked, no memory traffic
+        w_next = _w_block(w_ptr, ahead, offs_n, n_mask, k_end, stride_wk, stride_wn)
         x = x_next.to(tl.float32)
         nw = nw_next
-        x_next = _x_block(x_ptr, rows, row_mask, stride_xm, ahead, K)
+        x_next = _x_block(x_ptr, rows, row_mask, stride_xm, ahead, k_end)
         nw_next = _norm_weight_block(nw_ptr, ahead, K, HAS_NORM)
         if HAS_NORM:
             sumsq += tl.sum(x * x, axis=1)
@@ -267,6 +322,9 @@ def _gemv_kernel(
         acc += tl.sum(x[:, :, None] * w, axis=1)
     if HAS_NORM:  # rmsnorm's per-row factor, applied after the sum: x is read once, in the same pass
         acc = acc * tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(sumsq, K * 1.0) + eps))[:, None]
+    if SPLITS > 1:  # M becomes 0 in every split but the tile's last to finish: their epilogues store nothing
+        acc, M = _merge_k_splits(acc, part_ptr, arrived_ptr, pid_m * tl.num_programs(0) + pid_n, rows, offs_n, M, N,
+                                 SPLITS, 2)
     _epilogue(acc, rows, offs_n, pid_n * BLOCK_N, M, N, bias, residual, pos, out_ptr, stride_om, k_ptr,
               v_ptr, seq_len, head_dim, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
               HAS_BIAS, ACTIVATION, EPILOGUE, ONE_PART)
@@ -289,6 +347,8 @@ def _dot_kernel(
     seq_len, head_dim,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
+    part_ptr,  # see _gemv_kernel
+    arrived_ptr,  # see _gemv_kernel
     HAS_NORM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
@@ -299,8 +359,11 @@ def _dot_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SPLITS: tl.constexpr,  # as in the GEMV kernel, on grid axis 1
+    K_CHUNK: tl.constexpr,
 ):
-    """1-D grid over [BLOCK_M, BLOCK_N] tiles in grouped order; tl.dot in the inputs' dtype into float32."""
+    """Grid (tiles, splits): [BLOCK_M, BLOCK_N] tiles in grouped order, each over K chunk pid_s; tl.dot in the
+    inputs' dtype into float32."""
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -327,9 +390,10 @@ def _dot_kernel(
         # 8.5 and 8.7 this way on an H100, while the kernels without the norm did not move (5.3 and 13.5 us).
         rstd = _row_rstd(x_ptr, rows, row_mask, stride_xm, K, eps, BLOCK_M, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start, k_end = _k_range(K, SPLITS, K_CHUNK, 1)
+    for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
+        k_mask = offs_k < k_end
         x = tl.load(
             x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
             mask=row_mask[:, None] & k_mask[None, :], other=0.0,
@@ -345,6 +409,8 @@ def _dot_kernel(
         acc = tl.dot(x, w, acc, input_precision="ieee")
     if BLOCK_M * BLOCK_N > 64 * 64:
         residual, pos = _load_activations(out_ptr, pos_ptr, rows, offs_n, M, N, stride_om, EPILOGUE)
+    if SPLITS > 1:  # as in the GEMV kernel
+        acc, M = _merge_k_splits(acc, part_ptr, arrived_ptr, pid, rows, offs_n, M, N, SPLITS, 1)
     _epilogue(acc, rows, offs_n, pid_n * BLOCK_N, M, N, bias, residual, pos, out_ptr, stride_om, k_ptr, v_ptr,
               seq_len, head_dim, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
               HAS_BIAS, ACTIVATION, EPILOGUE, ONE_PART)
@@ -360,18 +426,34 @@ def _choose_path(M: int, path: str | None) -> str:
     return "gemv" if M <= _GEMV_MAX_M else "dot"
 
 
-def _gemv_config(M: int, N: int, K: int) -> dict:
+def _split_k(K: int, splits: int, block_k: int) -> tuple[int, int, int]:
+    """(SPLITS, K_CHUNK, BLOCK_K) for up to `splits` chunks of K: a chunk is whole BLOCK_K steps (BLOCK_K no wider
+    than a chunk), and none is empty."""
+    if splits <= 1:
+        return 1, 0, block_k
+    block_k = min(block_k, max(host_math.next_power_of_2(host_math.cdiv(K, splits)), 16))
+    chunk = host_math.cdiv(host_math.cdiv(K, splits), block_k) * block_k
+    used = host_math.cdiv(K, chunk)
+    return (used, chunk, block_k) if used > 1 else (1, 0, block_k)
+
+
+def _gemv_config(M: int, N: int, K: int, splits: int = 1) -> dict:
     block_m = min(host_math.next_power_of_2(M), _GEMV_MAX_M)
     row_blocks = host_math.cdiv(M, block_m)
-    # Column stripes: enough of them that about _TARGET_PROGRAMS programs each stream a disjoint part of W.
-    columns_per_program = host_math.cdiv(N * row_blocks, _TARGET_PROGRAMS)
+    # Column stripes: enough of them that about _TARGET_PROGRAMS programs (times each stripe's K splits) each stream
+    # a disjoint part of W.
+    columns_per_program = host_math.cdiv(N * row_blocks * splits, _TARGET_PROGRAMS)
     block_n = min(max(host_math.next_power_of_2(columns_per_program), _GEMV_MIN_BLOCK_N), 128)
     block_k = min(max(_GEMV_TILE // (block_m * block_n), 16), max(host_math.next_power_of_2(K), 16))
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                num_warps=_GEMV_NUM_WARPS, grid=(host_math.cdiv(N, block_n), row_blocks))
+    used, k_chunk, block_k = _split_k(K, splits, block_k)
+    if used < splits and splits > 1:  # stripes as wide as the splits asked for would be too few programs
+        return _gemv_config(M, N, K, used)
+    stripes = host_math.cdiv(N, block_n)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=used, K_CHUNK=k_chunk,
+                num_warps=_GEMV_NUM_WARPS, grid=(stripes, row_blocks) if used == 1 else (stripes, row_blocks, used))
 
 
-def _dot_config(M: int, N: int, K: int, dtype: torch.dtype, max_block_n: int = 128) -> dict:
+def _dot_config(M: int, N: int, K: int, dtype: torch.dtype, max_block_n: int = 128, splits: int = 1) -> dict:
     block_m = min(max(host_math.next_power_of_2(M), 16), 128)
     block_n = max_block_n
     # Shrink tiles until about _TARGET_PROGRAMS exist: N first (down to 32), then M, then N to 16.
@@ -390,8 +472,11 @@ def _dot_config(M: int, N: int, K: int, dtype: torch.dtype, max_block_n: int = 1
         block_k = _DOT_SMALL_TILE_BLOCK_K if block_m * block_n <= 32 * 32 else 64
     block_k = min(block_k, max(host_math.next_power_of_2(K), 16))
     tiles = host_math.cdiv(M, block_m) * host_math.cdiv(N, block_n)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=_GROUP_M,
-                num_warps=8 if block_m * block_n >= 128 * 64 else 4, num_stages=3, grid=(tiles,))
+    # K splits only where the smallest tiles still leave programs short of the target (decode batches of 17..64)
+    splits, k_chunk, block_k = _split_k(K, splits if tiles < _TARGET_PROGRAMS else 1, block_k)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=_GROUP_M, SPLITS=splits, K_CHUNK=k_chunk,
+                num_warps=8 if block_m * block_n >= 128 * 64 else 4, num_stages=3,
+                grid=(tiles,) if splits == 1 else (tiles, splits))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -476,19 +561,57 @@ def _check_seq_len(seq_len, M: int):
 # Launchers.
 
 
+def _launch_config(path: str, M: int, N: int, K: int, dtype: torch.dtype, epilogue: str, splits: int) -> dict:
+    if path == "gemv":
+        return _gemv_config(M, N, K, splits)
+    return _dot_config(M, N, K, dtype, max_block_n=_QKV_MAX_BLOCK_N if epilogue == "qkv" else 128, splits=splits)
+
+
+def _residual_splits(K: int) -> int:
+    """How many ways linear_residual with a workspace asks to split K (its config may use fewer)."""
+    return max(1, min(_RESIDUAL_MAX_SPLITS, K // _SPLIT_MIN_K))
+
+
+def _split_need(M: int, N: int, K: int, dtype: torch.dtype, path: str | None) -> tuple[int, int]:
+    """(partials, counters): the float32 values of its workspace a linear_residual launch of M rows takes ((0, 0)
+    when it does not split K)."""
+    config = _launch_config(_choose_path(M, path), M, N, K, dtype, "residual", _residual_splits(K))
+    if config["SPLITS"] == 1:
+        return 0, 0
+    return config["SPLITS"] * M * N, math.prod(config["grid"][:-1])
+
+
+def residual_workspace(max_rows: int, N: int, Ks: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """Allocate once (outside any CUDA graph) linear_residual's split-K workspace for weights [K, N], every K in Ks,
+    x of `dtype` and any number of rows 1..max_rows (path by rows), under the split heuristics as they are now.
+
+    float32 [P + C]: P values of partial sums (scratch), then C arrival counters, int32 bit patterns that must be
+    zero between launches: zeroed here, and every launch leaves them zero (a launch with fewer tiles uses the last
+    of them, never a partials value). Empty when no such launch splits K.
+    """
+    for name, value in (("max_rows", max_rows), ("N", N), *(("K", K) for K in Ks)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            _fail(f"residual_workspace: {name} must be a positive int, got {value!r}")
+    if dtype not in _FLOAT_DTYPES:
+        _fail(f"residual_workspace: dtype must be one of {_FLOAT_DTYPES}, got {dtype}")
+    needs = [_split_need(M, N, K, dtype, None) for M in range(1, max_rows + 1) for K in Ks]
+    partials, counters = max((p for p, _ in needs), default=0), max((c for _, c in needs), default=0)
+    return torch.zeros(partials + counters, dtype=torch.float32, device=device)
+
+
 def _launch(path, x, norm_weight, weight, bias, out, *, eps=0.0, activation=None, epilogue="store",
-            k_cache=None, v_cache=None, pos=None, seq_len=1, head_dim=1):
+            k_cache=None, v_cache=None, pos=None, seq_len=1, head_dim=1, splits=1, workspace=None):
     M, K = x.shape
     N = weight.shape[1]
     if M == 0:
         return
-    if path == "gemv":
-        config = _gemv_config(M, N, K)
-        kernel = _gemv_kernel
-    else:
-        config = _dot_config(M, N, K, x.dtype, max_block_n=_QKV_MAX_BLOCK_N if epilogue == "qkv" else 128)
-        kernel = _dot_kernel
+    config = _launch_config(path, M, N, K, x.dtype, epilogue, splits)
+    kernel = _gemv_kernel if path == "gemv" else _dot_kernel
     grid = config.pop("grid")
+    part = arrived = None  # constexpr None: a launch that does not split compiles without them
+    if config["SPLITS"] > 1:  # views of the workspace (sized by the caller's check): partials first, counters last
+        part = workspace[:config["SPLITS"] * M * N]
+        arrived = workspace[workspace.numel() - math.prod(grid[:-1]):].view(torch.int32)
     pdl = backend.use_pdl(x.device)
     k_strides = k_cache.stride()[:3] if k_cache is not None else (0, 0, 0)
     v_strides = v_cache.stride()[:3] if v_cache is not None else (0, 0, 0)
@@ -498,6 +621,7 @@ def _launch(path, x, norm_weight, weight, bias, out, *, eps=0.0, activation=None
         k_cache if k_cache is not None else out, v_cache if v_cache is not None else out,
         pos if pos is not None else out,
         M, N, K, x.stride(0), out.stride(0), *weight.stride(), float(eps), seq_len, head_dim, *k_strides, *v_strides,
+        part, arrived,
         HAS_NORM=norm_weight is not None, HAS_BIAS=bias is not None, ACTIVATION=activation, EPILOGUE=epilogue,
         ONE_PART=epilogue == "qkv" and (N // 3) % config["BLOCK_N"] == 0, USE_PDL=pdl, launch_pdl=pdl,
         enable_fp_fusion=backend.FP_FUSION, **config,
@@ -530,17 +654,29 @@ def norm_linear(x, norm_weight, weight, bias, *, eps: float, activation: str | N
     return out
 
 
-def linear_residual(x, weight, bias, residual, *, path: str | None = None) -> torch.Tensor:
+def linear_residual(x, weight, bias, residual, *, path: str | None = None, workspace=None) -> torch.Tensor:
     """residual[M, N] += x[M, K] @ weight[K, N] + bias[N], in place; returns residual.
 
     x, weight, bias (or None) share one float dtype; residual [M, N] (last dim contiguous) may be any float
-    dtype (the sum is formed in float32 and rounded once). path: None (by M), "gemv" or "dot".
+    dtype (the sum is formed in float32 and rounded once). path: None (by M), "gemv" or "dot". workspace: None, or
+    from residual_workspace (rows >= M, this N and K, x's dtype; its counters zero), with which the launch may split
+    K over several programs per output tile (_RESIDUAL_MAX_SPLITS); same sum but for float32 rounding order.
     """
     M, N, K = _check_linear(x, None, weight, bias)
     _check_path(path, M)
     _check_tensor("residual", residual, ndim=2, device=x.device)
     _check_shape("residual", residual, (M, N))
-    _launch(_choose_path(M, path), x, None, weight, bias, residual, epilogue="residual")
+    splits = 1
+    if workspace is not None:
+        _check_tensor("workspace", workspace, ndim=1, dtype=torch.float32, device=x.device, contiguous=True)
+        partials, counters = _split_need(M, N, K, x.dtype, path)
+        if workspace.numel() < partials + counters:
+            _fail(f"workspace holds {workspace.numel()} float32 values but M={M} rows of N={N} columns split "
+                  f"{partials // (M * N)} ways over K={K} need {partials + counters}: allocate it with "
+                  f"residual_workspace(max_rows >= {M}, {N}, ({K},), {x.dtype}, device)")
+        splits = _residual_splits(K)
+    _launch(_choose_path(M, path), x, None, weight, bias, residual, epilogue="residual", splits=splits,
+            workspace=workspace)
     return residual
 
 

@@ -336,12 +336,13 @@ def test_sweep_measures_each_heuristic_value_and_restores_the_default(tmp_path):
                                                         torch.device("cpu"), 0, with_dtype_free=False)]
     expected = {f"{name} [{sweep.constant.strip('_')}={value}]" for sweep in bench_kernels.SWEEPS if 2 in sweep.batches
                 for value in sweep.values for name in names if name.startswith(sweep.cases)}
-    # at batch 2: the decode attention heuristics (3 and 2 values) on two attention cases
-    assert len(expected) == (3 + 2) * 2
+    # at batch 2: the residual projections' splits (3 values) on the two linear_residual cases, the decode attention
+    # heuristics (3 and 2 values) on two attention cases
+    assert len(expected) == 3 * 2 + (3 + 2) * 2
     steps = {f"decode step [{sweep.constant.strip('_')}={value}]" for sweep in bench_kernels.SWEEPS
              if 2 in sweep.batches and sweep.steps for value in sweep.values}
     # and ATTENTION_KV_BEFORE_WAIT_MAX_BATCH's 2 values: decode steps alone
-    assert len(steps) == 2 + 3 + 2
+    assert len(steps) == 3 + 2 + 3 + 2
     expected |= steps
     assert {r["system"] for r in rows} == expected and len(rows) == len(expected)
     assert all(r["status"] == "ok" and r["ms"] > 0 for r in rows), [r for r in rows if r["status"] != "ok"]
@@ -350,8 +351,8 @@ def test_sweep_measures_each_heuristic_value_and_restores_the_default(tmp_path):
     # every sweep's default row is the same engine: its step is measured once and shared
     defaults = {f"decode step [{s.constant.strip('_')}={bench_kernels.current_value(s)}]" for s in bench_kernels.SWEEPS}
     default_rows = [r for r in rows if r["system"] in defaults]
-    assert len(default_rows) == 3 and len({r["ms"] for r in default_rows}) == 1, default_rows
-    assert sum(r["note"] == "every default: measured once a batch" for r in default_rows) == 2
+    assert len(default_rows) == 4 and len({r["ms"] for r in default_rows}) == 1, default_rows
+    assert sum(r["note"] == "every default: measured once a batch" for r in default_rows) == 3
     assert len({r["ms"] for r in rows if r["system"].startswith("decode step")}) > 1
     with bench_kernels.heuristic("igpt_fast.kernels.linear", "_GEMV_MIN_BLOCK_N", 32):
         assert linear._gemv_config(1, 512, 512)["BLOCK_N"] == 32
@@ -670,6 +671,8 @@ def test_the_cache_warmer_lists_what_the_gpu_checks_timed_stages_launch():
     assert any("'USE_PDL': False" in line for line in lines)  # the no-PDL rows'
     assert any("_decode_kernel" in line and "'BLOCK_N': 16" in line for line in lines)  # a sweep value
     assert any("_dot_kernel" in line and "'BLOCK_K': 256" in line for line in lines)
+    assert any("_gemv_kernel" in line and "'SPLITS': 4" in line for line in lines)  # the residual split-K sweep's
+    assert any("_dot_kernel" in line and "'SPLITS': 2" in line for line in lines)
     fewer = run("--dry-run", "--no-sweeps")
     assert fewer.returncode == 0 and int(fewer.stdout.split()[0]) < count
     refused = run("--dry-run", TRITON_INTERPRET="1")

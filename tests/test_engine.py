@@ -14,6 +14,7 @@ from tolerances import tol
 import igpt_fast.decoder
 import igpt_fast.model
 from igpt_fast import ImageGPT, ImageGPTConfig, ReferenceImageGPT, backend
+from igpt_fast.kernels import linear
 
 # Under the interpreter, the linears in a handful of programs each (conftest.py: few_linear_programs).
 pytestmark = pytest.mark.usefixtures("few_linear_programs")
@@ -136,6 +137,25 @@ def test_attention_reading_keys_before_its_wait_generates_the_same(weights, refe
     context = torch.tensor([[TINY.sos_token_id], [3]])[:batch]
     out = ImageGPT(TINY, weights, backend="triton").generate(context, max_length=STEPS["triton"] + 1)
     assert torch.equal(out, reference.generate(context, max_length=STEPS["triton"] + 1))
+
+
+def test_residual_projections_split_over_k_generate_the_same(weights, reference, monkeypatch):
+    """The residual projections split over K (the sweep's _RESIDUAL_MAX_SPLITS; off by default), through the Triton
+    kernels at TINY's widths (attn c_proj's K = 32 in 2 chunks, mlp c_proj's 128 in 4): greedy tokens and each step's
+    logits as the reference's, and a second call (the counters each launch left at zero) the same."""
+    monkeypatch.setattr(linear, "_RESIDUAL_MAX_SPLITS", 4)
+    monkeypatch.setattr(linear, "_SPLIT_MIN_K", 16)
+    assert linear._gemv_config(2, TINY.n_embd, TINY.inner_dim, linear._residual_splits(TINY.inner_dim))["SPLITS"] == 4
+    model = ImageGPT(TINY, weights, backend="triton")
+    context = torch.tensor([[TINY.sos_token_id], [3]])
+    max_length = STEPS["triton"] + 1
+    out = model.generate(context, max_length=max_length, return_dict_in_generate=True, output_logits=True)
+    assert model.decoder.states[2].residual_workspace.numel() > 0
+    assert torch.equal(out.sequences, reference.generate(context, max_length=max_length))
+    with torch.no_grad():
+        full = reference(out.sequences[:, :-1]).logits
+    torch.testing.assert_close(torch.stack(out.logits, dim=1), full, **tol("model", torch.float32))
+    assert torch.equal(model.generate(context, max_length=max_length), out.sequences)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -476,6 +496,21 @@ def test_gpu_low_precision_decode_steps_give_the_reference_next_token_distributi
     """The decode step itself (the test above checks the prefill's forward): each step's logits against the float32
     reference's forward over the sampled sequence. Batch 8 runs the GEMV linears and split-K attention; 64 and 256
     the tiled dot linears and attention in one split per (batch, head), in buckets no GPU test ran before."""
+    check_decode_steps_against_reference(small_weights, dtype, batch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [8, 64])
+def test_gpu_residual_projections_split_over_k_give_the_reference_distributions(small_weights, monkeypatch, batch):
+    """The sweep's split-K residual projections (mlp c_proj in 4 chunks of K; GEMV at batch 8, dot tiles at 64) in
+    captured graphs, under programmatic dependent launch where the card has it: a merge that raced its splits'
+    stores, or a counter left set, would show in these distributions."""
+    monkeypatch.setattr(linear, "_RESIDUAL_MAX_SPLITS", 4)
+    model = check_decode_steps_against_reference(small_weights, torch.float16, batch)
+    assert model.decoder.states[batch].residual_workspace.numel() > 0  # the projections did split
+
+
+def check_decode_steps_against_reference(small_weights, dtype, batch) -> ImageGPT:
     reference = ReferenceImageGPT.from_state_dict(SMALL, small_weights).cuda()
     model = ImageGPT(SMALL, small_weights, device="cuda", dtype=dtype)
     steps = 64
@@ -483,10 +518,11 @@ def test_gpu_low_precision_decode_steps_give_the_reference_next_token_distributi
                          do_sample=True, top_k=40, seed=3, return_dict_in_generate=True, output_logits=True)
     with torch.no_grad():
         kl = mean_kl(reference(out.sequences[:, :-1]).logits[:, -steps:], torch.stack(out.logits, dim=1))
-    print(f"{dtype} decode steps at batch {batch}: mean KL(reference fp32 || engine) over {batch * steps} next-token "
-          f"distributions = {kl:.2e}")
+    print(f"{dtype} decode steps at batch {batch} (residual projections split up to {linear._RESIDUAL_MAX_SPLITS} "
+          f"ways): mean KL(reference fp32 || engine) over {batch * steps} next-token distributions = {kl:.2e}")
     # The PyTorch stand-ins in fp16 on a CPU give 1.2e-6 here (and 1.1e-6 for the forward above): the same bounds.
     assert kl < (1e-4 if dtype == torch.float16 else 2e-3)
+    return model
 
 
 @pytest.mark.gpu

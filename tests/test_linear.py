@@ -178,6 +178,86 @@ def test_linear_residual_float32_stream_float16_weights(device):
     torch.testing.assert_close(residual.double(), expected, **tol("kernel", torch.float16))
 
 
+# ---- linear_residual split over K (given a workspace, with _RESIDUAL_MAX_SPLITS > 1) -------------------------
+
+
+@pytest.fixture
+def k_splits(monkeypatch):
+    """Split-K on at interpreter sizes: up to 4 chunks of K, each at least 32 wide."""
+    monkeypatch.setattr(linear, "_RESIDUAL_MAX_SPLITS", 4)
+    monkeypatch.setattr(linear, "_SPLIT_MIN_K", 32)
+
+
+# (path, M, K, N, dtype, k_contiguous, bias, the splits the launch takes): ragged last chunks (K = 200, 130, 100),
+# chunks cut to fewer than asked (130 and 96 in 3, 100 in 2), GEMV over two row blocks (17), odd N (17, 33)
+SPLIT_CASES = [
+    ("gemv", 1, 200, 24, torch.float32, True, True, 4),
+    ("gemv", 3, 130, 17, torch.float32, False, True, 3),
+    ("gemv", 17, 96, 40, torch.float32, True, False, 3),
+    ("dot", 17, 256, 40, torch.float32, True, True, 4),
+    ("dot", 20, 100, 33, torch.float32, False, True, 2),
+    ("gemv", 8, 256, 32, torch.float16, True, True, 4),
+    ("dot", 33, 256, 24, torch.float16, True, False, 4),
+]
+
+
+@pytest.mark.parametrize("path,M,K,N,dtype,k_contiguous,bias,splits", SPLIT_CASES)
+def test_linear_residual_split_over_k(device, k_splits, path, M, K, N, dtype, k_contiguous, bias, splits):
+    x, _, weight, b = make_linear(M, K, N, dtype, device, norm=False, bias=bias, k_contiguous=k_contiguous)
+    assert linear._launch_config(path, M, N, K, dtype, "residual", linear._residual_splits(K))["SPLITS"] == splits
+    partials, counters = linear._split_need(M, N, K, dtype, path)
+    assert partials == splits * M * N and counters > 0
+    # by hand (a forced path may take more than residual_workspace sizes for the path M picks), with room to spare:
+    # the launch takes its counters from the end
+    workspace = torch.zeros(partials + counters + 7, device=device)
+    buffer = torch.randn(M, N + 3, device=device).to(dtype)
+    residual = buffer[:, :N]
+    for _ in range(2):  # the second launch finds the counters as the first left them: zero
+        workspace[:partials] = float("nan")  # a split whose partial is not stored poisons the tile's sum
+        before = buffer.clone()
+        linear_residual(x, weight, b, residual, path=path, workspace=workspace)
+        expected = before[:, :N].double() + ref_norm_linear(x, None, weight, b, EPS)
+        torch.testing.assert_close(residual.double(), expected, **tol_for(dtype))
+        assert torch.equal(buffer[:, N:], before[:, N:]), "wrote outside residual's columns"
+        assert (workspace[workspace.numel() - counters:].view(torch.int32) == 0).all(), "a counter was left set"
+
+
+def test_linear_residual_splits_only_with_a_workspace_and_where_it_fits(device, k_splits):
+    x, _, weight, b = make_linear(3, 130, 17, torch.float32, device, norm=False)
+    # no workspace, no split: the same sum as before any of this
+    residual = torch.randn(3, 17, device=device)
+    expected = residual.double() + ref_norm_linear(x, None, weight, b, EPS)
+    linear_residual(x, weight, b, residual)
+    torch.testing.assert_close(residual.double(), expected, **tol("exact", torch.float32))
+    # a workspace too small or of the wrong kind is refused before anything is written
+    before = residual.clone()
+    with pytest.raises(ValueError, match=r"workspace holds 5 float32 values but M=3 rows of N=17 columns split 3 ways"
+                                         r" over K=130 need \d+: allocate it with residual_workspace"):
+        linear_residual(x, weight, b, residual, workspace=torch.zeros(5, device=device))
+    with pytest.raises(ValueError, match="workspace must have dtype torch.float32, got torch.float16"):
+        linear_residual(x, weight, b, residual, workspace=torch.zeros(4096, device=device, dtype=torch.float16))
+    assert torch.equal(residual, before)
+    # K too short to split: an empty workspace serves
+    assert linear.residual_workspace(16, 17, (63,), torch.float32, device).numel() == 0
+    for bad, match in (((0, 17, (130,)), "max_rows must be a positive int, got 0"),
+                       ((3, 17, (130, 2.0)), "K must be a positive int, got 2.0")):
+        with pytest.raises(ValueError, match=match):
+            linear.residual_workspace(*bad, torch.float32, device)
+
+
+def test_the_workspace_serves_every_row_count_up_to_its_own():
+    """One workspace per decode bucket: every row count up to it (GEMV and dot paths) fits in it, and its counters
+    lie past every launch's partials."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(linear, "_RESIDUAL_MAX_SPLITS", 4)
+        workspace = linear.residual_workspace(64, 512, (512, 2048), torch.float16, "cpu")
+        needs = [linear._split_need(M, 512, K, torch.float16, None) for M in range(1, 65) for K in (512, 2048)]
+        assert max(p for p, _ in needs) + max(c for _, c in needs) == workspace.numel() > 0
+        assert linear._split_need(8, 512, 2048, torch.float16, None)[0] == 4 * 8 * 512  # batch 8: mlp c_proj splits
+        assert linear._split_need(8, 512, 512, torch.float16, None) == (0, 0)  # attn c_proj (K = 512) does not
+    assert linear.residual_workspace(64, 512, (512, 2048), torch.float16, "cpu").numel() == 0  # the default: off
+
+
 # ---- norm_qkv ---------------------------------------------------------------------------------------------
 
 
@@ -492,6 +572,15 @@ def test_full_size_layer_matmuls(device, dtype, M, d, k_contiguous):
     expected = residual.double() + ref_norm_linear(x, None, weight, b, EPS)
     linear_residual(x, weight, b, residual)
     torch.testing.assert_close(residual.double(), expected, **tolerance)
+    # split over K as the sweep's values do it (four chunks of K = 4d, two launches: the counters reset)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(linear, "_RESIDUAL_MAX_SPLITS", 4)
+        workspace = linear.residual_workspace(M, d, (4 * d,), dtype, device)
+        for _ in range(2):
+            residual = torch.randn(M, d, device=device).to(dtype)
+            expected = residual.double() + ref_norm_linear(x, None, weight, b, EPS)
+            linear_residual(x, weight, b, residual, workspace=workspace)
+            torch.testing.assert_close(residual.double(), expected, **tolerance)
 
 
 @pytest.mark.gpu
