@@ -472,8 +472,8 @@ def _dot_config(M: int, N: int, K: int, dtype: torch.dtype, max_block_n: int = 1
         block_k = _DOT_SMALL_TILE_BLOCK_K if block_m * block_n <= 32 * 32 else 64
     block_k = min(block_k, max(host_math.next_power_of_2(K), 16))
     tiles = host_math.cdiv(M, block_m) * host_math.cdiv(N, block_n)
-    # K splits only where the smallest tiles still leave programs short of the target (decode batches of 17..64)
-    splits, k_chunk, block_k = _split_k(K, splits if tiles < _TARGET_PROGRAMS else 1, block_k)
+    # K splits only where the tiles fill under half the target (decode batches of 17..64 at imagegpt-small's width)
+    splits, k_chunk, block_k = _split_k(K, splits if 2 * tiles <= _TARGET_PROGRAMS else 1, block_k)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=_GROUP_M, SPLITS=splits, K_CHUNK=k_chunk,
                 num_warps=8 if block_m * block_n >= 128 * 64 else 4, num_stages=3,
                 grid=(tiles,) if splits == 1 else (tiles, splits))
