@@ -572,6 +572,8 @@ def test_full_size_layer_matmuls(device, dtype, M, d, k_contiguous):
     expected = residual.double() + ref_norm_linear(x, None, weight, b, EPS)
     linear_residual(x, weight, b, residual)
     torch.testing.assert_close(residual.double(), expected, **tolerance)
+    if not k_contiguous or M not in (8, 64):  # the engine's layout at a GEMV and a dot batch: the compiles they add
+        return  # come out of the GPU check's 6 minutes
     # split over K as the sweep's values do it (four chunks of K = 4d, two launches: the counters reset)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(linear, "_RESIDUAL_MAX_SPLITS", 4)
