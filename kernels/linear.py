@@ -27,8 +27,8 @@ Two code paths, chosen by the number of rows M (or forced with path="gemv" | "do
 Split-K only in linear_residual, and only when given a workspace (residual_workspace) and _RESIDUAL_MAX_SPLITS > 1:
 each K chunk's program stores its partial sum, and the tile's last to finish adds them (in split order) and runs the
 epilogue, in the same launch. The norm-fused epilogues keep whole rows in one program (the norm needs all of x).
-Launchers allocate nothing when outputs are passed and never sync. On sm_90+
-both paths are launched with programmatic dependent launch (igpt_fast.backend.use_pdl).
+Launchers allocate nothing when outputs are passed and never sync. On sm_90+ both paths are launched with
+programmatic dependent launch (igpt_fast.backend.use_pdl).
 """
 
 import math
@@ -589,6 +589,8 @@ def residual_workspace(max_rows: int, N: int, Ks: tuple[int, ...], dtype: torch.
     zero between launches: zeroed here, and every launch leaves them zero (a launch with fewer tiles uses the last
     of them, never a partials value). Empty when no such launch splits K.
     """
+    if not isinstance(Ks, tuple | list):
+        _fail(f"residual_workspace: Ks must be a tuple of the weights' K, got {Ks!r}")
     for name, value in (("max_rows", max_rows), ("N", N), *(("K", K) for K in Ks)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             _fail(f"residual_workspace: {name} must be a positive int, got {value!r}")

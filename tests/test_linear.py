@@ -240,7 +240,8 @@ def test_linear_residual_splits_only_with_a_workspace_and_where_it_fits(device, 
     # K too short to split: an empty workspace serves
     assert linear.residual_workspace(16, 17, (63,), torch.float32, device).numel() == 0
     for bad, match in (((0, 17, (130,)), "max_rows must be a positive int, got 0"),
-                       ((3, 17, (130, 2.0)), "K must be a positive int, got 2.0")):
+                       ((3, 17, (130, 2.0)), "K must be a positive int, got 2.0"),
+                       ((3, 17, 130), "Ks must be a tuple of the weights' K, got 130")):
         with pytest.raises(ValueError, match=match):
             linear.residual_workspace(*bad, torch.float32, device)
 
