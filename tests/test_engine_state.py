@@ -116,21 +116,29 @@ def launched_from(kernel_name: str) -> bool:
     return frame is not None
 
 
-@pytest.mark.parametrize("kernel_name", ["_decode_kernel", "_sample_kernel"])
-def test_a_launch_interrupted_between_its_arrivals_does_not_poison_later_calls(kernel_name):
-    """Split-K decode attention counts the splits of each (batch, head) in the workspace, and the sampler its
+@pytest.mark.parametrize("kernel_name", ["_decode_kernel", "_sample_kernel", "_gemv_kernel"])
+def test_a_launch_interrupted_between_its_arrivals_does_not_poison_later_calls(kernel_name, monkeypatch):
+    """Split-K decode attention counts the splits of each (batch, head) in the workspace, the residual projections
+    split over K (the sweep's setting, on here for the GEMV kernel) the splits of each tile, and the sampler its
     programs in sample_arrivals; the last one to arrive merges (or advances pos) and zeroes the counter. Under the
     interpreter a launch can stop between two arrivals (Ctrl-C, an error): the counter it left made the next launches
     act too early, and every later call's tokens and logits were wrong. Each kernel is interrupted at its own second
     arrival (the sampler runs first, after the prefill, so counting every atomic would interrupt it alone)."""
     from triton.runtime.interpreter import InterpreterBuilder
 
+    from igpt_fast.kernels import linear
     from igpt_fast.kernels.attention import decode_num_splits
+
+    if kernel_name == "_gemv_kernel":
+        monkeypatch.setattr(linear, "_RESIDUAL_MAX_SPLITS", 4)
+        monkeypatch.setattr(linear, "_SPLIT_MIN_K", 16)
 
     config = TINY.replace(n_positions=128)
     assert decode_num_splits(2, config.n_head, config.n_positions) == 2
     state = random_state_dict(config)
     prompt = torch.randint(0, config.n_clusters, (2, 70))  # past the first 64-key block: both splits hold keys
+    # The interrupted call's prompt is another one: partials it left behind must not pass for the next call's.
+    interrupted_prompt = (prompt + 1) % config.n_clusters
     # one decode step after the prefill's token: the first launches after an interruption are the ones it poisoned
     kwargs = dict(max_new_tokens=2, do_sample=True, seed=1, return_dict_in_generate=True, output_logits=True)
     model = ImageGPT(config, state, backend="triton")
@@ -145,7 +153,7 @@ def test_a_launch_interrupted_between_its_arrivals_does_not_poison_later_calls(k
 
     with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
         patch.setattr(InterpreterBuilder, "create_atomic_rmw", interrupted)
-        model.generate(prompt, **kwargs)
+        model.generate(interrupted_prompt, **kwargs)
     assert len(arrivals) == 2
     after = model.generate(prompt, **kwargs)
     fresh = ImageGPT(config, state, backend="triton").generate(prompt, **kwargs)
