@@ -336,9 +336,9 @@ def test_sweep_measures_each_heuristic_value_and_restores_the_default(tmp_path):
                                                         torch.device("cpu"), 0, with_dtype_free=False)]
     expected = {f"{name} [{sweep.constant.strip('_')}={value}]" for sweep in bench_kernels.SWEEPS if 2 in sweep.batches
                 for value in sweep.values for name in names if name.startswith(sweep.cases)}
-    # at batch 2: the residual projections' splits (3 values) on the two linear_residual cases, the decode attention
-    # heuristics (3 and 2 values) on two attention cases
-    assert len(expected) == 3 * 2 + (3 + 2) * 2
+    # at batch 2: the residual projections' splits (3 values) on mlp c_proj, the decode attention heuristics (3 and 2
+    # values) on two attention cases
+    assert len(expected) == 3 + (3 + 2) * 2
     steps = {f"decode step [{sweep.constant.strip('_')}={value}]" for sweep in bench_kernels.SWEEPS
              if 2 in sweep.batches and sweep.steps for value in sweep.values}
     # and ATTENTION_KV_BEFORE_WAIT_MAX_BATCH's 2 values: decode steps alone
