@@ -671,12 +671,13 @@ def linear_residual(x, weight, bias, residual, *, path: str | None = None, works
     splits = 1
     if workspace is not None:
         _check_tensor("workspace", workspace, ndim=1, dtype=torch.float32, device=x.device, contiguous=True)
+        splits = _residual_splits(K)
+    if splits > 1:  # (the size check computes the launch's config: only where it may split)
         partials, counters = _split_need(M, N, K, x.dtype, path)
         if workspace.numel() < partials + counters:
             _fail(f"workspace holds {workspace.numel()} float32 values but M={M} rows of N={N} columns split "
                   f"{partials // (M * N)} ways over K={K} need {partials + counters}: allocate it with "
                   f"residual_workspace(max_rows >= {M}, {N}, ({K},), {x.dtype}, device)")
-        splits = _residual_splits(K)
     _launch(_choose_path(M, path), x, None, weight, bias, residual, epilogue="residual", splits=splits,
             workspace=workspace)
     return residual
