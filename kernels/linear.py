@@ -572,13 +572,17 @@ def _residual_splits(K: int) -> int:
     return max(1, min(_RESIDUAL_MAX_SPLITS, K // _SPLIT_MIN_K))
 
 
-def _split_need(M: int, N: int, K: int, dtype: torch.dtype, path: str | None) -> tuple[int, int]:
-    """(partials, counters): the float32 values of its workspace a linear_residual launch of M rows takes ((0, 0)
-    when it does not split K)."""
-    config = _launch_config(_choose_path(M, path), M, N, K, dtype, "residual", _residual_splits(K))
+def _split_sizes(config: dict, M: int, N: int) -> tuple[int, int]:
+    """(partials, counters): the float32 values of its workspace a launch of this config takes ((0, 0) unsplit):
+    [SPLITS, M, N] partial sums, and a counter per output tile (the grid but its split axis)."""
     if config["SPLITS"] == 1:
         return 0, 0
     return config["SPLITS"] * M * N, math.prod(config["grid"][:-1])
+
+
+def _split_need(M: int, N: int, K: int, dtype: torch.dtype, path: str | None) -> tuple[int, int]:
+    """_split_sizes of a linear_residual launch of M rows."""
+    return _split_sizes(_launch_config(_choose_path(M, path), M, N, K, dtype, "residual", _residual_splits(K)), M, N)
 
 
 def residual_workspace(max_rows: int, N: int, Ks: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
@@ -609,11 +613,12 @@ def _launch(path, x, norm_weight, weight, bias, out, *, eps=0.0, activation=None
         return
     config = _launch_config(path, M, N, K, x.dtype, epilogue, splits)
     kernel = _gemv_kernel if path == "gemv" else _dot_kernel
+    partials, counters = _split_sizes(config, M, N)
     grid = config.pop("grid")
     part = arrived = None  # constexpr None: a launch that does not split compiles without them
-    if config["SPLITS"] > 1:  # views of the workspace (sized by the caller's check): partials first, counters last
-        part = workspace[:config["SPLITS"] * M * N]
-        arrived = workspace[workspace.numel() - math.prod(grid[:-1]):].view(torch.int32)
+    if counters:  # views of the workspace (sized by the caller's check): partials first, counters last
+        part = workspace[:partials]
+        arrived = workspace[workspace.numel() - counters:].view(torch.int32)
     pdl = backend.use_pdl(x.device)
     k_strides = k_cache.stride()[:3] if k_cache is not None else (0, 0, 0)
     v_strides = v_cache.stride()[:3] if v_cache is not None else (0, 0, 0)
