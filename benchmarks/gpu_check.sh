@@ -7,7 +7,7 @@
 # For a machine where torch, triton and transformers are installed and nothing can be downloaded. Everything
 # lands in OUT_DIR: env.txt, install.log, demo.log, demo_grid.png, warm_cache.log, gpu_tests.log (and one log per
 # test process), benchmark.log, results.json, summary.txt, images_per_s.png, pytest_benchmark.log, profile.txt,
-# wider.log and wider/, profile_fp32.txt, profile_fp32_no_pdl.txt, launch_floor.txt.
+# wider.log and wider/, profile_fp32.txt, profile_fp32_no_pdl.txt, fp32_gemv.txt, launch_floor.txt.
 # Budget, the issue's 6 minutes (CHECK_SECONDS): install <= 60 s (3 s on an H200, 2026-12-04), the main job on the
 # shipped demo model <= 40 s (7 s), tests <= 100 s (five processes at once; the slowest of four took 53 s), the
 # benchmark what the 6 minutes leave (below; it rewrites results.json after each measurement, so a cut-short run still
@@ -17,7 +17,8 @@
 # SECONDS (default CHECK_SECONDS; at least that) bounds the whole script. What it leaves after the 6 minutes goes,
 # most needed first, to the wider sizes (the full preset's bfloat16 and imagegpt-medium and -large, which the core
 # sizes leave out: about 110 s), the diagnostics (the decode-step profiles: fp16 <= 90 s, float32 at batch 64 <= 45 s
-# with PDL and again without; the launch floor <= 60 s; about 70 s together on an H200), then, if 120 s or more are
+# with PDL and again without; float32's step with its GEMV limit at 64 <= 60 s; the launch floor <= 60 s; about 70 s
+# together on an H200 before the float32 GEMV stage), then, if 120 s or more are
 # left, benchmarks/gpu_sweep.sh in OUT_DIR/more/ (batch 256, then the launch-heuristic sweep, whose verdicts it
 # prints). One device call of `timeout -k 5 570 gpu_check.sh OUT 560` reaches the diagnostics; the sweep then needs
 # a call of its own (a device lease of 15 minutes, start-up included, has room for one 10-minute call and a short
@@ -178,6 +179,11 @@ diagnostics() {
         --batches 64 --prompt-length 768 --steps 128
     stage profile-fp32-no-pdl profile_fp32_no_pdl.txt env IGPT_FAST_PDL=0 timeout -k 5 45 python3 \
         benchmarks/profile_step.py --dtype float32 --batches 64 --prompt-length 768 --steps 128
+    # float32's decode step at batch 64 with its linears in the GEMV path (kernels/linear.py, _FLOAT32_GEMV_MAX_M=64:
+    # four row blocks of 16 streaming W, in place of IEEE-float32 dot tiles of 16 x 16) against the default, two
+    # rounds of each: the number that decides the limit. About 25 s.
+    stage fp32-gemv fp32_gemv.txt timeout -k 5 60 python3 benchmarks/step_settings.py --dtypes float32 --batches 64 \
+        --setting "" --setting "igpt_fast.kernels.linear._FLOAT32_GEMV_MAX_M=64"
     # The floor of a chain of dependent launches here (a graph of 124 launches that do almost nothing, PDL on and
     # off), the same as grid barriers in one launch, and both moving a decode step's weights: a few seconds. The
     # engine's us/launch minus the floor is its kernels' own work; the barrier rows say whether a one-kernel step

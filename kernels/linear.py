@@ -17,10 +17,11 @@ Epilogues, chosen at compile time:
                scattered to [B, H, T, head_dim] caches at position pos[0] + m % seq_len (pos read on device)
 
 Two code paths, chosen by the number of rows M (or forced with path="gemv" | "dot"):
-    gemv (M <= 16, decode at small batch): a program owns a stripe of BLOCK_N columns and all (up to 16)
-        rows, so W streams from memory exactly once; BLOCK_N is the power of two that gives about
-        _TARGET_PROGRAMS stripes (clamped to _GEMV_MIN_BLOCK_N..128), so batch 1 still spreads over all SMs.
-    dot (M > 16, large decode batches and prefill): tiled tl.dot with grouped tile order for L2 reuse;
+    gemv (M <= 16, decode at small batch; in float32 up to _FLOAT32_GEMV_MAX_M rows): a program owns a stripe of
+        BLOCK_N columns and a block of up to 16 rows, so W streams from memory once per row block (once when M <= 16);
+        BLOCK_N is the power of two that gives about _TARGET_PROGRAMS stripes (clamped to _GEMV_MIN_BLOCK_N..128),
+        so batch 1 still spreads over all SMs.
+    dot (more rows: large decode batches and prefill): tiled tl.dot with grouped tile order for L2 reuse;
         tiles start at min(next_pow2(M), 128) x 128 (x 64 for "qkv", whose 128 x 128 tile spills registers on
         sm_90) and shrink (N to 32, then M to 16, then N to 16) until about _TARGET_PROGRAMS tiles exist, so
         decode batches of 17..256 rows still fill the GPU.
@@ -45,7 +46,12 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ACTIVATIONS = (None, "quick_gelu")
 _PATHS = (None, "gemv", "dot")
 
-_GEMV_MAX_M = 16  # rows up to which the weight-streaming GEMV path is used
+_GEMV_MAX_M = 16  # rows up to which the weight-streaming GEMV path is used (and its row block's most rows)
+# The same for float32 inputs, whose dot tiles run IEEE-float32 tl.dot on CUDA cores (no tensor cores). On an H200
+# (2026-12-04, imagegpt-small) float32's decode step took 9.4 ms at batch 64 against 0.95 at batch 8, and mlp c_proj's
+# 128 dot tiles of 16 x 16 took 43.5 us a launch in its kernel row (3 TFLOP/s); the GEMV would stream W in 4 row
+# blocks of 16. 16 (as other dtypes) until a GPU has timed 64: benchmarks/gpu_check.sh's fp32-gemv stage does.
+_FLOAT32_GEMV_MAX_M = 16
 _MAX_GRID_Y = 65535
 # Narrowest column stripe: the fewest [out, in] rows of W one GEMV program streams. 4 rather than 8: on an H100
 # (fp16, 2026-11-27) the N = 512 projections then get twice the programs, and mlp c_proj took 8.6 us instead of
@@ -420,10 +426,10 @@ def _dot_kernel(
 # Launch heuristics (deterministic, no autotuning).
 
 
-def _choose_path(M: int, path: str | None) -> str:
+def _choose_path(M: int, path: str | None, dtype: torch.dtype) -> str:
     if path is not None:
         return path
-    return "gemv" if M <= _GEMV_MAX_M else "dot"
+    return "gemv" if M <= (_FLOAT32_GEMV_MAX_M if dtype == torch.float32 else _GEMV_MAX_M) else "dot"
 
 
 def _split_k(K: int, splits: int, block_k: int) -> tuple[int, int, int]:
@@ -582,7 +588,8 @@ def _split_sizes(config: dict, M: int, N: int) -> tuple[int, int]:
 
 def _split_need(M: int, N: int, K: int, dtype: torch.dtype, path: str | None) -> tuple[int, int]:
     """_split_sizes of a linear_residual launch of M rows."""
-    return _split_sizes(_launch_config(_choose_path(M, path), M, N, K, dtype, "residual", _residual_splits(K)), M, N)
+    config = _launch_config(_choose_path(M, path, dtype), M, N, K, dtype, "residual", _residual_splits(K))
+    return _split_sizes(config, M, N)
 
 
 def residual_workspace(max_rows: int, N: int, Ks: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
@@ -657,7 +664,7 @@ def norm_linear(x, norm_weight, weight, bias, *, eps: float, activation: str | N
         _check_shape("out", out, (M, N))
     else:
         out = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
-    _launch(_choose_path(M, path), x, norm_weight, weight, bias, out, eps=eps, activation=activation)
+    _launch(_choose_path(M, path, x.dtype), x, norm_weight, weight, bias, out, eps=eps, activation=activation)
     return out
 
 
@@ -683,7 +690,7 @@ def linear_residual(x, weight, bias, residual, *, path: str | None = None, works
             _fail(f"workspace holds {workspace.numel()} float32 values but M={M} rows of N={N} columns split "
                   f"{partials // (M * N)} ways over K={K} need {partials + counters}: allocate it with "
                   f"residual_workspace(max_rows >= {M}, {N}, ({K},), {x.dtype}, device)")
-    _launch(_choose_path(M, path), x, None, weight, bias, residual, epilogue="residual", splits=splits,
+    _launch(_choose_path(M, path, x.dtype), x, None, weight, bias, residual, epilogue="residual", splits=splits,
             workspace=workspace)
     return residual
 
@@ -723,5 +730,5 @@ def norm_qkv(x, norm_weight, weight, bias, *, eps: float, q_out, k_cache, v_cach
               f"more than the cache batch B={B}")
     if seq_len > T:
         _fail(f"seq_len={seq_len} is longer than the cache length T={T}")
-    _launch(_choose_path(M, path), x, norm_weight, weight, bias, q_out, eps=eps, epilogue="qkv",
+    _launch(_choose_path(M, path, x.dtype), x, norm_weight, weight, bias, q_out, eps=eps, epilogue="qkv",
             k_cache=k_cache, v_cache=v_cache, pos=pos, seq_len=seq_len, head_dim=head_dim)

@@ -596,7 +596,8 @@ def test_the_six_minute_gpu_check_leaves_out_the_diagnostics_and_the_sweep(tmp_p
     """Issue 7's check: install, tests, the core benchmark, the summary last; nothing past its 6 minutes."""
     done, logged = run_gpu_check_with_stand_ins(tmp_path, 360)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert not any(line.startswith(("benchmarks/profile_step.py", "benchmarks/launch_floor.py")) for line in logged)
+    assert not any(line.startswith(("benchmarks/profile_step.py", "benchmarks/step_settings.py",
+                                    "benchmarks/launch_floor.py")) for line in logged)
     assert not any("--tasks sweep" in line or "--batches 256" in line or "--sizes full" in line for line in logged)
     assert logged[-1].startswith("-m igpt_fast.benchmark --from-json")
     assert "skipped" not in done.stdout  # the plain check is not a cut-short long one
@@ -631,6 +632,14 @@ def test_the_gpu_check_gives_what_its_seconds_leave_to_the_wider_sizes_batch_256
     assert pytest_benchmark < logged.index(wider) < logged.index(wider_tables) < profiles[0]
     assert len(profiles) == 3 and profiles[-1] < logged.index(b256)
     assert logged.index("benchmarks/launch_floor.py") < logged.index(b256)
+    # float32's step with its GEMV limit at 64 against the default, between the profiles and the launch floor
+    fp32_gemv = ("--dtypes", "float32", "--batches", "64", "--setting", "", "--setting",
+                 "igpt_fast.kernels.linear._FLOAT32_GEMV_MAX_M=64")
+    at = logged.index(f"benchmarks/step_settings.py {' '.join(fp32_gemv)}")
+    assert profiles[-1] < at < logged.index("benchmarks/launch_floor.py")
+    if not torch.cuda.is_available():  # its settings parse (a renamed constant would fail the stage on the GPU)
+        refused = run_benchmark_script("step_settings.py", *fp32_gemv)
+        assert refused.returncode == 2 and "needs a CUDA GPU" in refused.stderr, refused.stderr
     assert f"== benchmark time limit: {core_limit} s" in done.stdout
     warm = logged.index("benchmarks/warm_triton_cache.py")  # started before the tests, stopped before the benchmark
     assert logged.index(next(line for line in logged if "pip install" in line)) < warm < logged.index(core)

@@ -184,6 +184,25 @@ def test_odd_batches_are_padded_to_a_bucket_and_sliced_back(batch, backend, weig
                                                uniforms=philox(99)))
 
 
+def test_float32_decode_step_over_16_rows_in_the_gemv_path_samples_the_same(weights, reference, monkeypatch):
+    """float32's own GEMV limit (_FLOAT32_GEMV_MAX_M, 16 until a GPU has timed more) raised to 32: batch 17's decode
+    step (bucket 32) runs the GEMV over two row blocks of 16, through the Triton kernels, and samples the reference's
+    tokens; the prompt's prefill (96 rows) still takes the dot path."""
+    monkeypatch.setattr(linear, "_FLOAT32_GEMV_MAX_M", 32)
+    paths, launch = set(), linear._launch
+
+    def recorded(path, x, *args, **kwargs):
+        paths.add((path, x.shape[0]))
+        return launch(path, x, *args, **kwargs)
+
+    monkeypatch.setattr(linear, "_launch", recorded)
+    prompt = torch.randint(0, TINY.n_clusters, (17, 3))
+    out = ImageGPT(TINY, weights, backend="triton").generate(prompt, max_new_tokens=2, do_sample=True, top_k=6,
+                                                              seed=99)
+    assert ("gemv", 32) in paths and ("dot", 32) not in paths and ("dot", 96) in paths
+    assert torch.equal(out, reference.generate(prompt, max_new_tokens=2, do_sample=True, top_k=6, uniforms=philox(99)))
+
+
 @pytest.mark.parametrize("seed", [7, 2**63 - 2])  # the latter: row b's seed + b wraps past int64's top, as on device
 def test_image_of_a_seed_does_not_depend_on_the_batch(weights, seed):
     model = ImageGPT(TINY, weights, backend="torch", max_batch=2)

@@ -353,9 +353,14 @@ def test_embed(device, ids_dtype, batch, seq_len, pos):
 # ---- launch heuristics ------------------------------------------------------------------------------------
 
 
-def test_path_heuristic():
-    assert [_choose_path(M, None) for M in (1, 16, 17, 256, 65536)] == ["gemv", "gemv", "dot", "dot", "dot"]
-    assert _choose_path(1, "dot") == "dot"
+def test_path_heuristic(monkeypatch):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert [_choose_path(M, None, dtype) for M in (1, 16, 17, 256, 65536)] == ["gemv", "gemv", "dot", "dot", "dot"]
+        assert _choose_path(1, "dot", dtype) == "dot"
+    # float32's own limit (the GPU check times 64 against the default)
+    monkeypatch.setattr(linear, "_FLOAT32_GEMV_MAX_M", 64)
+    assert [_choose_path(M, None, torch.float32) for M in (16, 17, 64, 65)] == ["gemv", "gemv", "gemv", "dot"]
+    assert _choose_path(64, None, torch.float16) == _choose_path(64, None, torch.bfloat16) == "dot"
 
 
 def test_forced_gemv_beyond_the_grid_limit_is_refused_before_allocating(device, monkeypatch):
