@@ -71,21 +71,27 @@ def expected_shapes(config: ImageGPTConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_state_dict(config: ImageGPTConfig, state_dict: dict[str, torch.Tensor]) -> None:
-    """Raise one ValueError listing missing, unexpected and mis-shaped keys (legacy buffers must be dropped)."""
+    """Raise one ValueError listing missing, unexpected and mis-shaped keys, tensors not float and values not finite
+    (legacy buffers must be dropped)."""
     expected = expected_shapes(config)
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)}, config expects {expected[k]}"
                   for k in expected if k in state_dict and tuple(state_dict[k].shape) != expected[k]]
     not_float = [f"{k}: {v.dtype}" for k, v in state_dict.items() if k in expected and not v.is_floating_point()]
-    if missing or unexpected or mismatched or not_float:
+    # A NaN or inf weight (a corrupt file, a float16 overflow when it was saved) otherwise generates blank images and
+    # NaN likelihoods without a word.
+    not_finite = [f"{k}: {int((~torch.isfinite(v)).sum())} of {v.numel()}" for k, v in state_dict.items()
+                  if k in expected and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if missing or unexpected or mismatched or not_float or not_finite:
         parts = []
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("shape mismatches", mismatched), ("non-float tensors", not_float)):
+                             ("shape mismatches", mismatched), ("non-float tensors", not_float),
+                             ("NaN or infinite values", not_finite)):
             if items:
                 shown = items[:10] + ([f"... and {len(items) - 10} more"] if len(items) > 10 else [])
                 parts.append(f"{title} ({len(items)}): " + "; ".join(shown))
-        raise ValueError(f"checkpoint does not match {config}:\n  " + "\n  ".join(parts))
+        raise ValueError(f"checkpoint weights unusable with {config}:\n  " + "\n  ".join(parts))
 
 
 def resolve_folder(path_or_hub_id: str | os.PathLike, *, revision: str | None = None,
@@ -179,7 +185,11 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
         # weights_only=True: a pickle can run arbitrary code; this refuses anything but tensors and containers.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError) as e:
-        raise ValueError(f"refusing or unable to load {path} with torch.load(weights_only=True): {e}") from None
+        # torch's message goes on to suggest weights_only=False, which would run whatever code the file holds: only
+        # the unpickler's own reason is kept.
+        reason = " ".join(str(e).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].split())
+        raise ValueError(f"refusing or unable to load {path} with torch.load(weights_only=True), which reads "
+                         f"tensors and containers only and never runs code from a file: {reason[:300]}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors")
     return state

@@ -48,8 +48,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=int, default=16, help="images generated together (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0): same seed, same images")
+    p.add_argument("--batch-size", type=int, default=16, help="images generated together (default 16; rounded up "
+                   "to a batch bucket: 1, 2, 4, ..., 256)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0): same seed, same images, whatever "
+                   "the batch size")
     p.add_argument("--top-k", type=int, default=40, help="keep the k most likely colors (default 40; all colors "
                    "if the model has fewer, or with 0)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
@@ -124,19 +126,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_processor(args):
+def _checkpoint(args):
+    """--checkpoint, or the shipped demo model when the option is left out."""
     from igpt_fast.demo import demo_model_path
+
+    if args.checkpoint == "":  # an unset shell variable, most likely: not the demo model in disguise
+        raise UserError("--checkpoint is empty; give a checkpoint folder or hub id, or leave the option out for the "
+                        "shipped demo model")
+    return demo_model_path() if args.checkpoint is None else args.checkpoint
+
+
+def _load_processor(args):
     from igpt_fast.processor import ImageProcessor
 
-    return ImageProcessor.from_pretrained(args.checkpoint or demo_model_path())
+    return ImageProcessor.from_pretrained(_checkpoint(args))
 
 
-def _load(args, processor=None):
-    """The model and its image processor (the one given, if it was loaded already)."""
+def _load(args, processor=None, max_batch: int | None = None):
+    """The model (generating up to max_batch rows at a time; None: the largest bucket) and its image processor (the
+    one given, if it was loaded already)."""
     from igpt_fast import ImageGPT
-    from igpt_fast.demo import demo_model_path
 
-    checkpoint = args.checkpoint or demo_model_path()
+    checkpoint = _checkpoint(args)
     device = _default_device() if args.device is None else args.device  # --device '' is refused, not the default
     if re.fullmatch(r"cpu|cuda(:\d+)?", device) is None:
         raise UserError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
@@ -145,7 +156,8 @@ def _load(args, processor=None):
     if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
         raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
-    model = ImageGPT.from_pretrained(checkpoint, dtype=dtype, device=device)
+    model = ImageGPT.from_pretrained(checkpoint, dtype=dtype, device=device,
+                                     **({} if max_batch is None else {"max_batch": max_batch}))
     processor = processor or _load_processor(args)
     side = int(processor.size)
     if side * side != model.config.n_positions:
@@ -162,6 +174,10 @@ def _check_output(path: str, suffix: str, option: str, inputs: list[str] = ()) -
     work: np.save appends .npy to other names (x.txt became x.txt.npy), PIL wrote PNG bytes into x.jpg, and a
     missing folder failed only after every image had been generated."""
     out = Path(path)
+    if path.endswith(("/", os.sep)):  # Path drops the separator; the file would then be named as a folder
+        raise UserError(f"{option} {path} names a folder; expected a {suffix} file")
+    if out.is_symlink() and not out.exists():
+        raise UserError(f"{option} {path} is a link to nothing ({os.readlink(out)}); expected a {suffix} file")
     # np.save appends ".npy" unless the name ends in exactly that; PIL is given format="PNG", any case will do
     if not path or not (out.name.endswith(suffix) if suffix == ".npy" else out.suffix.lower() == suffix):
         raise UserError(f"{option} must be a {suffix} file, got {path!r}")
@@ -175,28 +191,26 @@ def _check_output(path: str, suffix: str, option: str, inputs: list[str] = ()) -
         raise UserError(f"{option} {path} is also an input; writing it would overwrite that input")
 
 
-def _check_seeds(args, count: int) -> None:
-    """Each batch is seeded with --seed + the index of its first image: all of those must be valid seeds, which is
-    checked here, before any work, with --batch-size (the last batch would otherwise fail after the others,
-    naming a seed never given)."""
+def _generation_batch(args) -> int:
+    """The model's max_batch for --batch-size: the bucket it runs in anyway (a batch is padded up to one). One
+    generate() call then takes every image, and image i depends only on (--seed, i), whatever the batch size."""
+    from igpt_fast.decoder import BATCH_BUCKETS, bucket_for
+
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    offset = (count - 1) // args.batch_size * args.batch_size  # the last batch's seed is --seed + offset
-    if not -2**63 <= args.seed < 2**63 - offset:
-        why = f" (batch seeds run up to --seed + {offset} for {count} images in batches of {args.batch_size})"
-        raise UserError(f"--seed must be in [-2**63, 2**63 - {offset + 1}]{why if offset else ''}, got {args.seed}")
+    if not -2**63 <= args.seed < 2**63:
+        raise UserError(f"--seed must be in [-2**63, 2**63 - 1], got {args.seed}")
+    return bucket_for(args.batch_size, BATCH_BUCKETS[-1])
 
 
-def _sampling_kwargs(args, processor) -> dict:  # --batch-size: checked by _check_seeds, which every caller runs first
+def _sampling_kwargs(args, processor) -> dict:
     """generate's sampling arguments, checked against the processor's colors (the model's: _load), before the model
     is read."""
-    if args.greedy:
-        return {"do_sample": False}
     colors = processor.n_clusters
     top_k = colors if args.top_k == 0 else min(args.top_k, colors)  # 0: off, as generate() reads it
     kwargs = {"do_sample": True, "top_k": top_k, "top_p": args.top_p, "temperature": args.temperature}
-    check_sampling_args(vocab=colors, **kwargs)  # before any progress bar starts
-    return kwargs
+    check_sampling_args(vocab=colors, **kwargs)  # before any progress bar starts; with --greedy too, as generate()
+    return {"do_sample": False} if args.greedy else kwargs
 
 
 def _pixel_bar(total: int, desc: str):
@@ -207,9 +221,9 @@ def _pixel_bar(total: int, desc: str):
     return tqdm(total=total, unit="px", unit_scale=True, desc=desc, file=sys.stderr)
 
 
-def _moves(bar, before: int):
-    """generate's progress callback: the bar at `before` (the pixels of earlier batches) plus this call's."""
-    return lambda done, total: bar.update(before + done - bar.n)
+def _moves(bar):
+    """generate's progress callback: the bar at the pixels done."""
+    return lambda done, total: bar.update(done - bar.n)
 
 
 def cmd_generate(args) -> int:
@@ -222,22 +236,16 @@ def cmd_generate(args) -> int:
     _check_output(args.out, ".png", "-o")
     if args.save_ids is not None:
         _check_output(args.save_ids, ".npy", "--save-ids")
-    _check_seeds(args, args.num_images)
+    max_batch = _generation_batch(args)
     processor = _load_processor(args)
     sampling = _sampling_kwargs(args, processor)
-    model, processor = _load(args, processor)
+    model, processor = _load(args, processor, max_batch)
     sos, pixels = model.config.sos_token_id, model.config.n_positions
-    ids, start = [], time.perf_counter()
+    start = time.perf_counter()
     with _pixel_bar(args.num_images * pixels, "generating") as bar:
-        for first in range(0, args.num_images, args.batch_size):
-            batch = min(args.batch_size, args.num_images - first)
-            context = torch.full((batch, 1), sos, dtype=torch.long)
-            # seed + first: image i depends only on (seed, i), whatever the batch size
-            out = model.generate(context, max_length=pixels + 1, seed=args.seed + first,
-                                 progress=_moves(bar, first * pixels), **sampling)
-            ids.append(out[:, 1:].cpu())
+        context = torch.full((args.num_images, 1), sos, dtype=torch.long)
+        ids = model.generate(context, max_length=pixels + 1, seed=args.seed, progress=_moves(bar), **sampling)[:, 1:]
     elapsed = time.perf_counter() - start
-    ids = torch.cat(ids)
     images = processor.decode(ids)
     side = int(processor.size)
     save_png(image_grid(images, columns=min(args.columns, len(images)), scale=default_scale(side)), args.out)
@@ -265,10 +273,17 @@ def _read_images(paths: list[str], processor) -> tuple[list[str], list]:
             raise UserError(f"no such image file: {path}" if not Path(path).exists() else
                             f"{path} is not a regular file; expected an image file or a .npy file")
         if path.lower().endswith(".npy"):  # DATA.NPY too: it was read as an image, "cannot identify image file"
+            with open(path, "rb") as f:  # numpy reads a file without the header as a pickle, and its refusal
+                header = f.read(6)          # suggests allow_pickle=True
+            if header != b"\x93NUMPY":
+                raise UserError(f"{path} is not a .npy file (no NumPy header); expected uint8 pixels [N, H, W, 3] "
+                                f"written by numpy.save")
             try:
                 array = np.load(path, mmap_mode="r", allow_pickle=False)
             except (ValueError, OSError) as e:
-                raise UserError(f"cannot read pixel array {path}: {e}") from None
+                objects = "pickle" in str(e) or "Python objects" in str(e)  # np.load and mmap refuse them in turn
+                why = "it holds Python objects, which are never unpickled here" if objects else e
+                raise UserError(f"cannot read pixel array {path}: {why}") from None
             if array.dtype != np.uint8 or array.ndim not in (3, 4) or array.shape[-1] != 3 or 0 in array.shape:
                 raise UserError(f"{path}: expected uint8 pixels [N, H, W, 3] or [H, W, 3], got {array.dtype} "
                                 f"{list(array.shape)}")
@@ -309,23 +324,19 @@ def cmd_complete(args) -> int:
     _check_output(args.out, ".png", "-o", args.images)
     processor = _load_processor(args)
     _, images = _read_images(args.images, processor)
-    _check_seeds(args, len(images) * args.samples)
+    max_batch = _generation_batch(args)
     side = int(processor.size)
     rows = side // 2 if args.rows is None else args.rows
     if not 0 <= rows < side:
         raise UserError(f"--rows must be in [0, {side}) for {side}x{side} images, got {rows}")
     sampling = _sampling_kwargs(args, processor)
-    model, processor = _load(args, processor)
+    model, processor = _load(args, processor, max_batch)
     ids = processor(images)["input_ids"]  # [N, side*side]
     sos = torch.full((len(images), 1), model.config.sos_token_id, dtype=torch.long)
     prompts = torch.cat([sos, ids[:, :rows * side]], dim=1).repeat_interleave(args.samples, dim=0)
-    completions, new = [], side * side - rows * side
-    with _pixel_bar(len(prompts) * new, "completing") as bar:
-        for first in range(0, len(prompts), args.batch_size):
-            out = model.generate(prompts[first:first + args.batch_size], max_length=side * side + 1,
-                                 seed=args.seed + first, progress=_moves(bar, first * new), **sampling)
-            completions.append(out[:, 1:].cpu())
-    completions = processor.decode(torch.cat(completions)).reshape(len(images), args.samples, side, side, 3)
+    with _pixel_bar(len(prompts) * (side * side - rows * side), "completing") as bar:
+        out = model.generate(prompts, max_length=side * side + 1, seed=args.seed, progress=_moves(bar), **sampling)
+    completions = processor.decode(out[:, 1:]).reshape(len(images), args.samples, side, side, 3)
     originals = processor.decode(ids)
     kept = originals.copy()
     kept[:, rows:] = 128  # what the model was shown: the top rows, the rest gray

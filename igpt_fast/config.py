@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -37,17 +38,17 @@ class ImageGPTConfig:
             raise ValueError(
                 f"ImageGPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
             )
-        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner < 1):
+        if self.n_inner is not None and (not isinstance(self.n_inner, int) or isinstance(self.n_inner, bool)
+                                         or self.n_inner < 1):
             raise ValueError(f"ImageGPTConfig.n_inner must be None or a positive integer, got {self.n_inner!r}")
         if self.activation_function not in SUPPORTED_ACTIVATIONS:
             raise ValueError(
                 f"ImageGPTConfig.activation_function={self.activation_function!r} is not implemented; "
                 f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}"
             )
-        if not (isinstance(self.layer_norm_epsilon, (int, float)) and self.layer_norm_epsilon > 0):
-            raise ValueError(
-                f"ImageGPTConfig.layer_norm_epsilon must be a positive number, got {self.layer_norm_epsilon!r}"
-            )
+        eps = self.layer_norm_epsilon  # JSON's true reads as 1, and Infinity zeroes every normalized activation
+        if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < math.inf):
+            raise ValueError(f"ImageGPTConfig.layer_norm_epsilon must be a finite positive number, got {eps!r}")
         if self.tie_word_embeddings:
             # lm_head is [vocab_size - 1, n_embd] and wte is [vocab_size, n_embd]: they cannot be one tensor.
             raise ValueError(

@@ -13,6 +13,7 @@ import inspect
 import json
 import math
 import operator
+import warnings
 from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
@@ -23,6 +24,7 @@ from igpt_fast.backend import capability_major, on_device, triton_interpreter_on
 from igpt_fast.checkpoint import CONFIG_NAME, check_state_dict, is_legacy_buffer, load_checkpoint, save_pretrained
 from igpt_fast.config import ImageGPTConfig
 from igpt_fast.decoder import BATCH_BUCKETS, SUPPORTED_DTYPES, PackedWeights, StaticDecoder, bucket_for
+from igpt_fast.philox import generation_key
 from igpt_fast.reference import DEFAULT_TOP_K, check_input_ids, resolve_length
 from igpt_fast.sampling import as_list, check_sampling_args, sampling_tensors
 
@@ -143,6 +145,7 @@ class ImageGPT:
             named = saved.get("dtype") or saved.get("torch_dtype")
             dtype = (_named_dtype(named, "config.json's dtype") if named
                      else next(iter(checkpoint.state_dict.values())).dtype)
+        _warn_of_generation_defaults(checkpoint.folder)
         return cls(checkpoint.config, checkpoint.state_dict, dtype=dtype, device=device, **kwargs)
 
     @classmethod
@@ -331,8 +334,9 @@ class ImageGPT:
         max_length defaults to a whole image (n_positions + 1). Sampling: temperature, then top-k (default 50
         like transformers; 0 or more than the colors keeps them all, as there), then top-p; `seed=` or
         `generator=` (else torch's global RNG) picks the stream, and image b of a seed is the same whatever the
-        batch it is generated in. num_return_sequences=n samples n sequences per prompt row, as transformers
-        does: rows b*n .. b*n + n - 1 of the output continue row b (per-row sampling values follow their row).
+        batch it is generated in (and no other seed's: seeds s and s + 1 draw unrelated streams).
+        num_return_sequences=n samples n sequences per prompt row, as transformers does: rows b*n .. b*n + n - 1 of
+        the output continue row b (per-row sampling values follow their row).
         Arguments transformers code passes to silence its warnings are taken where they change nothing here: an
         all-ones attention_mask (prompts are never padded), pad_token_id (no sequence ends early, so nothing is
         padded) and use_cache (the engine always caches; the tokens are the same).
@@ -387,6 +391,7 @@ class ImageGPT:
         else:  # drawn on the generator's device: torch refuses a CUDA generator for a CPU draw
             seed = int(torch.randint(0, 2**62, (1,), generator=generator,
                                      device=generator.device if generator is not None else None))
+        key = generation_key(seed)  # row b draws with key + b, whatever chunk it falls in
 
         chunks, step_logits = [], []
         for start in range(0, batch, self.max_batch):
@@ -395,7 +400,7 @@ class ImageGPT:
             if progress is not None:  # this chunk's rows times its steps done, after the rows before it
                 def report(steps, before=start * new_tokens, width=rows.stop - start):
                     progress(before + width * steps, batch * new_tokens)
-            chunk = self._generate_chunk(ids[rows], new_tokens, greedy=not do_sample, seed=_wrap_int64(seed + start),
+            chunk = self._generate_chunk(ids[rows], new_tokens, greedy=not do_sample, seed=_wrap_int64(key + start),
                                          params=(temperature[rows], top_k[rows], top_p[rows]),
                                          logits_out=step_logits if output_logits else None, report=report)
             chunks.append(chunk.to(out_device))
@@ -464,6 +469,29 @@ def _report_when_done(event, steps: int, report) -> None:
     if event is not None:
         event.synchronize()
     report(steps)
+
+
+# generation_config.json's keys that set no generation behaviour here (token ids: no sequence ends early, prompts are
+# never padded, and generate() always takes a prompt).
+_GENERATION_METADATA = {"_from_model_config", "transformers_version", "bos_token_id", "eos_token_id", "pad_token_id",
+                        "decoder_start_token_id"}
+
+
+def _warn_of_generation_defaults(folder: Path) -> None:
+    """transformers' generate() takes its defaults from a checkpoint's generation_config.json; this generate() does not
+    read it: say so when the file sets any (silently, a file asking for do_sample=True would decode greedily)."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    ignored = {k: v for k, v in settings.items() if k not in _GENERATION_METADATA} if isinstance(settings, dict) else {}
+    if ignored:
+        shown = ", ".join(f"{k}={v!r}" for k, v in sorted(ignored.items()))
+        warnings.warn(f"{path} sets {shown}; igpt-fast's generate() does not read generation_config.json: pass "
+                      f"these to generate() as arguments", stacklevel=3)
 
 
 def _check_max_batch(max_batch) -> None:
@@ -562,8 +590,8 @@ def _check_seed(seed) -> int:  # the kernels read the seed from an int64 tensor
 
 
 def _wrap_int64(value: int) -> int:
-    """value as int64 arithmetic leaves it (two's complement): row b of a chunk draws from seed + b computed on the
-    device in int64, so a chunk starting at row `start` takes seed + start wrapped the same way."""
+    """value as int64 arithmetic leaves it (two's complement): row b of a chunk draws from key + b computed on the
+    device in int64, so a chunk starting at row `start` takes key + start wrapped the same way."""
     return (value + 2**63) % 2**64 - 2**63
 
 

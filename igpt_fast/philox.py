@@ -2,7 +2,8 @@
 
 The sampling kernel draws the uniform for (row b, decode step t, column v) as
 `tl.rand(seed + b, t * V + v)`. `philox_uniforms` recomputes exactly those float32 values on the CPU, so
-the reference sampler and the engine's CPU fallback pick the same tokens as the GPU kernel.
+the reference sampler and the engine's CPU fallback pick the same tokens as the GPU kernel. generate(seed=s) passes
+the kernel `generation_key(s)`, not s (see there).
 
 What `tl.rand(seed, offset)` does (triton/language/random.py, read from triton 3.9; test_philox_uniforms_bit_exact
 checks it against whatever triton is installed, on the GPU too):
@@ -69,3 +70,18 @@ def philox_uniforms(seed: int, step: int, batch: int, vocab: int) -> torch.Tenso
     seeds = np.array([(seed + b) % 2**64 for b in range(batch)], dtype=np.uint64)[:, None]
     offsets = np.arange(step * vocab, (step + 1) * vocab, dtype=np.uint64)[None, :]
     return torch.from_numpy(uint32_to_uniform(philox_first_words(seeds, offsets)))
+
+
+def generation_key(seed: int) -> int:
+    """The key of row 0 in generate(seed=seed): seed through SplitMix64 (a bijection of 64-bit words), as an int64.
+
+    Row b of a generate() call draws with key + b (the kernel's seed + b). Were the key the seed itself, row b of seed s
+    would be row 0 of seed s + b: consecutive seeds gave shifted copies of the same images (seed 1's first image was
+    seed 0's second). Mixed, the rows of two seeds share a key only if their keys lie within the rows' count of each
+    other in 2^64.
+    """
+    z = (seed + 0x9E3779B97F4A7C15) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    z ^= z >> 31
+    return z - 2**64 if z >= 2**63 else z

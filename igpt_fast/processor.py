@@ -27,6 +27,7 @@ PIL_BILINEAR = 2  # PIL.Image.Resampling.BILINEAR, the value transformers writes
 
 # What every ImageGPT preprocessor_config.json sets (or leaves to these defaults) for the steps this processor
 # always runs; a file with other values would get other ids from transformers, so it is refused, not ignored.
+TRANSFORMERS_DEFAULT_SIZE = 256  # ImageGPTImageProcessor's size when its config names none
 FIXED_SETTINGS = {"do_resize": True, "do_normalize": True, "do_color_quantize": True, "do_rescale": True,
                   "rescale_factor": 1 / 255, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
 
@@ -127,7 +128,11 @@ class ImageProcessor:
         if unimplemented:
             raise ValueError(f"{path} sets {', '.join(unimplemented)}; this processor always resizes, scales to "
                              f"[-1, 1] as x / 127.5 - 1 and quantizes (transformers would give other ids)")
-        return cls(data["clusters"], size=data.get("size", 32), resample=data.get("resample", PIL_BILINEAR))
+        try:  # without "size", transformers' ImageGPTImageProcessor resizes to its default of 256 x 256: so does this
+            return cls(data["clusters"], size=data.get("size", TRANSFORMERS_DEFAULT_SIZE),
+                       resample=data.get("resample", PIL_BILINEAR))
+        except (ValueError, TypeError) as e:  # the table or a setting: say which file holds it
+            raise ValueError(f"{path}: {e}") from None
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         folder = Path(folder)

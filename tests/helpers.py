@@ -7,7 +7,7 @@ import torch
 
 from igpt_fast.checkpoint import expected_shapes, save_pretrained
 from igpt_fast.config import ImageGPTConfig
-from igpt_fast.philox import philox_uniforms
+from igpt_fast.philox import generation_key, philox_uniforms
 from igpt_fast.reference import ReferenceImageGPT
 
 # A tiny config for engine and generation tests: 2 layers, 2 heads of 16, 17 clusters, 24 positions.
@@ -39,8 +39,9 @@ def mean_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
 
 
 def philox(seed: int):
-    """The engine's random numbers for `seed`, in the form ReferenceImageGPT.generate(uniforms=...) takes them."""
-    return lambda step, batch, vocab: philox_uniforms(seed, step, batch, vocab)
+    """The random numbers of generate(seed=seed), in the form ReferenceImageGPT.generate(uniforms=...) takes them."""
+    key = generation_key(seed)
+    return lambda step, batch, vocab: philox_uniforms(key, step, batch, vocab)
 
 
 def random_reference(config: ImageGPTConfig, seed: int = 0) -> ReferenceImageGPT:

@@ -73,6 +73,24 @@ def test_a_model_saves_itself_in_its_dtype_for_both_loaders(tmp_path):
                                                              backend="torch")(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_generation_defaults_a_checkpoint_sets_are_named_not_silently_dropped(tmp_path):
+    """transformers' generate() takes its defaults from generation_config.json; ours does not read it, and says so
+    when the file sets any (a folder's do_sample=True would otherwise decode greedily without a word)."""
+    import warnings
+
+    from igpt_fast import ImageGPT
+
+    make_checkpoint(tmp_path)
+    transformers.GenerationConfig().save_pretrained(tmp_path)  # what save_pretrained writes for a plain model
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ImageGPT.from_pretrained(tmp_path, backend="torch")
+    transformers.GenerationConfig(do_sample=True, top_k=2, pad_token_id=0).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match=r"generation_config.json sets do_sample=True, top_k=2; igpt-fast's "
+                                         r"generate\(\) does not read generation_config.json: pass these"):
+        ImageGPT.from_pretrained(tmp_path, backend="torch")
+
+
 def test_pickle_with_legacy_buffers(tmp_path):
     state = random_state_dict(TINY, seed=4)
     legacy = dict(state)
@@ -210,9 +228,20 @@ def test_pickle_that_tries_to_run_code_is_refused(tmp_path, monkeypatch):
     TINY.to_json_file(tmp_path / "config.json")
     with open(tmp_path / "pytorch_model.bin", "wb") as f:
         pickle.dump({"transformer.wte.weight": _RunsCode()}, f)
-    with pytest.raises(ValueError, match="weights_only=True"):
+    with pytest.raises(ValueError, match="weights_only=True") as refused:
         load_checkpoint(tmp_path)
     assert not (tmp_path / "pwned.txt").exists()
+    assert "weights_only=False" not in str(refused.value) and "weights_only` set to `False`" not in str(refused.value)
+
+
+def test_nan_or_infinite_weights_are_refused(tmp_path):
+    state = random_state_dict(TINY)
+    state["transformer.h.0.ln_1.weight"][3] = float("nan")
+    state["lm_head.weight"][0, :2] = float("inf")
+    with pytest.raises(ValueError, match=r"NaN or infinite values \(2\)") as refused:
+        load_checkpoint(_folder_with(tmp_path, state))
+    assert "transformer.h.0.ln_1.weight: 1 of 32" in str(refused.value)
+    assert "lm_head.weight: 2 of 544" in str(refused.value)
 
 
 def test_missing_files_and_bad_json(tmp_path):

@@ -38,6 +38,12 @@ def test_generate_with_no_checkpoint_uses_the_demo_model(tmp_path, capsys):
     assert main(["generate", "-n", "3", "--batch-size", "3", "-o", str(tmp_path / "g2.png"), "--save-ids",
                  str(again), "--device", "cpu"]) == 0
     np.testing.assert_array_equal(np.load(again), ids)
+    # another seed, other images: none of seed 1's is one of seed 0's (its first was seed 0's second when each batch
+    # took --seed + its first image's index, and a row's stream was its seed + the row)
+    other = tmp_path / "other.npy"
+    assert main(["generate", "-n", "3", "--seed", "1", "-o", str(tmp_path / "g4.png"), "--save-ids", str(other),
+                 "--device", "cpu"]) == 0
+    assert not any((row == ids).all(axis=1).any() for row in np.load(other))
     # --top-k 0 is off, like 40 on the demo model's 16 colors: every color kept, the same images
     assert main(["generate", "-n", "3", "--top-k", "0", "-o", str(tmp_path / "g3.png"), "--save-ids", str(again),
                  "--device", "cpu"]) == 0
@@ -191,13 +197,13 @@ def test_info_describes_the_demo_model(capsys):
     (["complete", "/nonexistent.png", "--device", "cpu"], "no such image file: /nonexistent.png"),
     (["convert", "/nonexistent", "/tmp/x"], "no checkpoint folder"),
     (["features", "/nonexistent.npy", "--device", "cpu"], "no such image file: /nonexistent.npy"),
-    # batch 2 is seeded with --seed + 1, past 2**63 - 1: refused first, not after batch 1 naming 2**63
-    (["generate", "-n", "2", "--batch-size", "1", "--seed", str(2**63 - 1), "--device", "cpu"],
-     "--seed must be in [-2**63, 2**63 - 2] (batch seeds run up to --seed + 1 for 2 images in batches of 1), "
-     f"got {2**63 - 1}"),
+    (["generate", "-n", "1", "--seed", str(2**63), "--device", "cpu"],
+     f"--seed must be in [-2**63, 2**63 - 1], got {2**63}"),
     (["generate", "-n", "1", "--seed", str(-2**63 - 1), "--device", "cpu"],
      f"--seed must be in [-2**63, 2**63 - 1], got {-2**63 - 1}"),
     (["info", "--device", ""], "--device must be cpu, cuda or cuda:N, got ''"),  # was the default device
+    (["info", "--checkpoint", ""], "--checkpoint is empty"),  # was the demo model
+    (["generate", "-n", "1", "--checkpoint", "", "--device", "cpu"], "--checkpoint is empty"),
     (["info", "--device", "cuda:x"], "--device must be cpu, cuda or cuda:N, got 'cuda:x'"),
 ])
 def test_errors_are_one_line_and_a_nonzero_exit(args, message, capsys):
@@ -241,6 +247,15 @@ def test_a_pixel_array_that_is_not_uint8_images_is_one_line(tmp_path, capsys, ar
     np.save(tmp_path / "bad.npy", array)
     code, _, err = run(["likelihood", str(tmp_path / "bad.npy"), "--device", "cpu"], capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_npy_name_on_other_bytes_or_pickled_objects_is_refused_without_suggesting_to_unpickle(tmp_path, capsys):
+    (tmp_path / "junk.npy").write_bytes(b"not an array at all")  # numpy took it for a pickle
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    for name, message in [("junk.npy", "is not a .npy file (no NumPy header)"),
+                          ("objects.npy", "it holds Python objects, which are never unpickled here")]:
+        code, _, err = run(["likelihood", str(tmp_path / name), "--device", "cpu"], capsys)
+        assert code == 2 and message in err and "allow_pickle" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_16_bit_image_file_is_refused_not_clipped_to_white(tmp_path, capsys):
@@ -307,11 +322,17 @@ def test_python_dash_m_igpt_fast_is_the_command_and_says_its_version():
     (["features", "{tmp}/set.npy", "-o", "{tmp}/./set.npy"], "is also an input; writing it would overwrite"),
     (["complete", "{tmp}/in.png", "-o", "{tmp}/in.png"], "-o {tmp}/in.png is also an input"),
     (["complete", "{tmp}/in.png", "-o", "{tmp}/in.gif"], "-o must be a .png file, got '{tmp}/in.gif'"),
+    # a trailing separator, which Path drops (both failed after the work, the PNG already written)
+    (["generate", "-o", "{tmp}/grid.png/"], "-o {tmp}/grid.png/ names a folder; expected a .png file"),
+    (["generate", "-o", "{tmp}/grid.png", "--save-ids", "{tmp}/ids.npy/"],
+     "--save-ids {tmp}/ids.npy/ names a folder; expected a .npy file"),
+    (["generate", "-o", "{tmp}/dangling.png"], "-o {tmp}/dangling.png is a link to nothing ({tmp}/gone/x.png)"),
 ])
 def test_bad_output_paths_are_refused_before_any_work(tmp_path, capsys, monkeypatch, args, message):
     np.save(tmp_path / "set.npy", np.zeros((2, 8, 8, 3), dtype=np.uint8))
     Image.new("RGB", (8, 8)).save(tmp_path / "in.png")
     (tmp_path / "folder.png").mkdir()
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "gone" / "x.png")
     before = {path: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
 
     def no_model(*_, **__):
@@ -326,6 +347,7 @@ def test_bad_output_paths_are_refused_before_any_work(tmp_path, capsys, monkeypa
 
 @pytest.mark.parametrize("args, message", [
     (["generate", "-n", "1", "--temperature", "0"], "temperature must be"),
+    (["generate", "-n", "1", "--greedy", "--temperature", "-5"], "temperature must be"),  # checked, as by generate()
     (["generate", "-n", "1", "--top-p", "0"], "top_p must be a number in (0, 1]"),
     (["complete", "{tmp}/in.png", "--top-k", "-1"], "top_k"),
     (["complete", "{tmp}/in.png", "--rows", "16"], "--rows must be in [0, 16) for 16x16 images, got 16"),

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import philox
 from tolerances import tol
 
 from igpt_fast import ImageGPT
 from igpt_fast.checkpoint import load_checkpoint
 from igpt_fast.demo import DEMO_MODEL_PATH, demo_model_path
-from igpt_fast.philox import philox_uniforms
 from igpt_fast.processor import ImageProcessor
 from igpt_fast.reference import ReferenceImageGPT
 
@@ -87,7 +87,7 @@ def test_engine_samples_the_reference_images():
     context = torch.full((2, 1), model.config.sos_token_id)
     out = model.generate(context, do_sample=True, top_k=10, seed=2024)
     expected = reference.generate(context, max_length=out.shape[1], do_sample=True, top_k=10,
-                                  uniforms=lambda step, batch, vocab: philox_uniforms(2024, step, batch, vocab))
+                                  uniforms=philox(2024))
     assert torch.equal(out, expected)
 
 

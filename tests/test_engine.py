@@ -15,6 +15,7 @@ import igpt_fast.decoder
 import igpt_fast.model
 from igpt_fast import ImageGPT, ImageGPTConfig, ReferenceImageGPT, backend
 from igpt_fast.kernels import linear
+from igpt_fast.philox import generation_key
 
 # Under the interpreter, the linears in a handful of programs each (conftest.py: few_linear_programs).
 pytestmark = pytest.mark.usefixtures("few_linear_programs")
@@ -203,14 +204,35 @@ def test_float32_decode_step_over_16_rows_in_the_gemv_path_samples_the_same(weig
     assert torch.equal(out, reference.generate(prompt, max_new_tokens=2, do_sample=True, top_k=6, uniforms=philox(99)))
 
 
-@pytest.mark.parametrize("seed", [7, 2**63 - 2])  # the latter: row b's seed + b wraps past int64's top, as on device
-def test_image_of_a_seed_does_not_depend_on_the_batch(weights, seed):
-    model = ImageGPT(TINY, weights, backend="torch", max_batch=2)
+def seed_with_key(key: int) -> int:
+    """The seed whose generation_key is `key`: SplitMix64's steps undone."""
+    z = key % 2**64
+    z ^= (z >> 31) ^ (z >> 62)
+    z = z * pow(0x94D049BB133111EB, -1, 2**64) % 2**64
+    z ^= (z >> 27) ^ (z >> 54)
+    z = z * pow(0xBF58476D1CE4E5B9, -1, 2**64) % 2**64
+    z ^= (z >> 30) ^ (z >> 60)
+    z = (z - 0x9E3779B97F4A7C15) % 2**64
+    return z - 2**64 if z >= 2**63 else z
+
+
+@pytest.mark.parametrize("key", [7, 2**63 - 3])  # the latter: row b's key + b wraps past int64's top, as on device
+def test_image_of_a_seed_does_not_depend_on_the_batch(weights, key):
+    seed = seed_with_key(key)
+    assert generation_key(seed) == key
     context = torch.full((5, 1), TINY.sos_token_id)
-    together = model.generate(context, do_sample=True, seed=seed)  # buckets 2, 2, 1 (padded)
-    alone = model.generate(context[:1], do_sample=True, seed=seed + 3 - (2**64 if seed + 3 >= 2**63 else 0))
-    assert together.shape == (5, TINY.n_positions + 1)
-    assert torch.equal(together[3], alone[0])
+    chunked = ImageGPT(TINY, weights, backend="torch", max_batch=2).generate(context, do_sample=True, seed=seed)
+    whole = ImageGPT(TINY, weights, backend="torch").generate(context, do_sample=True, seed=seed)  # bucket 8
+    assert chunked.shape == (5, TINY.n_positions + 1)
+    assert torch.equal(chunked, whole)  # buckets 2, 2 and 1 (padded) drew each row's stream, as bucket 8 did
+
+
+def test_consecutive_seeds_draw_unrelated_images(weights):
+    """No image of seed 1 is one of seed 0's: when row b drew with the seed + b, seed 1's first was seed 0's second."""
+    model = ImageGPT(TINY, weights, backend="torch")
+    context = torch.full((3, 1), TINY.sos_token_id)
+    first, second = (model.generate(context, do_sample=True, seed=seed) for seed in (0, 1))
+    assert not any(torch.equal(a, b) for a in first for b in second)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,5 +1,6 @@
 """ImageProcessor against transformers' ImageGPTImageProcessorPil: same ids, same files, exact decode."""
 
+import importlib.util
 import json
 
 import numpy as np
@@ -103,6 +104,17 @@ def test_settings_it_does_not_implement_are_refused(tmp_path):
     path.write_text(json.dumps({**saved, "do_rescale": True, "rescale_factor": 1 / 255, "image_mean": [0.5] * 3,
                                 "image_std": 0.5, "do_color_quantize": True}))
     assert ImageProcessor.from_pretrained(tmp_path).size == 4
+    # no size: transformers' default of 256 x 256, as its processor reads the file (this one said 32)
+    path.write_text(json.dumps({"clusters": saved["clusters"]}))
+    assert ImageProcessor.from_pretrained(tmp_path).size == 256
+    if importlib.util.find_spec("transformers") is not None:
+        import transformers
+
+        assert transformers.ImageGPTImageProcessorPil.from_pretrained(tmp_path).size["height"] == 256
+    # what the file holds that the processor refuses names the file
+    path.write_text(json.dumps({**saved, "clusters": [["abc", 0, 0]] * 5}))
+    with pytest.raises(ValueError, match=f"{PREPROCESSOR_NAME}: could not convert string to float"):
+        ImageProcessor.from_pretrained(tmp_path)
     for key, value in [("do_normalize", False), ("do_resize", False), ("do_color_quantize", False),
                        ("image_mean", [0.485, 0.456, 0.406]), ("rescale_factor", 1.0)]:
         path.write_text(json.dumps({**saved, key: value}))

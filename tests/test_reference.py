@@ -125,6 +125,12 @@ def test_config_presets_and_validation():
         ImageGPTConfig(n_embd=100, n_head=3)
     with pytest.raises(ValueError, match="activation_function='gelu_new'"):
         ImageGPTConfig(activation_function="gelu_new")
+    # config.json's Infinity and true: every normalized activation zero, or an epsilon of 1 (both once accepted)
+    for eps in (float("inf"), float("nan"), True, 0.0):
+        with pytest.raises(ValueError, match=f"layer_norm_epsilon must be a finite positive number, got {eps!r}"):
+            ImageGPTConfig(layer_norm_epsilon=eps)
+    with pytest.raises(ValueError, match="n_inner must be None or a positive integer, got True"):
+        ImageGPTConfig(n_inner=True)
     with pytest.raises(ValueError, match="tie_word_embeddings"):
         ImageGPTConfig.from_dict({"tie_word_embeddings": True})
     with pytest.raises(ValueError, match="add_cross_attention"):
