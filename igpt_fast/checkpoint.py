@@ -25,7 +25,10 @@ PREPROCESSOR_NAME = "preprocessor_config.json"
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 PICKLE_NAME = "pytorch_model.bin"
-HUB_FILES = [CONFIG_NAME, PREPROCESSOR_NAME, "*.safetensors", SAFETENSORS_INDEX_NAME, PICKLE_NAME]
+PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"  # older transformers' shards: pytorch_model-00001-of-00002.bin, ...
+GENERATION_CONFIG_NAME = "generation_config.json"
+HUB_FILES = [CONFIG_NAME, PREPROCESSOR_NAME, GENERATION_CONFIG_NAME, "*.safetensors", SAFETENSORS_INDEX_NAME,
+             PICKLE_NAME, PICKLE_INDEX_NAME, "pytorch_model-*.bin"]
 
 # Non-parameter buffers older .bin files carry (the causal mask and its fill value). Exactly these are
 # skipped; `attn.c_attn.bias` is a real parameter and does not match.
@@ -140,12 +143,14 @@ def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     if (folder / SAFETENSORS_NAME).is_file():
         state = _load_safetensors(folder / SAFETENSORS_NAME)
     elif (folder / SAFETENSORS_INDEX_NAME).is_file():
-        state = _load_sharded(folder / SAFETENSORS_INDEX_NAME)
+        state = _load_sharded(folder / SAFETENSORS_INDEX_NAME, _load_safetensors)
     elif (folder / PICKLE_NAME).is_file():
         state = _load_pickle(folder / PICKLE_NAME)
+    elif (folder / PICKLE_INDEX_NAME).is_file():
+        state = _load_sharded(folder / PICKLE_INDEX_NAME, _load_pickle)
     else:
-        raise FileNotFoundError(f"no weights in {folder}: expected {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME} "
-                                f"or {PICKLE_NAME}")
+        raise FileNotFoundError(f"no weights in {folder}: expected {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME}, "
+                                f"{PICKLE_NAME} or {PICKLE_INDEX_NAME}")
     return {k: v for k, v in state.items() if not is_legacy_buffer(k)}
 
 
@@ -159,11 +164,12 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"cannot read {path} (truncated or not a safetensors file?): {e}") from None
 
 
-def _load_sharded(index_path: Path) -> dict[str, torch.Tensor]:
+def _load_sharded(index_path: Path, load_shard) -> dict[str, torch.Tensor]:
+    """The shards an index's weight_map names (safetensors or pickles: load_shard reads one), each key from its own."""
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{index_path} is not a safetensors index with a 'weight_map': {e}") from None
+        raise ValueError(f"{index_path} is not a shard index with a 'weight_map': {e}") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ValueError(f"{index_path}: 'weight_map' must map each key to a shard's file name, got "
                          f"{json.dumps(weight_map)[:100]}")
@@ -172,7 +178,7 @@ def _load_sharded(index_path: Path) -> dict[str, torch.Tensor]:
         shard_path = index_path.parent / shard
         if not shard_path.is_file():
             raise FileNotFoundError(f"{index_path} names shard {shard}, which is not in {index_path.parent}")
-        tensors = _load_safetensors(shard_path)
+        tensors = load_shard(shard_path)
         state.update({k: v for k, v in tensors.items() if weight_map.get(k) == shard})
     unlisted = sorted(set(weight_map) - set(state))
     if unlisted:

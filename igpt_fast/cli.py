@@ -136,18 +136,29 @@ def _checkpoint(args):
     return demo_model_path() if args.checkpoint is None else args.checkpoint
 
 
+def _checkpoint_folder(args) -> Path:
+    """--checkpoint's folder (a hub id resolved), refused unless it holds config.json: a folder that is no checkpoint
+    at all was reported as missing its preprocessor_config.json, the first file read."""
+    from igpt_fast.checkpoint import CONFIG_NAME, resolve_folder
+
+    checkpoint = _checkpoint(args)
+    folder = resolve_folder(checkpoint)
+    if not (folder / CONFIG_NAME).is_file():
+        raise UserError(f"{checkpoint} is not a checkpoint folder: it has no {CONFIG_NAME}")
+    return folder
+
+
 def _load_processor(args):
     from igpt_fast.processor import ImageProcessor
 
-    return ImageProcessor.from_pretrained(_checkpoint(args))
+    return ImageProcessor.from_pretrained(_checkpoint_folder(args))
 
 
-def _load(args, processor=None, max_batch: int | None = None):
-    """The model (generating up to max_batch rows at a time; None: the largest bucket) and its image processor (the
-    one given, if it was loaded already)."""
+def _load_model(args, max_batch: int | None = None):
+    """The model on --device in --dtype, generating up to max_batch rows at a time (None: the largest bucket)."""
     from igpt_fast import ImageGPT
 
-    checkpoint = _checkpoint(args)
+    checkpoint = _checkpoint_folder(args)
     device = _default_device() if args.device is None else args.device  # --device '' is refused, not the default
     if re.fullmatch(r"cpu|cuda(:\d+)?", device) is None:
         raise UserError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
@@ -156,8 +167,14 @@ def _load(args, processor=None, max_batch: int | None = None):
     if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
         raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
-    model = ImageGPT.from_pretrained(checkpoint, dtype=dtype, device=device,
-                                     **({} if max_batch is None else {"max_batch": max_batch}))
+    return ImageGPT.from_pretrained(checkpoint, dtype=dtype, device=device,
+                                    **({} if max_batch is None else {"max_batch": max_batch}))
+
+
+def _load(args, processor=None, max_batch: int | None = None):
+    """The model (_load_model) and its image processor (the one given, if it was loaded already), checked to fit."""
+    model = _load_model(args, max_batch)
+    checkpoint = _checkpoint(args)
     processor = processor or _load_processor(args)
     side = int(processor.size)
     if side * side != model.config.n_positions:
@@ -380,7 +397,7 @@ def cmd_likelihood(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from igpt_fast.checkpoint import PREPROCESSOR_NAME, load_checkpoint, save_pretrained
+    from igpt_fast.checkpoint import GENERATION_CONFIG_NAME, PREPROCESSOR_NAME, load_checkpoint, save_pretrained
 
     destination = Path(args.destination)
     if not args.destination:  # Path("") is the current folder: an unset shell variable would write there
@@ -395,8 +412,9 @@ def cmd_convert(args) -> int:
     destination.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=destination.parent, prefix=f".{destination.name}-partial-") as staging:
         save_pretrained(staging, checkpoint.config, checkpoint.state_dict)
-        if (checkpoint.folder / PREPROCESSOR_NAME).is_file():  # verbatim: keeps every processor setting
-            shutil.copyfile(checkpoint.folder / PREPROCESSOR_NAME, Path(staging) / PREPROCESSOR_NAME)
+        for name in (PREPROCESSOR_NAME, GENERATION_CONFIG_NAME):  # verbatim: every setting kept for transformers
+            if (checkpoint.folder / name).is_file():
+                shutil.copyfile(checkpoint.folder / name, Path(staging) / name)
         destination.mkdir(exist_ok=True)
         for written in Path(staging).iterdir():
             os.replace(written, destination / written.name)
@@ -406,15 +424,21 @@ def cmd_convert(args) -> int:
 
 
 def cmd_info(args) -> int:
+    from igpt_fast.checkpoint import PREPROCESSOR_NAME
     from igpt_fast.decoder import BATCH_BUCKETS
 
-    model, processor = _load(args)
+    # Describing a checkpoint needs no color table: a folder transformers' model.save_pretrained wrote has none.
+    has_processor = (_checkpoint_folder(args) / PREPROCESSOR_NAME).is_file()
+    model, processor = _load(args) if has_processor else (_load_model(args), None)
     c = model.config
     print(f"checkpoint      {args.checkpoint or 'the shipped demo model'}")
     print(f"architecture    {c.n_layer} layers, {c.n_head} heads of {c.head_dim}, n_embd {c.n_embd}, "
           f"n_inner {c.inner_dim}, {c.n_positions} positions, {c.n_clusters} clusters + SOS")
     print(f"parameters      {c.num_parameters():,}")
-    print(f"image           {int(processor.size)}x{int(processor.size)}, {processor.n_clusters} colors")
+    if processor is None:
+        print(f"image           no {PREPROCESSOR_NAME}: no color table (the other commands need one)")
+    else:
+        print(f"image           {int(processor.size)}x{int(processor.size)}, {processor.n_clusters} colors")
     print(f"device, dtype   {model.device}, {model.dtype}")
     if model.backend == "triton":
         graphs = "one CUDA graph per batch bucket " + str(BATCH_BUCKETS) if model.decoder.use_cuda_graphs \

@@ -21,7 +21,14 @@ from pathlib import Path
 import torch
 
 from igpt_fast.backend import capability_major, on_device, triton_interpreter_on
-from igpt_fast.checkpoint import CONFIG_NAME, check_state_dict, is_legacy_buffer, load_checkpoint, save_pretrained
+from igpt_fast.checkpoint import (
+    CONFIG_NAME,
+    GENERATION_CONFIG_NAME,
+    check_state_dict,
+    is_legacy_buffer,
+    load_checkpoint,
+    save_pretrained,
+)
 from igpt_fast.config import ImageGPTConfig
 from igpt_fast.decoder import BATCH_BUCKETS, SUPPORTED_DTYPES, PackedWeights, StaticDecoder, bucket_for
 from igpt_fast.philox import generation_key
@@ -480,7 +487,7 @@ _GENERATION_METADATA = {"_from_model_config", "transformers_version", "bos_token
 def _warn_of_generation_defaults(folder: Path) -> None:
     """transformers' generate() takes its defaults from a checkpoint's generation_config.json; this generate() does not
     read it: say so when the file sets any (silently, a file asking for do_sample=True would decode greedily)."""
-    path = folder / "generation_config.json"
+    path = folder / GENERATION_CONFIG_NAME
     if not path.is_file():
         return
     try:

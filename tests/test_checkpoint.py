@@ -104,19 +104,31 @@ def test_pickle_with_legacy_buffers(tmp_path):
     assert loaded.clusters is None
 
 
-def test_sharded_safetensors(tmp_path):
+@pytest.mark.parametrize("kind", ["safetensors", "bin"])
+def test_sharded_weights(tmp_path, kind, monkeypatch):
+    """model-0000i-of-00002.safetensors with model.safetensors.index.json, or older transformers' pickled shards
+    pytorch_model-0000i-of-00002.bin with pytorch_model.bin.index.json (read with weights_only=True, as one .bin is)."""
     from safetensors.torch import save_file
 
     state = random_state_dict(TINY, seed=6)
     TINY.to_json_file(tmp_path / "config.json")
     keys = sorted(state)
-    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
-              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    prefix, suffix = ("model", "safetensors") if kind == "safetensors" else ("pytorch_model", "bin")
+    shards = {f"{prefix}-00001-of-00002.{suffix}": keys[: len(keys) // 2],
+              f"{prefix}-00002-of-00002.{suffix}": keys[len(keys) // 2:]}
     weight_map = {}
     for name, shard_keys in shards.items():
-        save_file({k: state[k] for k in shard_keys}, tmp_path / name)
+        (save_file if kind == "safetensors" else torch.save)({k: state[k] for k in shard_keys}, tmp_path / name)
         weight_map.update({k: name for k in shard_keys})
-    index = tmp_path / "model.safetensors.index.json"
+    index = tmp_path / f"{prefix}.{suffix}.index.json"
+    if kind == "bin":  # a shard that runs code when unpickled is refused, and runs nothing
+        monkeypatch.chdir(tmp_path)
+        with open(tmp_path / "evil.bin", "wb") as f:
+            pickle.dump({keys[0]: _RunsCode()}, f)
+        index.write_text(json.dumps({"metadata": {}, "weight_map": {**weight_map, keys[0]: "evil.bin"}}))
+        with pytest.raises(ValueError, match="weights_only=True"):
+            load_checkpoint(tmp_path)
+        assert not (tmp_path / "pwned.txt").exists()
     index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     assert_same_state(load_checkpoint(tmp_path).state_dict, state)
     for malformed in (keys, {keys[0]: 5}, {keys[0]: None}, None):

@@ -146,13 +146,14 @@ def test_convert_bin_folder_to_safetensors(tmp_path, capsys):
     state = make_checkpoint(source)
     (source / "model.safetensors").unlink()
     torch.save(state, source / "pytorch_model.bin")
+    (source / "generation_config.json").write_text('{"transformers_version": "4.10.0"}')
     code, out, err = run(["convert", str(source), str(tmp_path / "st")], capsys)
     assert code == 0, err
     converted = load_checkpoint(tmp_path / "st")
     assert (tmp_path / "st" / "model.safetensors").is_file()
     assert all(torch.equal(converted.state_dict[k], state[k]) for k in state)
-    assert (tmp_path / "st" / "preprocessor_config.json").read_text() == \
-        (source / "preprocessor_config.json").read_text()
+    for name in ("preprocessor_config.json", "generation_config.json"):  # copied as they were
+        assert (tmp_path / "st" / name).read_text() == (source / name).read_text()
 
 
 def test_convert_that_fails_midway_leaves_no_half_written_checkpoint(tmp_path, capsys, monkeypatch):
@@ -186,6 +187,19 @@ def test_info_describes_the_demo_model(capsys):
     config = ImageGPT.from_pretrained(demo_model_path()).config
     assert f"{config.num_parameters():,}" in out
     assert "PyTorch stand-ins" in out and "float32" in out
+
+
+def test_info_needs_no_color_table_and_a_folder_without_config_is_no_checkpoint(tmp_path, capsys):
+    make_checkpoint(tmp_path / "model")
+    (tmp_path / "model" / "preprocessor_config.json").unlink()  # as transformers' model.save_pretrained leaves it
+    code, out, err = run(["info", "--checkpoint", str(tmp_path / "model"), "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "no preprocessor_config.json: no color table" in out and "parameters" in out
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "preprocessor_config.json").write_text("{}")  # was reported as a processor without clusters
+    code, _, err = run(["generate", "--checkpoint", str(tmp_path / "images"), "-n", "1", "-o",
+                        str(tmp_path / "g.png"), "--device", "cpu"], capsys)
+    assert code == 2 and f"{tmp_path / 'images'} is not a checkpoint folder: it has no config.json" in err
 
 
 @pytest.mark.parametrize("args, message", [
