@@ -123,7 +123,10 @@ def warp_logits(logits: torch.Tensor, *, temperature, top_k, top_p) -> torch.Ten
 def sample_reference(logits: torch.Tensor, *, uniforms, temperature, top_k, top_p, greedy: bool = False):
     """int64 [B]: the token sample_tokens picks for these logits and uniforms (float32 [B, V] in [0, 1)).
 
-    With igpt_fast.philox.philox_uniforms(seed, pos, B, V) as the uniforms this is the kernel's choice.
+    With igpt_fast.philox.philox_uniforms(seed, pos, B, V) as the uniforms this is the kernel's choice, but where
+    top_p lies within float32 rounding of the probability mass above a token: the kernel sums float32
+    probabilities, this float64 ones, and either may keep a token the other drops (a review that set p on such
+    boundaries saw 5 of 256 draws differ; a p drawn at random almost never lands there).
     With greedy=True the uniforms and warper parameters are not used.
     """
     if greedy:

@@ -483,6 +483,8 @@ def decode_attention(q, k_cache, v_cache, pos, *, scale: float, out, workspace,
             )
     if out.shape != q.shape:
         raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
+    if 0 in k_cache.shape[:3]:  # an empty cache has no key to attend (0 / 0: NaN out), no batch or head no split
+        raise ValueError(f"k_cache must have B, H and T of at least 1, got shape {tuple(k_cache.shape)}")
     if not isinstance(pos, torch.Tensor) or pos.dtype != torch.int32 or pos.shape != (1,):
         got = f"{pos.dtype} shape {tuple(pos.shape)}" if isinstance(pos, torch.Tensor) else type(pos).__name__
         raise ValueError(f"pos must be an int32 tensor of shape [1], got {got}")

@@ -160,7 +160,10 @@ def dequantize(ids: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
     _check_clusters(clusters, ids.device, "dequantize")
     n_clusters = clusters.shape[0]
     if ids.numel():
-        low, high = int(ids.min()), int(ids.max())
+        # torch has no min/max for uint16..uint64: the range check reads them as int64 (uint64 past 2^63 wraps
+        # negative, out of range either way)
+        checked = ids.to(torch.int64) if ids.dtype in (torch.uint16, torch.uint32, torch.uint64) else ids
+        low, high = int(checked.min()), int(checked.max())
         if low < 0 or high >= n_clusters:
             bad = low if low < 0 else high
             raise ValueError(f"dequantize: ids hold {bad}; cluster ids must lie in [0, {n_clusters})")

@@ -351,6 +351,16 @@ BAD_DECODE = {
         lambda a: a.update(kv_before_wait=1),
         r"kv_before_wait must be a bool, got 1",
     ),
+    # an empty cache: no key to attend (the output was NaN); no batch or head: no split (a ZeroDivisionError)
+    "empty cache": (
+        lambda a: a.update(k_cache=a["k_cache"][:, :, :0], v_cache=a["v_cache"][:, :, :0]),
+        r"k_cache must have B, H and T of at least 1, got shape \(1, 2, 0, 64\)",
+    ),
+    "no head": (
+        lambda a: a.update(q=a["q"][:, :0], k_cache=a["k_cache"][:, :0], v_cache=a["v_cache"][:, :0],
+                           out=a["out"][:, :0]),
+        r"k_cache must have B, H and T of at least 1, got shape \(1, 0, 128, 64\)",
+    ),
 }
 
 
