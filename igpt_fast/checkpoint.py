@@ -221,6 +221,24 @@ def load_clusters(folder: Path) -> np.ndarray | None:
     return clusters
 
 
+# generation_config.json's keys that set no generation behaviour here (token ids: no sequence ends early, prompts are
+# never padded, and generate() always takes a prompt).
+_GENERATION_METADATA = {"_from_model_config", "transformers_version", "bos_token_id", "eos_token_id", "pad_token_id",
+                        "decoder_start_token_id"}
+
+
+def generation_settings(folder: Path) -> dict:
+    """What a folder's generation_config.json sets beyond metadata and token ids ({} without one)."""
+    path = folder / GENERATION_CONFIG_NAME
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    return {k: v for k, v in settings.items() if k not in _GENERATION_METADATA} if isinstance(settings, dict) else {}
+
+
 def load_checkpoint(path_or_hub_id: str | os.PathLike, **hub_options) -> Checkpoint:
     """Config, checked weights and clusters of a Hugging Face ImageGPT folder or cached hub id (hub_options: those of
     resolve_folder)."""

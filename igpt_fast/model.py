@@ -25,6 +25,7 @@ from igpt_fast.checkpoint import (
     CONFIG_NAME,
     GENERATION_CONFIG_NAME,
     check_state_dict,
+    generation_settings,
     is_legacy_buffer,
     load_checkpoint,
     save_pretrained,
@@ -478,27 +479,14 @@ def _report_when_done(event, steps: int, report) -> None:
     report(steps)
 
 
-# generation_config.json's keys that set no generation behaviour here (token ids: no sequence ends early, prompts are
-# never padded, and generate() always takes a prompt).
-_GENERATION_METADATA = {"_from_model_config", "transformers_version", "bos_token_id", "eos_token_id", "pad_token_id",
-                        "decoder_start_token_id"}
-
-
 def _warn_of_generation_defaults(folder: Path) -> None:
     """transformers' generate() takes its defaults from a checkpoint's generation_config.json; this generate() does not
     read it: say so when the file sets any (silently, a file asking for do_sample=True would decode greedily)."""
-    path = folder / GENERATION_CONFIG_NAME
-    if not path.is_file():
-        return
-    try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    ignored = {k: v for k, v in settings.items() if k not in _GENERATION_METADATA} if isinstance(settings, dict) else {}
-    if ignored:
-        shown = ", ".join(f"{k}={v!r}" for k, v in sorted(ignored.items()))
-        warnings.warn(f"{path} sets {shown}; igpt-fast's generate() does not read generation_config.json: pass "
-                      f"these to generate() as arguments", stacklevel=3)
+    settings = generation_settings(folder)
+    if settings:
+        shown = ", ".join(f"{k}={v!r}" for k, v in sorted(settings.items()))
+        warnings.warn(f"{folder / GENERATION_CONFIG_NAME} sets {shown}; igpt-fast's generate() does not read "
+                      f"generation_config.json: pass these to generate() as arguments", stacklevel=3)
 
 
 def _check_max_batch(max_batch) -> None:
